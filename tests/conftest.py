@@ -1,0 +1,91 @@
+"""Shared fixtures: paths to ../shared, real models pulled through the store, llama.cpp's sources."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("POCKETLM_SHARED", ROOT.parent / "shared"))
+REFERENCE = SHARED / "reference"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"missing shared file {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def smallthinker_tiny_path() -> Path:
+    return _need(SHARED / "data" / "models" / "smallthinker-tiny-synthetic-Q4_0.gguf")
+
+
+@pytest.fixture(scope="session")
+def papers_path() -> Path:
+    return _need(SHARED / "data" / "eval" / "papers.txt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from runtime import store
+    return store.pull("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from runtime import store
+    return store.pull("gemma3-270m")
+
+
+def _test_cache() -> Path:
+    from runtime import store
+    d = store.home() / "test-cache"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    """llama.cpp as vendored by the llama-cpp-python sdist: vocab test files, chat templates.
+
+    Fetched once with pip into the store's test cache; only the small files tests read are
+    extracted.
+    """
+    root = _test_cache() / "llama-cpp-python-0.3.36"
+    done = root / ".complete"
+    if not done.exists():
+        sdist_dir = _test_cache() / "sdist"
+        sdist_dir.mkdir(exist_ok=True)
+        sdists = list(sdist_dir.glob("llama_cpp_python-0.3.36.tar.gz"))
+        if not sdists:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                            ":all:", "--disable-pip-version-check", "-q", "-d", str(sdist_dir),
+                            LLAMA_CPP_PYTHON], check=True)
+            sdists = list(sdist_dir.glob("llama_cpp_python-0.3.36.tar.gz"))
+        wanted = ("vendor/llama.cpp/models/", "vendor/llama.cpp/tests/test-tokenizer")
+        with tarfile.open(sdists[0]) as tf:
+            members = []
+            for m in tf.getmembers():
+                rel = m.name.split("/", 1)[-1]
+                if m.isfile() and rel.startswith(wanted):
+                    m.name = rel
+                    members.append(m)
+            tf.extractall(root, members=members, filter="data")
+        done.touch()
+    return root / "vendor" / "llama.cpp"
