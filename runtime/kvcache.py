@@ -1,0 +1,83 @@
+"""KV cache: per layer, a set of position-tagged slots; sliding-window layers use a ring buffer."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class LayerCache:
+    """One layer's keys and values.
+
+    A global layer has one slot per context position. A sliding-window layer keeps a ring of
+    ``window + chunk`` slots: a prefill chunk writes all its keys before its queries read, so the
+    ring must hold the window behind the chunk's first token as well as the chunk itself.
+    """
+
+    def __init__(self, n_kv_heads: int, head_dim: int, n_ctx: int, window: int = 0,
+                 chunk: int = 512, dtype=np.float32):
+        self.window = window
+        self.capacity = n_ctx if window <= 0 else min(n_ctx, window + chunk)
+        self.k = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)  # (S, KVH, D)
+        self.v = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)  # (S, KVH, D)
+        self.slot_pos = np.full(self.capacity, -1, dtype=np.int64)             # (S,)
+        self.n_slots = 0  # slots [0, n_slots) have been written at least once
+
+    def store(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
+        """Write k, v (n, KVH, D) for ``positions`` (n,)."""
+        if len(positions) > self.capacity:
+            raise ValueError(f"chunk of {len(positions)} tokens exceeds the cache ring "
+                             f"({self.capacity} slots)")
+        slots = positions % self.capacity
+        self.k[slots] = k
+        self.v[slots] = v
+        self.slot_pos[slots] = positions
+        self.n_slots = max(self.n_slots, int(slots.max()) + 1)
+
+    def truncate(self, n: int) -> bool:
+        """Forget positions >= n. False if positions the window still needs were overwritten."""
+        self.slot_pos[self.slot_pos >= n] = -1
+        if self.window > 0 and n > 0:
+            need = max(0, n - self.window)
+            held = np.count_nonzero((self.slot_pos >= need) & (self.slot_pos < n))
+            if held < n - need:
+                return False
+        return True
+
+    def clear(self):
+        self.slot_pos[:] = -1
+        self.n_slots = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVCache:
+    """All layers' caches plus the number of positions already processed (``n_past``)."""
+
+    def __init__(self, layers: list[LayerCache], n_ctx: int):
+        self.layers = layers
+        self.n_ctx = n_ctx
+        self.n_past = 0
+        self.tokens: list[int] = []  # ids at positions [0, n_past), for prefix reuse
+
+    def truncate(self, n: int) -> bool:
+        """Keep positions [0, n). False (and the cache cleared) when that is not possible."""
+        if n >= self.n_past:
+            return True
+        ok = all(layer.truncate(n) for layer in self.layers)
+        if not ok:
+            self.clear()
+            return False
+        self.n_past = n
+        del self.tokens[n:]
+        return True
+
+    def clear(self):
+        for layer in self.layers:
+            layer.clear()
+        self.n_past = 0
+        self.tokens = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)

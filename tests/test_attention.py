@@ -1,0 +1,81 @@
+"""Attention kernel and KV cache vs a plain numpy reference (causal, GQA, sliding window, ring)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.kernels.attention import attend
+from runtime.kvcache import KVCache, LayerCache
+
+
+def ref_attention(q, k, v, q_pos, k_pos, scale, window=0):
+    # q (n, H, D); k, v (m, KVH, D); positions give the mask
+    n, H, D = q.shape
+    group = H // k.shape[1]
+    out = np.zeros((n, H, D))
+    for t in range(n):
+        for h in range(H):
+            kh = h // group
+            ok = (k_pos <= q_pos[t]) & (k_pos >= 0)
+            if window:
+                ok &= q_pos[t] - k_pos < window
+            s = (k[:, kh].astype(np.float64) @ q[t, h].astype(np.float64)) * scale
+            s = np.where(ok, s, -np.inf)
+            w = np.exp(s - s.max())
+            w /= w.sum()
+            out[t, h] = w @ v[:, kh].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("H,KVH,window", [(4, 4, 0), (9, 3, 0), (4, 1, 5)])
+def test_attend_matches_reference(H, KVH, window):
+    rng = np.random.default_rng(0)
+    n, m, D = 7, 12, 16
+    q = rng.standard_normal((n, H, D)).astype(np.float32)
+    k = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    k_pos = np.arange(m, dtype=np.int64)
+    q_pos = np.arange(m - n, m, dtype=np.int64)
+    got = attend(q, k, v, k_pos, m, q_pos, 0.25, window)
+    want = ref_attention(q, k, v, q_pos, k_pos, 0.25, window)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_cache_decode_equals_full_attention():
+    """A sliding-window ring cache fed chunk by chunk gives the same outputs as a full cache."""
+    rng = np.random.default_rng(1)
+    H, KVH, D, window, chunk, total = 4, 2, 8, 6, 4, 23
+    ring = LayerCache(KVH, D, n_ctx=64, window=window, chunk=chunk)
+    assert ring.capacity == window + chunk
+    q = rng.standard_normal((total, H, D)).astype(np.float32)
+    k = rng.standard_normal((total, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((total, KVH, D)).astype(np.float32)
+    pos = np.arange(total, dtype=np.int64)
+    want = ref_attention(q, k, v, pos, pos, 0.3, window)
+    got = []
+    s = 0
+    for size in [4, 4, 1, 1, 3, 4, 1, 1, 4]:
+        p = pos[s:s + size]
+        ring.store(k[p], v[p], p)
+        got.append(attend(q[p], ring.k, ring.v, ring.slot_pos, ring.n_slots, p, 0.3, window))
+        s += size
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_truncate():
+    c = KVCache([LayerCache(1, 4, n_ctx=16), LayerCache(1, 4, n_ctx=16, window=4, chunk=2)], 16)
+    pos = np.arange(5, dtype=np.int64)
+    for layer in c.layers:
+        layer.store(np.ones((5, 1, 4), np.float32), np.ones((5, 1, 4), np.float32), pos)
+    c.n_past, c.tokens = 5, [1, 2, 3, 4, 5]
+    assert c.truncate(4) and c.n_past == 4 and c.tokens == [1, 2, 3, 4]
+    assert (c.layers[0].slot_pos[:5] == [0, 1, 2, 3, -1]).all()
+    # the ring (6 slots) has kept positions 0..4; going back to 1 needs position 0: still there
+    assert c.truncate(1)
+    more = np.arange(1, 12, dtype=np.int64)
+    for p in more:
+        c.layers[1].store(np.ones((1, 1, 4), np.float32), np.ones((1, 1, 4), np.float32),
+                          np.array([p]))
+    c.n_past = 12
+    # positions 0..5 have been overwritten: the ring cannot go back to 3
+    assert not c.truncate(3) and c.n_past == 0
