@@ -92,15 +92,118 @@ def cmd_quantize(args):
     print(f"wrote {args.output}" + (f" ({info})" if info else ""))
 
 
+# -- generation --------------------------------------------------------------------------------
+def _env(name: str, default, cast=str):
+    v = os.environ.get(f"POCKETLM_{name}")
+    if v is None or v == "":
+        return default
+    try:
+        return cast(v)
+    except ValueError:
+        raise SystemExit(f"pocketlm: error: POCKETLM_{name}={v!r} is not a valid {cast.__name__}")
+
+
+def add_model_flags(s: argparse.ArgumentParser):
+    s.add_argument("-c", "--ctx-size", type=int, default=_env("CTX_SIZE", None, int),
+                   help="context size in tokens (default: the model's, capped at 4096) "
+                        "[POCKETLM_CTX_SIZE]")
+    s.add_argument("-t", "--threads", type=int, default=_env("THREADS", None, int),
+                   help="CPU threads (default: all cores) [POCKETLM_THREADS]")
+    s.add_argument("--verbose", action="store_true",
+                   help="print load time, prompt and generation tok/s and peak memory")
+
+
+def add_generation_flags(s: argparse.ArgumentParser):
+    s.add_argument("-n", "--max-tokens", type=int, default=_env("MAX_TOKENS", None, int),
+                   help="tokens to generate (default: until end of turn or a full context) "
+                        "[POCKETLM_MAX_TOKENS]")
+    s.add_argument("--temp", type=float, default=_env("TEMP", 0.8, float),
+                   help="sampling temperature; 0 = greedy [POCKETLM_TEMP]")
+    s.add_argument("--top-k", type=int, default=_env("TOP_K", 40, int),
+                   help="keep the k most likely tokens; 0 disables [POCKETLM_TOP_K]")
+    s.add_argument("--top-p", type=float, default=_env("TOP_P", 0.95, float),
+                   help="nucleus sampling mass; 1.0 disables [POCKETLM_TOP_P]")
+    s.add_argument("--min-p", type=float, default=_env("MIN_P", 0.05, float),
+                   help="drop tokens below min_p x the top probability; 0 disables "
+                        "[POCKETLM_MIN_P]")
+    s.add_argument("--repeat-penalty", type=float, default=_env("REPEAT_PENALTY", 1.0, float),
+                   help="penalty for recent tokens; 1.0 disables [POCKETLM_REPEAT_PENALTY]")
+    s.add_argument("--seed", type=int, default=_env("SEED", None, int),
+                   help="random seed for reproducible sampling [POCKETLM_SEED]")
+    s.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable); never printed")
+    s.add_argument("--system", default=_env("SYSTEM", None),
+                   help="system prompt for chat [POCKETLM_SYSTEM]")
+
+
+def _settings(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                seed=args.seed, stop=args.stop or [])
+
+
+def _load(args):
+    from runtime import LLM
+    return LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
+                    progress=_progress_printer(args.model))
+
+
+def _print_stats(t):
+    print(f"[load {t.load_s:.2f} s | prompt {t.prompt_tokens} tok, {t.prompt_tps:.1f} tok/s | "
+          f"generation {t.generated_tokens} tok, {t.generation_tps:.1f} tok/s | "
+          f"peak RSS {t.peak_rss_bytes / 2**20:.0f} MiB]", file=sys.stderr)
+
+
+def _stream(chunks) -> object:
+    last = None
+    for c in chunks:
+        if c.text:
+            sys.stdout.write(c.text)
+            sys.stdout.flush()
+        last = c
+    sys.stdout.write("\n")
+    return last
+
+
+def cmd_run(args):
+    settings = _settings(args)
+    with _load(args) as llm:
+        if args.raw:
+            chunks = llm.generate(args.prompt, stream=True, **settings)
+        else:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+            msgs.append({"role": "user", "content": args.prompt})
+            chunks = llm.chat(msgs, stream=True, **settings)
+        last = _stream(chunks)
+        if args.verbose and last is not None:
+            _print_stats(last.timings)
+
+
+def cmd_chat(args):
+    from apps.repl import chat_repl
+    with _load(args) as llm:
+        chat_repl(llm, _settings(args), system=args.system, verbose=args.verbose)
+
+
+def cmd_perplexity(args):
+    from tools.perplexity import run
+    return run(args)
+
+
 # -- benchmarks --------------------------------------------------------------------------------
 def cmd_bench(args):
     if args.kernels:
         from tools.bench_kernels import main as bench_kernels_main
         argv = ["--json"] if args.json else []
         if args.threads:
-            argv += ["--threads", *[str(t) for t in args.threads]]
+            argv += ["--threads", str(args.threads)]
         return bench_kernels_main(argv)
-    raise CLIError("model benchmarks are not available yet; use: pocketlm bench --kernels")
+    if not args.model:
+        raise CLIError("give a MODEL to benchmark, or --kernels")
+    from tools.bench import bench_model, format_table
+    with _load(args) as llm:
+        r = bench_model(llm, args.n_prompt, args.n_gen, args.depth, args.repetitions)
+    print(json.dumps(r, indent=2) if args.json else format_table(r))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("type", metavar="TYPE", help="Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0")
     s.set_defaults(func=cmd_quantize)
 
+    s = sub.add_parser("run", help="answer one prompt and exit")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("--raw", action="store_true",
+                   help="complete the prompt as plain text instead of as a chat message")
+    add_model_flags(s)
+    add_generation_flags(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("chat", help="chat in the terminal (default model: smollm2-135m)")
+    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", "smollm2-135m"),
+                   help="[POCKETLM_MODEL]")
+    add_model_flags(s)
+    add_generation_flags(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method)")
+    from tools.perplexity import add_arguments
+    add_arguments(s)
+    s.set_defaults(func=cmd_perplexity)
+
     s = sub.add_parser("bench", help="benchmarks (llama-bench style)")
+    s.add_argument("model", metavar="MODEL", nargs="?")
+    s.add_argument("-p", "--n-prompt", type=int, default=512, help="prefill test size (0: skip)")
+    s.add_argument("-n", "--n-gen", type=int, default=128, help="decode test size (0: skip)")
+    s.add_argument("-d", "--depth", type=int, default=512,
+                   help="tokens already in the cache before the decode test")
+    s.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test")
     s.add_argument("--kernels", action="store_true",
-                   help="benchmark the quantized matvec/matmul kernels")
-    s.add_argument("--threads", type=int, nargs="+", help="thread counts to measure")
+                   help="benchmark the quantized matvec/matmul kernels instead of a model")
+    s.add_argument("-c", "--ctx-size", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_bench)
     return p

@@ -1,0 +1,21 @@
+"""Model registry: GGUF ``general.architecture`` → the module implementing it."""
+from __future__ import annotations
+
+import importlib
+
+ARCHITECTURES = {
+    "llama": "models.llama",
+    "gemma3": "models.gemma3",
+}
+
+
+def load_model(gguf_file):
+    """Build the model for an open GGUF file (weights stay memory-mapped)."""
+    from models.base import load_weights
+    arch = gguf_file.arch
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{gguf_file.path}: unsupported architecture {arch!r} "
+                         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    mod = importlib.import_module(ARCHITECTURES[arch])
+    args = mod.ModelArgs.from_gguf(gguf_file.metadata)
+    return mod.Model(args, load_weights(gguf_file))

@@ -62,9 +62,9 @@ class KVCache:
 
     def truncate(self, n: int) -> bool:
         """Keep positions [0, n). False (and the cache cleared) when that is not possible."""
-        if n >= self.n_past:
-            return True
-        ok = all(layer.truncate(n) for layer in self.layers)
+        # Slots past n_past can hold keys of an interrupted step; they are cleared as well.
+        n = min(n, self.n_past)
+        ok = all([layer.truncate(n) for layer in self.layers])
         if not ok:
             self.clear()
             return False

@@ -1,0 +1,237 @@
+"""The generation loop, as stacked generators.
+
+``generate_step`` (token ids: chunked prefill, then one decode step per token)
+→ ``stream_generate`` (text deltas: UTF-8-safe, stop strings held back, timings)
+→ ``LLM.generate`` / ``LLM.chat`` (blocking or streaming).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Iterator
+
+import numpy as np
+import psutil
+
+from runtime.kvcache import KVCache
+from runtime.sampling import make_logits_processors, make_sampler
+from runtime.textstream import IncrementalDecoder, StopMatcher
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (plus what must be generated) does not fit the context window."""
+
+
+class Cancelled(Exception):
+    """Raised inside the loop when a cancel event is set."""
+
+
+@dataclass
+class GenerationConfig:
+    """One set of generation settings shared by the API, the CLI flags and server requests.
+
+    ``max_tokens=None`` generates until an end-of-generation token or a full context.
+    ``temperature=0`` is greedy; ``top_k=0``, ``top_p=1``, ``min_p=0`` each disable their filter;
+    penalties of 1.0 (repeat) / 0.0 (frequency, presence) are off.
+    """
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def replace(self, **overrides) -> "GenerationConfig":
+        """A copy with the given fields changed; unknown names are an error."""
+        names = {f.name for f in fields(self)}
+        bad = set(overrides) - names
+        if bad:
+            raise TypeError(f"unknown generation setting(s): {', '.join(sorted(bad))}")
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update({k: v for k, v in overrides.items() if v is not None or k == "max_tokens"})
+        cfg = GenerationConfig(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    generation_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed piece: ``text`` is the new text (may be empty while bytes are held back)."""
+    text: str
+    token: int | None
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+def prefill(model, cache: KVCache, ids: list[int], chunk: int,
+            cancel: threading.Event | None = None, all_logits: bool = False) -> np.ndarray:
+    """Evaluate ``ids`` after the cache's current contents, ``chunk`` tokens at a time.
+
+    Returns the last token's logits (1, n_vocab), or every token's (n, n_vocab) if ``all_logits``.
+    """
+    if cache.n_past + len(ids) > cache.n_ctx:
+        raise ContextOverflowError(
+            f"{cache.n_past + len(ids)} tokens do not fit the context of {cache.n_ctx}; "
+            "shorten the prompt or raise the context size (-c/--ctx-size)")
+    outs = []
+    logits = None
+    for s in range(0, len(ids), chunk):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        part = np.asarray(ids[s:s + chunk], dtype=np.int64)
+        pos = np.arange(cache.n_past, cache.n_past + len(part), dtype=np.int64)
+        logits = model.forward(part, pos, cache, all_logits=all_logits)
+        cache.n_past += len(part)
+        cache.tokens.extend(int(t) for t in part)
+        if all_logits:
+            outs.append(logits)
+    return np.concatenate(outs) if all_logits else logits
+
+
+def generate_step(model, cache: KVCache, prompt: list[int], cfg: GenerationConfig,
+                  chunk: int = 512, cancel: threading.Event | None = None,
+                  timings: Timings | None = None) -> Iterator[int]:
+    """Yield sampled token ids. Reuses the longest cached prefix of ``prompt``.
+
+    Stops when the context is full (the caller reports "length"); raises ``Cancelled``.
+    """
+    if not prompt:
+        raise ValueError("empty prompt")
+    common = 0
+    for a, b in zip(cache.tokens, prompt):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(prompt) - 1)  # at least one token must run to produce logits
+    if not cache.truncate(common):
+        common = 0
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, prompt[common:], chunk, cancel)[-1]
+    if timings is not None:
+        timings.prompt_tokens = len(prompt) - common
+        timings.prompt_s = time.perf_counter() - t0
+    sampler = make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.seed)
+    processors = make_logits_processors(cfg.repeat_penalty, cfg.frequency_penalty,
+                                        cfg.presence_penalty, cfg.repeat_last_n)
+    history = list(prompt)
+    t1 = time.perf_counter()
+    while True:
+        for proc in processors:
+            logits = proc(logits, history)
+        tok = int(sampler(logits))
+        history.append(tok)
+        if timings is not None:
+            timings.generated_tokens += 1
+            timings.generation_s = time.perf_counter() - t1
+        yield tok
+        if cache.n_past >= cache.n_ctx:
+            return
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        pos = np.array([cache.n_past], dtype=np.int64)
+        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache)[-1]
+        cache.n_past += 1
+        cache.tokens.append(tok)
+
+
+def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: GenerationConfig,
+                    chunk: int = 512, cancel: threading.Event | None = None,
+                    load_s: float = 0.0) -> Iterator[GenerationChunk]:
+    """Text deltas for a prompt: UTF-8-safe, stop strings never emitted, EOG ids end the stream."""
+    timings = Timings(load_s=load_s)
+    decoder = IncrementalDecoder()
+    stopper = StopMatcher(cfg.stop)
+    eog = set(tokenizer.eog_ids)
+    n_gen = 0
+    finish = "length"
+    steps = generate_step(model, cache, prompt, cfg, chunk, cancel, timings)
+
+    def done(text: str, reason: str, token=None) -> GenerationChunk:
+        timings.peak_rss_bytes = peak_rss()
+        return GenerationChunk(text, token, reason, timings.prompt_tokens, n_gen, timings)
+
+    if cfg.max_tokens == 0:
+        yield done("", "length")
+        return
+    try:
+        for tok in steps:
+            if tok in eog:
+                finish = "stop"
+                break
+            n_gen += 1
+            text, stopped = stopper.feed(decoder.feed(tokenizer.token_bytes(tok)))
+            if stopped:
+                yield done(text, "stop", tok)
+                return
+            if cfg.max_tokens is not None and n_gen >= cfg.max_tokens:
+                tail, _ = stopper.feed(decoder.flush())
+                yield done(text + tail + stopper.flush(), "length", tok)
+                return
+            yield GenerationChunk(text, tok, None, timings.prompt_tokens, n_gen)
+    except Cancelled:
+        yield done("", "cancelled")
+        return
+    finally:
+        steps.close()
+    tail, stopped = stopper.feed(decoder.flush())
+    yield done(tail + ("" if stopped else stopper.flush()), finish)
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (current RSS where peak is unknown)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, AttributeError):
+        return psutil.Process().memory_info().rss
+

@@ -1,0 +1,51 @@
+"""Model building blocks composed by ``models/``: the only numerics a model file calls.
+
+Quantization is invisible here: the QTensor's qtype picks the kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import quant
+from runtime import kernels
+from runtime.kernels.attention import attend
+from runtime.kvcache import LayerCache
+from runtime.tensor import QTensor
+
+rms_norm = kernels.rms_norm
+rope = kernels.rope
+
+
+def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
+    """x (n, cols) → (n, rows): x·wᵀ. One token takes the matvec (decode) path."""
+    if x.shape[0] == 1:
+        return kernels.matvec(w, x[0])[None, :]
+    return kernels.matmul(w, x)
+
+
+def embed(table: QTensor, ids: np.ndarray) -> np.ndarray:
+    """Rows of an embedding table (any qtype) as float32 (n, dim)."""
+    return quant.dequantize(table.qtype, table.data[ids], (len(ids), table.cols))
+
+
+def head_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis of x (n, heads, head_dim), as q/k norms need."""
+    n, h, d = x.shape
+    return rms_norm(x.reshape(n * h, d), weight, eps).reshape(n, h, d)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerCache,
+              positions: np.ndarray, scale: float, softcap: float = 0.0) -> np.ndarray:
+    """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D); returns (n, H*D)."""
+    cache.store(k, v, positions)
+    out = attend(q, cache.k, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
+                 cache.window, softcap)
+    return out.reshape(q.shape[0], -1)
+
+
+_ACT = {"silu": kernels.silu_mul, "gelu": kernels.gelu_tanh_mul, "relu": kernels.relu_mul}
+
+
+def glu_ffn(x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor, act: str) -> np.ndarray:
+    """down(act(gate·x) * up·x) for x (n, dim)."""
+    return linear(down, _ACT[act](linear(gate, x), linear(up, x)))
