@@ -28,7 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["Tokenizer", "UnsupportedTokenizer"]
+__all__ = ["Tokenizer", "UnsupportedTokenizer", "pre_split", "ATTR_UNKNOWN", "ATTR_UNUSED",
+           "ATTR_NORMAL", "ATTR_CONTROL", "ATTR_USER_DEFINED", "ATTR_BYTE"]
 
 
 class UnsupportedTokenizer(NotImplementedError):
@@ -616,10 +617,12 @@ class Tokenizer:
 
     @property
     def unk_id(self) -> int | None:
+        """Unknown-token id, or None."""
         return self._ids["unk"]
 
     @property
     def pad_id(self) -> int | None:
+        """Padding id, or None."""
         return self._ids["pad"]
 
     @property
