@@ -4,8 +4,8 @@ Order follows llama.cpp's default chain: penalties → top_k → top_p → min_p
 Penalties are logits processors (they need the token history); the rest is a sampler closure
 ``logits -> token id`` over its own ``np.random.Generator``, so a seed reproduces a run.
 
-Vocabularies reach 262k entries, so the sampler avoids sorting the whole vocabulary: top_k uses
-``argpartition``, and min_p / top_p first drop tokens too light to matter, then sort the rest.
+Vocabularies reach 262k entries, so the sampler avoids sorting the whole vocabulary: top_k
+uses ``argpartition``; min_p and top_p first drop tokens too light to matter, then sort.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from runtime.sampling import make_logits_processors, make_sampler, sampling_dist
 
 
 def ref_distribution(logits, temperature, top_k, top_p, min_p):
-    """Full-sort reference of llama.cpp's chain top_k → top_p → min_p → temperature → dist."""
+    """Full-sort reference of llama.cpp's chain top_k → top_p → min_p → temp → dist."""
     x = np.asarray(logits, dtype=np.float64)
     order = np.argsort(-x, kind="stable")
     if top_k > 0:

@@ -80,8 +80,8 @@ def _reference(stops: list[str], text: str) -> tuple[str, bool]:
 
 
 def test_stop_split_across_many_deltas():
-    out, stopped, pieces = _run_stops(["<|im_end|>"], ["Hello", " world", "<", "|", "im", "_", "end",
-                                                       "|>", "never"])
+    deltas = ["Hello", " world", "<", "|", "im", "_", "end", "|>", "never"]
+    out, stopped, pieces = _run_stops(["<|im_end|>"], deltas)
     assert (out, stopped) == ("Hello world", True)
     assert all("<" not in p for p in pieces)
 
