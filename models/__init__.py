@@ -6,6 +6,7 @@ import importlib
 ARCHITECTURES = {
     "llama": "models.llama",
     "gemma3": "models.gemma3",
+    "smallthinker": "models.smallthinker",
 }
 
 

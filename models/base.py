@@ -86,10 +86,10 @@ class BaseModel:
         return nn.linear(self.output, hidden)
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                all_logits: bool = False) -> np.ndarray:
+                n_logits: int = 1) -> np.ndarray | None:
         """Run ``ids`` at ``positions`` through the model, extending ``cache``.
 
-        Returns float32 logits (n, n_vocab) if ``all_logits`` else (1, n_vocab) for the last token.
+        Returns float32 logits (n_logits, n_vocab) of the last ``n_logits`` tokens (None: none).
         """
         h = self.forward_hidden(ids, positions, cache)
-        return self.logits(h if all_logits else h[-1:])
+        return self.logits(h[len(h) - n_logits:]) if n_logits > 0 else None

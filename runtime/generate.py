@@ -114,28 +114,29 @@ class GenerationResult:
 
 
 def prefill(model, cache: KVCache, ids: list[int], chunk: int,
-            cancel: threading.Event | None = None, all_logits: bool = False) -> np.ndarray:
+            cancel: threading.Event | None = None, n_logits: int | None = 1) -> np.ndarray:
     """Evaluate ``ids`` after the cache's current contents, ``chunk`` tokens at a time.
 
-    Returns the last token's logits (1, n_vocab), or every token's (n, n_vocab) if ``all_logits``.
+    Returns the logits (n_logits, n_vocab) of the last ``n_logits`` tokens (None: all of them).
     """
     if cache.n_past + len(ids) > cache.n_ctx:
         raise ContextOverflowError(
             f"{cache.n_past + len(ids)} tokens do not fit the context of {cache.n_ctx}; "
             "shorten the prompt or raise the context size (-c/--ctx-size)")
+    want_from = 0 if n_logits is None else len(ids) - n_logits
     outs = []
-    logits = None
     for s in range(0, len(ids), chunk):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         part = np.asarray(ids[s:s + chunk], dtype=np.int64)
         pos = np.arange(cache.n_past, cache.n_past + len(part), dtype=np.int64)
-        logits = model.forward(part, pos, cache, all_logits=all_logits)
+        k = s + len(part) - max(want_from, s)
+        logits = model.forward(part, pos, cache, n_logits=max(k, 0))
         cache.n_past += len(part)
         cache.tokens.extend(int(t) for t in part)
-        if all_logits:
+        if logits is not None:
             outs.append(logits)
-    return np.concatenate(outs) if all_logits else logits
+    return np.concatenate(outs)
 
 
 def generate_step(model, cache: KVCache, prompt: list[int], cfg: GenerationConfig,

@@ -87,12 +87,15 @@ class LLM:
         return self.tokenizer.decode(list(ids))
 
     # -- raw evaluation ------------------------------------------------------------------------
-    def eval(self, ids) -> np.ndarray:
-        """Logits float32 [len(ids), n_vocab] for ``ids`` evaluated from position 0."""
+    def eval(self, ids, last_n: int | None = None) -> np.ndarray:
+        """Logits float32 [len(ids), n_vocab] for ``ids`` evaluated from position 0 in a fresh
+        context (``last_n``: only the last n rows, which saves the output head's work)."""
         ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("eval needs at least one token")
         with self._lock:
-            cache = self.model.new_cache(max(len(ids), 1), self.chunk)
-            return prefill(self.model, cache, ids, self.chunk, all_logits=True)
+            cache = self.model.new_cache(len(ids), self.chunk)
+            return prefill(self.model, cache, ids, self.chunk, n_logits=last_n)
 
     # -- generation ----------------------------------------------------------------------------
     def _config(self, overrides: dict) -> GenerationConfig:

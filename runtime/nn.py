@@ -46,6 +46,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerCache,
 _ACT = {"silu": kernels.silu_mul, "gelu": kernels.gelu_tanh_mul, "relu": kernels.relu_mul}
 
 
+def glu(g: np.ndarray, u: np.ndarray, act: str) -> np.ndarray:
+    """act(g) * u with act one of silu, gelu (tanh approximation), relu."""
+    return _ACT[act](g, u)
+
+
 def glu_ffn(x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor, act: str) -> np.ndarray:
     """down(act(gate·x) * up·x) for x (n, dim)."""
-    return linear(down, _ACT[act](linear(gate, x), linear(up, x)))
+    return linear(down, glu(linear(gate, x), linear(up, x), act))

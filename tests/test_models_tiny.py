@@ -166,8 +166,8 @@ def test_tiny_model_matches_reference(tmp_path, arch, qtype, window):
         model = load_model(g)
         want = tiny.reference(ids)
         # one batch, small prefill chunks, and token-by-token decode must all agree
-        full = prefill(model, model.new_cache(32, 16), list(ids), chunk=16, all_logits=True)
-        chunked = prefill(model, model.new_cache(32, 3), list(ids), chunk=3, all_logits=True)
+        full = prefill(model, model.new_cache(32, 16), list(ids), chunk=16, n_logits=None)
+        chunked = prefill(model, model.new_cache(32, 3), list(ids), chunk=3, n_logits=None)
         cache = model.new_cache(32, 1)
         steps = np.concatenate([prefill(model, cache, [int(t)], chunk=1) for t in ids])
     scale = np.abs(want).max()

@@ -29,8 +29,8 @@ def perplexity(llm, text: str, n_ctx: int = 512, n_chunks: int = 16, progress=No
         seq = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if bos is not None:
             seq[0] = bos
-        logits = llm.eval(seq).astype(np.float64)              # (n_ctx, n_vocab)
-        scored = logits[first:n_ctx - 1]
+        logits = llm.eval(seq, last_n=n_ctx - first)             # (n_ctx - first, n_vocab)
+        scored = logits[:-1].astype(np.float64)
         m = scored.max(axis=1, keepdims=True)
         logz = (m[:, 0] + np.log(np.exp(scored - m).sum(axis=1)))
         targets = np.asarray(seq[first + 1:n_ctx])

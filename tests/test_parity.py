@@ -1,0 +1,107 @@
+"""Parity with llama.cpp's own outputs (../shared/reference; methods and tolerances in its README).
+
+Next-token logits, teacher-forced greedy steps and perplexity, for SmolLM2 Q4_1, its Q4_0/Q8_0
+requantizations, Gemma-3 Q4_K_M and the tiny synthetic SmallThinker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from runtime import LLM
+
+# reference name → (fixture giving the model path, max |Δlogit| vs llama.cpp)
+MODELS = {
+    "SmolLM2-135M-Instruct.Q4_1": ("smollm2_path", 1.0),
+    "gemma-3-270m-Q4_K_M": ("gemma3_path", 1.5),
+    "smallthinker-tiny-synthetic-Q4_0": ("smallthinker_tiny_path", 0.05),
+}
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 24):
+            h.update(b)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def loaded(request, reference_dir):
+    name = request.param
+    path = request.getfixturevalue(MODELS[name][0])
+    ref = json.loads((reference_dir / f"{name}.json").read_text())
+    assert _sha256(path) == ref["model_sha256"], "reference is for another file"
+    llm = LLM.load(str(path), n_ctx=1024)
+    yield name, llm, ref
+    llm.close()
+
+
+def test_next_token_logits(loaded, reference_dir):
+    name, llm, ref = loaded
+    tol = MODELS[name][1]
+    want = np.load(reference_dir / f"{name}.next_logits.npz")
+    f64_file = reference_dir / f"{name}.float64_next_logits.npz"
+    f64 = np.load(f64_file) if f64_file.exists() else None
+    for i, p in enumerate(ref["greedy"]["prompts"]):
+        got = llm.eval(p["prompt_tokens"], last_n=1)[0]
+        ref_logits = want[f"prompt{i}_next_logits"]
+        d = np.abs(got - ref_logits)
+        assert d.max() <= tol, f"prompt {i}: max |Δlogit| {d.max():.3f} > {tol}"
+        if f64 is not None:
+            exact = f64[f"prompt{i}_next_logits"]
+            rel = np.abs(got - exact).max() / exact.std()
+            assert rel <= 1e-3, f"prompt {i}: {rel:.2e} of the logit scale from float64 math"
+
+
+def test_teacher_forced_greedy_steps(loaded):
+    name, llm, ref = loaded
+    for p in ref["greedy"]["prompts"]:
+        prompt, greedy = p["prompt_tokens"], p["greedy_tokens"]
+        logits = llm.eval(prompt + greedy[:-1], last_n=len(greedy))    # (32, n_vocab)
+        for i, step in enumerate(p["steps"]):
+            top5 = np.argsort(-logits[i])[:5]
+            if step["margin_top1_top2"] > 0.3:
+                assert top5[0] == step["top5_ids"][0], f"step {i}: top-1 differs"
+            assert len(set(top5.tolist()) & set(step["top5_ids"])) >= 4, f"step {i}: top-5"
+
+
+def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
+    """The experts picked for the last prompt token, layer by layer, are llama.cpp's."""
+    from runtime import moe
+    ref = json.loads((reference_dir / "smallthinker-tiny-synthetic-Q4_0.json").read_text())
+    f64 = np.load(reference_dir / "smallthinker-tiny-synthetic-Q4_0.float64_next_logits.npz")
+    seen = []
+    real_route = moe.route
+
+    def spy(logits, k, gating, renorm=True):
+        ids, w = real_route(logits, k, gating, renorm)
+        seen.append(ids[-1].tolist())
+        return ids, w
+
+    with LLM.load(str(smallthinker_tiny_path), n_ctx=256) as llm:
+        for i, p in enumerate(ref["greedy"]["prompts"]):
+            seen.clear()
+            moe.route = spy
+            try:
+                llm.eval(p["prompt_tokens"], last_n=1)
+            finally:
+                moe.route = real_route
+            assert seen == f64[f"prompt{i}_last_token_experts"].tolist()
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct.Q4_1"])
+def test_perplexity(name, reference_dir, papers_path, request):
+    from tools.perplexity import perplexity
+    ref = json.loads((reference_dir / f"{name}.json").read_text())
+    text = papers_path.read_bytes().decode("utf-8")
+    assert hashlib.sha256(papers_path.read_bytes()).hexdigest() == ref["text_sha256"]
+    path = request.getfixturevalue(MODELS[name][0])
+    with LLM.load(str(path), n_ctx=512) as llm:
+        r = perplexity(llm, text, 512, 16)
+    assert r["n_scored"] == ref["perplexity"]["n_scored"]
+    assert r["text_n_tokens"] == ref["text_n_tokens"]
+    assert abs(r["ppl"] / ref["perplexity"]["ppl"] - 1) < 0.01, (r["ppl"], ref["perplexity"]["ppl"])
