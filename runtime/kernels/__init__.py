@@ -1,0 +1,231 @@
+"""Numba CPU kernels: quantized matvec/matmul with llama.cpp's numerics, and the small ops.
+
+Weights stay in their raw ggml blocks (``QTensor.data``, uint8 (rows, row_bytes)). Decode
+(``matvec``) quantizes the activation once per call to the weight type's vec_dot type (Q8_0,
+Q8_1 or Q8_K), takes exact integer block dot products and accumulates blocks in f32, as
+llama.cpp's x86 CPU path does. Prefill (``matmul``) by default dequantizes weight row tiles to
+f32 and multiplies with numpy's BLAS (several times faster than the integer path at prefill
+sizes; weights exact, activations unquantized, so slightly *more* precise than llama.cpp);
+``matmul(..., method="quant")`` runs the integer path instead.
+
+Numba's on-disk cache follows ``NUMBA_CACHE_DIR``. ``warmup()`` compiles (or loads) every
+kernel and returns the seconds it took. ``set_threads(n)`` sets the worker count for kernels
+called from the current thread.
+"""
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import types
+
+from . import _float, _ops, _quant
+from ._base import block_codegen
+
+# qtype -> (driver, dequantizer, elements per block, bytes per block, uses block codegen)
+_TABLE = {
+    "F32": (_float.mm_f32, _float.deq_f32, 1, 4, False),
+    "F16": (_float.mm_f16, _float.deq_f16, 1, 2, False),
+    "BF16": (_float.mm_bf16, _float.deq_bf16, 1, 2, False),
+    "Q4_0": (_quant.mm_q4_0, _quant.deq_q4_0, 32, 18, True),
+    "Q4_1": (_quant.mm_q4_1, _quant.deq_q4_1, 32, 20, True),
+    "Q5_0": (_quant.mm_q5_0, _quant.deq_q5_0, 32, 22, True),
+    "Q5_1": (_quant.mm_q5_1, _quant.deq_q5_1, 32, 24, True),
+    "Q8_0": (_quant.mm_q8_0, _quant.deq_q8_0, 32, 34, True),
+    "Q2_K": (_quant.mm_q2_k, _quant.deq_q2_k, 256, 84, True),
+    "Q3_K": (_quant.mm_q3_k, _quant.deq_q3_k, 256, 110, True),
+    "Q4_K": (_quant.mm_q4_k, _quant.deq_q4_k, 256, 144, True),
+    "Q5_K": (_quant.mm_q5_k, _quant.deq_q5_k, 256, 176, True),
+    "Q6_K": (_quant.mm_q6_k, _quant.deq_q6_k, 256, 210, True),
+    "Q8_K": (_quant.mm_q8_k, _quant.deq_q8_k, 256, 292, True),
+}
+QTYPES = tuple(_TABLE)
+
+_W = types.Array(types.uint8, 2, "C", readonly=True)     # writable arrays convert to this
+_X = types.Array(types.float32, 2, "C", readonly=True)
+_O = types.Array(types.float32, 2, "C")
+_MM_SIG = (_W, _X, _O)
+_DEQ_SIG = (_W, types.int64, types.int64, _O)
+
+_mm: dict = {}    # qtype -> compiled driver
+_deq: dict = {}   # qtype -> compiled dequantizer
+
+# Prefill: below this many activation rows the integer path wins over dequantize + BLAS.
+BLAS_MIN_ROWS = 8
+_TILE_BYTES = 1 << 21   # f32 weight tile size for the BLAS path: stays in L2/L3
+
+
+def _compile(qtype: str):
+    driver, deq, _, _, blocky = _TABLE[qtype]
+    if blocky:
+        with block_codegen():
+            driver.compile(_MM_SIG)
+    else:
+        driver.compile(_MM_SIG)
+    deq.compile(_DEQ_SIG)
+    # A stray signature compiled later would miss the codegen settings; refuse it instead.
+    driver.disable_compile()
+    deq.disable_compile()
+    _mm[qtype], _deq[qtype] = driver, deq
+    return driver
+
+
+def _driver(qtype: str):
+    fn = _mm.get(qtype)
+    if fn is None:
+        if qtype not in _TABLE:
+            raise NotImplementedError(f"no kernel for weight type {qtype}")
+        fn = _compile(qtype)
+    return fn
+
+
+def _check(qtype, data, cols):
+    block, size = _TABLE[qtype][2], _TABLE[qtype][3]
+    if cols % block or data.shape[1] != cols // block * size:
+        raise ValueError(f"{qtype}: {cols} columns do not match row bytes {data.shape[1]}")
+
+
+def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray | None = None,
+               method: str = "auto") -> np.ndarray:
+    """x (n, cols) f32 times the weight rows in ``data`` (rows, row_bytes) uint8 -> (n, rows).
+
+    ``data`` may be any C-contiguous row range of a tensor (e.g. one expert of a 3-D tensor).
+    ``method``: "quant" (quantized activations, integer block dots, as llama.cpp), "blas"
+    (dequantized f32 weight tiles @ numpy BLAS) or "auto" (blas for n >= BLAS_MIN_ROWS).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, rows = x.shape[0], data.shape[0]
+    if out is None:
+        out = np.empty((n, rows), np.float32)
+    if method == "blas" or (method == "auto" and n >= BLAS_MIN_ROWS):
+        _check(qtype, data, cols)
+        _driver(qtype)
+        deq = _deq[qtype]
+        tile = max(16, min(rows, _TILE_BYTES // (4 * cols)))
+        buf = np.empty((tile, cols), np.float32)   # (tile_rows, cols) dequantized weights
+        for r0 in range(0, rows, tile):
+            r1 = min(rows, r0 + tile)
+            wt = buf[: r1 - r0]
+            deq(data, r0, r1, wt)
+            np.matmul(x, wt.T, out=out[:, r0:r1])
+        return out
+    _check(qtype, data, cols)
+    _driver(qtype)(data, x, out)
+    return out
+
+
+def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """x (cols,) f32 times the weight rows in ``data`` (rows, row_bytes) uint8 -> (rows,) f32."""
+    fn = _mm.get(qtype) or _driver(qtype)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if out is None:
+        out = np.empty(data.shape[0], np.float32)
+    _, _, block, size, _ = _TABLE[qtype]
+    if x.shape[0] != cols or cols % block or data.shape[1] != cols // block * size:
+        _check(qtype, data, cols)
+        raise ValueError(f"x has {x.shape[0]} elements, weight has {cols} columns")
+    fn(data, x.reshape(1, cols), out.reshape(1, -1))
+    return out
+
+
+def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32."""
+    return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
+
+
+def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
+    """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``."""
+    return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method)
+
+
+def dequantize_raw(qtype: str, data: np.ndarray, cols: int) -> np.ndarray:
+    """Raw blocks (rows, row_bytes) -> float32 (rows, cols)."""
+    _check(qtype, data, cols)
+    _driver(qtype)
+    out = np.empty((data.shape[0], cols), np.float32)
+    _deq[qtype](data, 0, data.shape[0], out)
+    return out
+
+
+# ----------------------------------------------------------------------------- small ops
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMS-normalize each row of x (..., d) f32 and multiply by weight (d,)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = np.empty_like(x)
+    _ops.rms_norm_rows(x2, weight, np.float32(eps), out.reshape(x2.shape))
+    return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
+         freq_scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+    """Rotary embedding of x (n_tokens, n_heads, head_dim) f32, in place unless ``out`` given.
+
+    mode "neox" rotates pairs (i, i + n_dims/2), "norm" adjacent pairs (2i, 2i+1); dims from
+    n_dims on pass through. theta_i = pos * freq_scale * base**(-2i/n_dims).
+    """
+    if mode not in ("neox", "norm"):
+        raise ValueError(f"rope mode {mode!r}: expected 'neox' or 'norm'")
+    if out is None:
+        out = x
+    _ops.rope_rows(x, np.asarray(positions, np.int64), n_dims, float(base), float(freq_scale),
+                   mode == "neox", out)
+    return out
+
+
+def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis of x (..., d) f32."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = np.empty_like(x)
+    _ops.softmax_rows(x2, out.reshape(x2.shape))
+    return out
+
+
+def _glu(fn, gate, up, out):
+    if out is None:
+        out = np.empty_like(gate)
+    fn(gate.reshape(-1), up.reshape(-1), out.reshape(-1))
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up, element-wise, f32."""
+    return _glu(_ops.silu_mul_flat, gate, up, out)
+
+
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """gelu(gate) * up with ggml's tanh approximation (computed in f32, no f16 table)."""
+    return _glu(_ops.gelu_tanh_mul_flat, gate, up, out)
+
+
+def relu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """relu(gate) * up, element-wise, f32."""
+    return _glu(_ops.relu_mul_flat, gate, up, out)
+
+
+# ------------------------------------------------------------------------------ control
+def set_threads(n: int) -> None:
+    """Worker threads for kernels launched from the calling thread (Numba's setting is per thread)."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+def warmup(qtypes=QTYPES) -> float:
+    """Compile (or load from Numba's disk cache) every kernel; returns the seconds it took."""
+    t0 = time.perf_counter()
+    for q in qtypes:
+        _driver(q)
+    f = np.zeros((1, 2, 4), np.float32)
+    rms_norm(f[0], np.ones(4, np.float32), 1e-5)
+    rope(f.copy(), np.zeros(1, np.int64), 4, 10000.0, "neox")
+    softmax(f[0])
+    for fn in (silu_mul, gelu_tanh_mul, relu_mul):
+        fn(f, f)
+    return time.perf_counter() - t0

@@ -1,0 +1,94 @@
+"""Shared numeric helpers for the kernels: half/bfloat conversions, compile settings."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from numba import config, njit
+
+U = np.uint64  # unsigned indices: Numba then emits no negative-index wraparound selects
+
+# 'arcp' is left out so divisions (activation scales) round exactly as in C.
+FAST = {"nnan", "ninf", "nsz", "contract", "afn", "reassoc"}
+OPTS = dict(nogil=True, cache=True, fastmath=FAST)
+
+
+
+@contextlib.contextmanager
+def block_codegen():
+    """Compile block-quant kernels with the SLP vectorizer on and the loop vectorizer off.
+
+    The per-block inner loops have constant trip counts (16/32), which LLVM unrolls fully; only
+    the SLP vectorizer turns them into SIMD code. Left on, the loop vectorizer instead
+    vectorizes the outer loop over blocks (stride 18..210 bytes), i.e. gathers, which is ~3x
+    slower. These are Numba's documented NUMBA_SLP_VECTORIZE / NUMBA_LOOP_VECTORIZE switches,
+    set only while our block kernels are compiled.
+    """
+    old = (config.SLP_VECTORIZE, config.LOOP_VECTORIZE)
+    config.SLP_VECTORIZE, config.LOOP_VECTORIZE = 1, 0
+    try:
+        yield
+    finally:
+        config.SLP_VECTORIZE, config.LOOP_VECTORIZE = old
+
+
+@njit(inline="always", **OPTS)
+def u16f(h):
+    """IEEE half given as uint16 -> float32; exact for normals, subnormals and zeros.
+
+    The exponent is rebiased in the integer domain: a float multiply by 2**112 would be
+    reassociated by fastmath into neighbouring products and overflow.
+    """
+    h = np.uint32(h)
+    mag = np.uint32(((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)).view(np.float32)
+    if (h & np.uint32(0x7C00)) == np.uint32(0):
+        mag = np.float32(h & np.uint32(0x3FF)) * np.float32(5.9604645e-08)  # subnormal: m * 2**-24
+    return np.uint32(np.float32(mag).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@njit(inline="always", **OPTS)
+def h2f(lo, hi):
+    """IEEE half (two little-endian bytes) -> float32."""
+    return u16f(np.uint32(lo) | (np.uint32(hi) << np.uint32(8)))
+
+
+@njit(inline="always", **OPTS)
+def bf2f(h):
+    """bfloat16 given as uint16 -> float32."""
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+@njit(inline="always", **OPTS)
+def f32_at(w, o):
+    """Little-endian float32 stored at byte offset o of a uint8 array."""
+    b = (np.uint32(w[o]) | (np.uint32(w[o + U(1)]) << np.uint32(8))
+         | (np.uint32(w[o + U(2)]) << np.uint32(16)) | (np.uint32(w[o + U(3)]) << np.uint32(24)))
+    return np.uint32(b).view(np.float32)
+
+
+@njit(**OPTS)
+def round_f16(v):
+    """float32 -> nearest float16 (ties to even), returned as float32."""
+    v = np.float32(v)
+    bits = np.float32(v).view(np.uint32)
+    sign = bits & np.uint32(0x80000000)
+    a = bits & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):           # inf / nan pass through
+        return v
+    if a >= np.uint32(0x477FF000):           # >= 65520 rounds to inf
+        return np.uint32(sign | np.uint32(0x7F800000)).view(np.float32)
+    if a < np.uint32(0x38800000):            # f16 subnormal range: multiples of 2**-24
+        m = np.rint(np.abs(v) * np.float32(16777216.0)) * np.float32(5.9604645e-08)
+        return -m if sign else m
+    a = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return np.uint32(sign | a).view(np.float32)
+
+
+@njit(**OPTS)
+def round_bf16(v):
+    """float32 -> nearest bfloat16 (ties to even, as ggml), returned as float32."""
+    u = np.float32(v).view(np.uint32)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return v
+    u = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
+    return np.uint32(u).view(np.float32)

@@ -1,0 +1,93 @@
+"""Element-wise and row kernels: rms_norm, rope, softmax, gated activations (ggml semantics)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._base import OPTS
+
+F = np.float32
+PAR = dict(parallel=True, **OPTS)
+SQRT_2_OVER_PI = F(0.7978845608028654)
+GELU_COEF_A = F(0.044715)
+
+
+@njit(**PAR)
+def rms_norm_rows(x, w, eps, out):
+    """x, out (n, d); w (d,). Sum of squares in f64 as ggml."""
+    n, d = x.shape
+    for t in prange(n):
+        s = 0.0
+        for i in range(d):
+            s += np.float64(x[t, i]) * np.float64(x[t, i])
+        scale = F(1.0) / np.sqrt(F(s / d) + eps)
+        for i in range(d):
+            out[t, i] = x[t, i] * scale * w[i]
+
+
+@njit(**PAR)
+def rope_rows(x, pos, n_dims, base, freq_scale, neox, out):
+    """x, out (n_tokens, n_heads, head_dim); pos (n_tokens,) int. Angles as ggml's rope cache:
+    theta_0 = pos * freq_scale, theta_{i+1} = theta_i * base**(-2/n_dims), all in f32."""
+    nt, nh, hd = x.shape
+    half = n_dims // 2
+    theta_scale = F(base ** (-2.0 / n_dims))
+    for t in prange(nt):
+        cs = np.empty(half, np.float32)   # (n_dims/2,) cos per pair
+        sn = np.empty(half, np.float32)   # (n_dims/2,) sin per pair
+        theta = F(pos[t]) * F(freq_scale)
+        for i in range(half):
+            cs[i] = math.cos(theta)
+            sn[i] = math.sin(theta)
+            theta *= theta_scale
+        for h in range(nh):
+            for i in range(half):
+                if neox:
+                    a, b = i, i + half
+                else:
+                    a, b = 2 * i, 2 * i + 1
+                x0 = x[t, h, a]
+                x1 = x[t, h, b]
+                out[t, h, a] = x0 * cs[i] - x1 * sn[i]
+                out[t, h, b] = x0 * sn[i] + x1 * cs[i]
+            for i in range(n_dims, hd):
+                out[t, h, i] = x[t, h, i]
+
+
+@njit(**PAR)
+def softmax_rows(x, out):
+    n, d = x.shape
+    for t in prange(n):
+        m = x[t, 0]
+        for i in range(1, d):
+            m = max(m, x[t, i])
+        s = F(0)
+        for i in range(d):
+            e = np.exp(x[t, i] - m)
+            out[t, i] = e
+            s += e
+        inv = F(1) / s
+        for i in range(d):
+            out[t, i] *= inv
+
+
+@njit(**PAR)
+def silu_mul_flat(g, u, out):
+    for i in prange(g.shape[0]):
+        v = g[i]
+        out[i] = v / (F(1) + np.exp(-v)) * u[i]
+
+
+@njit(**PAR)
+def gelu_tanh_mul_flat(g, u, out):
+    for i in prange(g.shape[0]):
+        v = g[i]
+        out[i] = F(0.5) * v * (F(1) + np.tanh(SQRT_2_OVER_PI * v * (F(1) + GELU_COEF_A * v * v))) * u[i]
+
+
+@njit(**PAR)
+def relu_mul_flat(g, u, out):
+    for i in prange(g.shape[0]):
+        out[i] = max(g[i], F(0)) * u[i]

@@ -1,0 +1,744 @@
+"""Block-quantized dot products (decode matvec and prefill matmul) and row dequantizers.
+
+Numerics follow llama.cpp's x86 CPU path: activations are quantized once per call to the
+weight type's vec_dot type (Q8_0, Q8_1 or Q8_K), each block's dot product is an exact integer
+sum and blocks are scaled and accumulated in float32. The integer sums are carried in float32
+lanes: every partial sum is an integer below 2**24, so this is exact and lets LLVM use
+float SIMD (Numba widens small-integer arithmetic to int64, which would not vectorize).
+Nibbles and 2-bit fields are split in the float domain for the same reason
+(``hi = floor(q / 16)``, ``lo = q - 16 * hi``).
+
+Every driver takes ``w2`` (rows, row_bytes) uint8 raw ggml blocks, ``x`` (n, cols) float32 and
+writes ``out`` (n, rows) float32. Decode is the n == 1 case.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._base import OPTS, U, f32_at, h2f, round_f16
+
+F = np.float32
+PAR = dict(parallel=True, **OPTS)
+
+
+# --------------------------------------------------------------------- activation quantizers
+@njit(**OPTS)
+def act_q8_0(x, q8_1):
+    """x (n, cols) -> yq (n, cols) int values as f32, yd (n, cols/32), ys (n, cols/32).
+
+    As ggml's AVX2 quantize_row_q8_0/q8_1: id = 127/amax, round half to even, d stored as f16.
+    ys is the integer block sum (Q8_0) or f16(d * sum) (Q8_1).
+    """
+    n, cols = x.shape
+    nb = cols // 32
+    yq = np.empty((n, cols), np.float32)
+    yd = np.empty((n, nb), np.float32)
+    ys = np.empty((n, nb), np.float32)
+    for t in range(n):
+        for b in range(nb):
+            amax = F(0)
+            for j in range(32):
+                amax = max(amax, abs(x[t, b * 32 + j]))
+            d = amax / F(127)
+            iv = F(127) / amax if amax != F(0) else F(0)
+            s = F(0)
+            for j in range(32):
+                q = np.rint(x[t, b * 32 + j] * iv)
+                yq[t, b * 32 + j] = q
+                s += q
+            yd[t, b] = round_f16(d)
+            ys[t, b] = round_f16(d * s) if q8_1 else s
+    return yq, yd, ys
+
+
+@njit(**OPTS)
+def act_q8_k(x):
+    """x (n, cols) -> yq (n, cols), yd (n, cols/256) f32 scales, bs (n, cols/16) block sums.
+
+    As ggml's quantize_row_q8_K_ref: scale from the signed value of largest magnitude,
+    q = min(127, nearest_int(-127/max * x)).
+    """
+    n, cols = x.shape
+    nb = cols // 256
+    yq = np.empty((n, cols), np.float32)
+    yd = np.empty((n, nb), np.float32)
+    bs = np.empty((n, cols // 16), np.float32)
+    for t in range(n):
+        for b in range(nb):
+            amax = F(0)
+            mx = F(0)
+            for j in range(256):
+                v = x[t, b * 256 + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    mx = v
+            if amax == F(0):
+                yd[t, b] = F(0)
+                for j in range(256):
+                    yq[t, b * 256 + j] = F(0)
+                for k in range(16):
+                    bs[t, b * 16 + k] = F(0)
+                continue
+            iscale = F(-127) / mx
+            for k in range(16):
+                s = F(0)
+                for j in range(16):
+                    i = b * 256 + k * 16 + j
+                    q = min(F(127), np.rint(iscale * x[t, i]))
+                    yq[t, i] = q
+                    s += q
+                bs[t, b * 16 + k] = s
+            yd[t, b] = F(1) / iscale
+    return yq, yd, bs
+
+
+# ------------------------------------------------------------------------- field helpers
+@njit(inline="always", **OPTS)
+def nib(v):
+    """byte value (f32) -> (low nibble, high nibble) as f32."""
+    hi = np.floor(v * F(0.0625))
+    return v - F(16) * hi, hi
+
+
+@njit(inline="always", **OPTS)
+def bit(v, k):
+    """bit k of a byte value held in f32."""
+    a = np.floor(v * F(1.0 / (1 << k)))
+    return a - F(2) * np.floor(a * F(0.5))
+
+
+@njit(inline="always", **OPTS)
+def crumbs(v):
+    """byte value (f32) -> its four 2-bit fields, lowest first."""
+    a = np.floor(v * F(0.25))
+    b = np.floor(v * F(0.0625))
+    c = np.floor(v * F(0.015625))
+    return v - F(4) * a, a - F(4) * b, b - F(4) * c, c
+
+
+@njit(inline="always", **OPTS)
+def scale_min_k4(w, o, j):
+    """6-bit (scale, min) of sub-block j from a Q4_K/Q5_K 12-byte scales field at o."""
+    if j < 4:
+        sc = np.int64(w[o + U(j)]) & 63
+        m = np.int64(w[o + U(j + 4)]) & 63
+    else:
+        sc = (np.int64(w[o + U(j + 4)]) & 0xF) | ((np.int64(w[o + U(j - 4)]) >> 6) << 4)
+        m = (np.int64(w[o + U(j + 4)]) >> 4) | ((np.int64(w[o + U(j)]) >> 6) << 4)
+    return F(sc), F(m)
+
+
+@njit(inline="always", **OPTS)
+def scale_q3k(w, o, i):
+    """signed 6-bit scale i (0..15) of a Q3_K 12-byte scales field at o."""
+    lo = (np.int64(w[o + U(i % 8)]) >> (4 * (i // 8))) & 0xF
+    hi = (np.int64(w[o + U(8 + i % 4)]) >> (2 * (i // 4))) & 3
+    return F((lo | (hi << 4)) - 32)
+
+
+# ----------------------------------------------------------------- per-block dot products
+# Arguments: w flat uint8 weights, o byte offset of the block, yq flat activations,
+# yo offset of the block's first activation; per-block activation scalars after that.
+
+@njit(**OPTS)
+def dot_q4_0(w, o, yq, yo, yd, ys):
+    s = F(0)
+    for j in range(16):
+        lo, hi = nib(F(w[o + U(2 + j)]))
+        s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
+    return h2f(w[o], w[o + U(1)]) * yd * (s - F(8) * ys)
+
+
+@njit(**OPTS)
+def dot_q4_1(w, o, yq, yo, yd, ys):
+    s = F(0)
+    for j in range(16):
+        lo, hi = nib(F(w[o + U(4 + j)]))
+        s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
+    return h2f(w[o], w[o + U(1)]) * yd * s + h2f(w[o + U(2)], w[o + U(3)]) * ys
+
+
+@njit(inline="always", **OPTS)
+def _sum_q5(w, oh, oq, yq, yo):
+    # qh: 4 bytes at oh, bit j -> element j; qs: 16 bytes at oq
+    s = F(0)
+    for k in range(2):
+        for i in range(8):
+            j = 8 * k + i
+            lo, hi = nib(F(w[oq + U(j)]))
+            lo += F(16) * bit(F(w[oh + U(k)]), i)
+            hi += F(16) * bit(F(w[oh + U(2 + k)]), i)
+            s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
+    return s
+
+
+@njit(**OPTS)
+def dot_q5_0(w, o, yq, yo, yd, ys):
+    s = _sum_q5(w, o + U(2), o + U(6), yq, yo)
+    return h2f(w[o], w[o + U(1)]) * yd * (s - F(16) * ys)
+
+
+@njit(**OPTS)
+def dot_q5_1(w, o, yq, yo, yd, ys):
+    s = _sum_q5(w, o + U(4), o + U(8), yq, yo)
+    return h2f(w[o], w[o + U(1)]) * yd * s + h2f(w[o + U(2)], w[o + U(3)]) * ys
+
+
+@njit(**OPTS)
+def dot_q8_0(w, wi, o, yq, yo, yd):
+    s = F(0)
+    for j in range(32):
+        s += F(wi[o + U(2 + j)]) * yq[yo + U(j)]
+    return h2f(w[o], w[o + U(1)]) * yd * s
+
+
+@njit(**OPTS)
+def dot_q8_k(w, wi, o, yq, yo, yd, bs, bo):
+    s = F(0)
+    for j in range(256):
+        s += F(wi[o + U(4 + j)]) * yq[yo + U(j)]
+    return f32_at(w, o) * yd * s
+
+
+@njit(**OPTS)
+def dot_q4_k(w, o, yq, yo, yd, bs, bo):
+    sumi = F(0)
+    summ = F(0)
+    for c in range(4):
+        sc0, m0 = scale_min_k4(w, o + U(4), 2 * c)
+        sc1, m1 = scale_min_k4(w, o + U(4), 2 * c + 1)
+        s0 = F(0)
+        s1 = F(0)
+        for l in range(32):
+            lo, hi = nib(F(w[o + U(16 + 32 * c + l)]))
+            s0 += lo * yq[yo + U(64 * c + l)]
+            s1 += hi * yq[yo + U(64 * c + 32 + l)]
+        sumi += sc0 * s0 + sc1 * s1
+        summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
+                 + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
+    return yd * (h2f(w[o], w[o + U(1)]) * sumi - h2f(w[o + U(2)], w[o + U(3)]) * summ)
+
+
+@njit(**OPTS)
+def dot_q5_k(w, o, yq, yo, yd, bs, bo):
+    sumi = F(0)
+    summ = F(0)
+    for c in range(4):
+        sc0, m0 = scale_min_k4(w, o + U(4), 2 * c)
+        sc1, m1 = scale_min_k4(w, o + U(4), 2 * c + 1)
+        s0 = F(0)
+        s1 = F(0)
+        for l in range(32):
+            lo, hi = nib(F(w[o + U(48 + 32 * c + l)]))
+            h = F(w[o + U(16 + l)])
+            lo += F(16) * bit(h, 2 * c)
+            hi += F(16) * bit(h, 2 * c + 1)
+            s0 += lo * yq[yo + U(64 * c + l)]
+            s1 += hi * yq[yo + U(64 * c + 32 + l)]
+        sumi += sc0 * s0 + sc1 * s1
+        summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
+                 + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
+    return yd * (h2f(w[o], w[o + U(1)]) * sumi - h2f(w[o + U(2)], w[o + U(3)]) * summ)
+
+
+@njit(**OPTS)
+def dot_q6_k(w, wi, o, yq, yo, yd, bs, bo):
+    # ql 0..127, qh 128..191, int8 scales 192..207, d 208; q = 6-bit - 32
+    tot = F(0)
+    for h in range(2):
+        for g in range(2):
+            s1 = F(0)
+            s2 = F(0)
+            s3 = F(0)
+            s4 = F(0)
+            for i in range(16):
+                l = 16 * g + i
+                a0, a1 = nib(F(w[o + U(64 * h + l)]))
+                b0, b1 = nib(F(w[o + U(64 * h + 32 + l)]))
+                c0, c1, c2, c3 = crumbs(F(w[o + U(128 + 32 * h + l)]))
+                yb = yo + U(128 * h + l)
+                s1 += (a0 + F(16) * c0) * yq[yb]
+                s2 += (b0 + F(16) * c1) * yq[yb + U(32)]
+                s3 += (a1 + F(16) * c2) * yq[yb + U(64)]
+                s4 += (b1 + F(16) * c3) * yq[yb + U(96)]
+            so = o + U(192 + 8 * h + g)
+            sb = bo + U(8 * h + g)
+            tot += (F(wi[so]) * (s1 - F(32) * bs[sb]) + F(wi[so + U(2)]) * (s2 - F(32) * bs[sb + U(2)])
+                    + F(wi[so + U(4)]) * (s3 - F(32) * bs[sb + U(4)])
+                    + F(wi[so + U(6)]) * (s4 - F(32) * bs[sb + U(6)]))
+    return h2f(w[o + U(208)], w[o + U(209)]) * yd * tot
+
+
+@njit(**OPTS)
+def dot_q2_k(w, o, yq, yo, yd, bs, bo):
+    # scales 0..15 (low nibble scale, high nibble min), qs 16..79, d 80, dmin 82
+    sumi = F(0)
+    summ = F(0)
+    for h in range(2):
+        for g in range(2):
+            s0 = F(0)
+            s1 = F(0)
+            s2 = F(0)
+            s3 = F(0)
+            for i in range(16):
+                l = 16 * g + i
+                c0, c1, c2, c3 = crumbs(F(w[o + U(16 + 32 * h + l)]))
+                yb = yo + U(128 * h + l)
+                s0 += c0 * yq[yb]
+                s1 += c1 * yq[yb + U(32)]
+                s2 += c2 * yq[yb + U(64)]
+                s3 += c3 * yq[yb + U(96)]
+            for k in range(4):
+                sc, m = nib(F(w[o + U(8 * h + 2 * k + g)]))
+                sk = s0 if k == 0 else (s1 if k == 1 else (s2 if k == 2 else s3))
+                sumi += sc * sk
+                summ += m * bs[bo + U(8 * h + 2 * k + g)]
+    return yd * (h2f(w[o + U(80)], w[o + U(81)]) * sumi - h2f(w[o + U(82)], w[o + U(83)]) * summ)
+
+
+@njit(**OPTS)
+def dot_q3_k(w, o, yq, yo, yd, bs, bo):
+    # hmask 0..31, qs 32..95, scales 96..107, d 108; q = 2-bit + 4*hbit - 4
+    tot = F(0)
+    for h in range(2):
+        for g in range(2):
+            s0 = F(0)
+            s1 = F(0)
+            s2 = F(0)
+            s3 = F(0)
+            for i in range(16):
+                l = 16 * g + i
+                c0, c1, c2, c3 = crumbs(F(w[o + U(32 + 32 * h + l)]))
+                m = F(w[o + U(l)])
+                yb = yo + U(128 * h + l)
+                s0 += (c0 + F(4) * bit(m, 4 * h)) * yq[yb]
+                s1 += (c1 + F(4) * bit(m, 4 * h + 1)) * yq[yb + U(32)]
+                s2 += (c2 + F(4) * bit(m, 4 * h + 2)) * yq[yb + U(64)]
+                s3 += (c3 + F(4) * bit(m, 4 * h + 3)) * yq[yb + U(96)]
+            for k in range(4):
+                isub = 8 * h + 2 * k + g
+                sk = s0 if k == 0 else (s1 if k == 1 else (s2 if k == 2 else s3))
+                tot += scale_q3k(w, o + U(96), isub) * (sk - F(4) * bs[bo + U(isub)])
+    return h2f(w[o + U(108)], w[o + U(109)]) * yd * tot
+
+
+# ------------------------------------------------------------------ per-type matmul drivers
+# Activations are quantized once per call; weight rows are split across threads and each row
+# is reused from L1 for all n activation rows.
+
+@njit(**PAR)
+def mm_q4_0(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 32
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, False)   # (n, cols), (n, nb), (n, nb)
+    yq = yq2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            yo = U(t) * U(cols)
+            acc = F(0)
+            for b in range(nb):
+                # block body written out here: a call, even inlined by Numba, runs ~3x slower
+                o = base + U(b) * U(18)
+                yb = yo + U(b) * U(32)
+                s = F(0)
+                for j in range(16):
+                    lo, hi = nib(F(w[o + U(2 + j)]))
+                    s += lo * yq[yb + U(j)] + hi * yq[yb + U(16 + j)]
+                acc += h2f(w[o], w[o + U(1)]) * yd[t, b] * (s - F(8) * ys[t, b])
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q4_1(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 32
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, True)
+    yq = yq2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            yo = U(t) * U(cols)
+            acc = F(0)
+            for b in range(nb):
+                o = base + U(b) * U(20)
+                yb = yo + U(b) * U(32)
+                s = F(0)
+                for j in range(16):
+                    lo, hi = nib(F(w[o + U(4 + j)]))
+                    s += lo * yq[yb + U(j)] + hi * yq[yb + U(16 + j)]
+                acc += h2f(w[o], w[o + U(1)]) * yd[t, b] * s + h2f(w[o + U(2)], w[o + U(3)]) * ys[t, b]
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q5_0(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 32
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, False)
+    yq = yq2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            yo = U(t) * U(cols)
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q5_0(w, base + U(b) * U(22), yq, yo + U(b) * U(32), yd[t, b], ys[t, b])
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q5_1(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 32
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, True)
+    yq = yq2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            yo = U(t) * U(cols)
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q5_1(w, base + U(b) * U(24), yq, yo + U(b) * U(32), yd[t, b], ys[t, b])
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q8_0(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 32
+    w = w2.reshape(-1)
+    wi = w.view(np.int8)
+    yq2, yd, ys = act_q8_0(x, False)
+    yq = yq2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            yo = U(t) * U(cols)
+            acc = F(0)
+            for b in range(nb):
+                o = base + U(b) * U(34)
+                yb = yo + U(b) * U(32)
+                s = F(0)
+                for j in range(32):
+                    s += F(wi[o + U(2 + j)]) * yq[yb + U(j)]
+                acc += h2f(w[o], w[o + U(1)]) * yd[t, b] * s
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q8_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    wi = w.view(np.int8)
+    yq2, yd, bs2 = act_q8_k(x)          # (n, cols), (n, nb), (n, cols/16)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q8_k(w, wi, base + U(b) * U(292), yq, U(t * cols + b * 256), yd[t, b],
+                                bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q4_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    yq2, yd, bs2 = act_q8_k(x)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                o = base + U(b) * U(144)
+                yb = U(t * cols + b * 256)
+                bo = U(t * (cols // 16) + b * 16)
+                sumi = F(0)
+                summ = F(0)
+                for c in range(4):
+                    sc0, m0 = scale_min_k4(w, o + U(4), 2 * c)
+                    sc1, m1 = scale_min_k4(w, o + U(4), 2 * c + 1)
+                    s0 = F(0)
+                    s1 = F(0)
+                    for l in range(32):
+                        lo, hi = nib(F(w[o + U(16 + 32 * c + l)]))
+                        s0 += lo * yq[yb + U(64 * c + l)]
+                        s1 += hi * yq[yb + U(64 * c + 32 + l)]
+                    sumi += sc0 * s0 + sc1 * s1
+                    summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
+                             + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
+                acc += yd[t, b] * (h2f(w[o], w[o + U(1)]) * sumi - h2f(w[o + U(2)], w[o + U(3)]) * summ)
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q5_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    yq2, yd, bs2 = act_q8_k(x)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q5_k(w, base + U(b) * U(176), yq, U(t * cols + b * 256), yd[t, b],
+                                bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q6_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    wi = w.view(np.int8)
+    yq2, yd, bs2 = act_q8_k(x)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q6_k(w, wi, base + U(b) * U(210), yq, U(t * cols + b * 256), yd[t, b],
+                                bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q2_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    yq2, yd, bs2 = act_q8_k(x)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q2_k(w, base + U(b) * U(84), yq, U(t * cols + b * 256), yd[t, b],
+                                bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+@njit(**PAR)
+def mm_q3_k(w2, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    yq2, yd, bs2 = act_q8_k(x)
+    yq = yq2.reshape(-1)
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += dot_q3_k(w, base + U(b) * U(110), yq, U(t * cols + b * 256), yd[t, b],
+                                bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+# ------------------------------------------------------------------------ dequantization
+# deq_<t>(w2, r0, r1, dst): rows r0..r1 of w2 -> dst (r1 - r0, cols) float32, threads over rows.
+
+@njit(**PAR)
+def deq_q4_0(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 32):
+            o = U(b * 18)
+            d = h2f(row[o], row[o + U(1)])
+            for j in range(16):
+                lo, hi = nib(F(row[o + U(2 + j)]))
+                dst[r, b * 32 + j] = d * (lo - F(8))
+                dst[r, b * 32 + 16 + j] = d * (hi - F(8))
+
+
+@njit(**PAR)
+def deq_q4_1(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 32):
+            o = U(b * 20)
+            d = h2f(row[o], row[o + U(1)])
+            m = h2f(row[o + U(2)], row[o + U(3)])
+            for j in range(16):
+                lo, hi = nib(F(row[o + U(4 + j)]))
+                dst[r, b * 32 + j] = d * lo + m
+                dst[r, b * 32 + 16 + j] = d * hi + m
+
+
+@njit(**PAR)
+def deq_q5_0(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 32):
+            o = U(b * 22)
+            d = h2f(row[o], row[o + U(1)])
+            for j in range(16):
+                lo, hi = nib(F(row[o + U(6 + j)]))
+                lo += F(16) * bit(F(row[o + U(2 + j // 8)]), j % 8)
+                hi += F(16) * bit(F(row[o + U(4 + j // 8)]), j % 8)
+                dst[r, b * 32 + j] = d * (lo - F(16))
+                dst[r, b * 32 + 16 + j] = d * (hi - F(16))
+
+
+@njit(**PAR)
+def deq_q5_1(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 32):
+            o = U(b * 24)
+            d = h2f(row[o], row[o + U(1)])
+            m = h2f(row[o + U(2)], row[o + U(3)])
+            for j in range(16):
+                lo, hi = nib(F(row[o + U(8 + j)]))
+                lo += F(16) * bit(F(row[o + U(4 + j // 8)]), j % 8)
+                hi += F(16) * bit(F(row[o + U(6 + j // 8)]), j % 8)
+                dst[r, b * 32 + j] = d * lo + m
+                dst[r, b * 32 + 16 + j] = d * hi + m
+
+
+@njit(**PAR)
+def deq_q8_0(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        ri = row.view(np.int8)
+        for b in range(cols // 32):
+            o = U(b * 34)
+            d = h2f(row[o], row[o + U(1)])
+            for j in range(32):
+                dst[r, b * 32 + j] = d * F(ri[o + U(2 + j)])
+
+
+@njit(**PAR)
+def deq_q8_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        ri = row.view(np.int8)
+        for b in range(cols // 256):
+            o = U(b * 292)
+            d = f32_at(row, o)
+            for j in range(256):
+                dst[r, b * 256 + j] = d * F(ri[o + U(4 + j)])
+
+
+@njit(**PAR)
+def deq_q4_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 256):
+            o = U(b * 144)
+            d = h2f(row[o], row[o + U(1)])
+            dm = h2f(row[o + U(2)], row[o + U(3)])
+            for c in range(4):
+                sc0, m0 = scale_min_k4(row, o + U(4), 2 * c)
+                sc1, m1 = scale_min_k4(row, o + U(4), 2 * c + 1)
+                for l in range(32):
+                    lo, hi = nib(F(row[o + U(16 + 32 * c + l)]))
+                    dst[r, b * 256 + 64 * c + l] = d * sc0 * lo - dm * m0
+                    dst[r, b * 256 + 64 * c + 32 + l] = d * sc1 * hi - dm * m1
+
+
+@njit(**PAR)
+def deq_q5_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 256):
+            o = U(b * 176)
+            d = h2f(row[o], row[o + U(1)])
+            dm = h2f(row[o + U(2)], row[o + U(3)])
+            for c in range(4):
+                sc0, m0 = scale_min_k4(row, o + U(4), 2 * c)
+                sc1, m1 = scale_min_k4(row, o + U(4), 2 * c + 1)
+                for l in range(32):
+                    lo, hi = nib(F(row[o + U(48 + 32 * c + l)]))
+                    h = F(row[o + U(16 + l)])
+                    lo += F(16) * bit(h, 2 * c)
+                    hi += F(16) * bit(h, 2 * c + 1)
+                    dst[r, b * 256 + 64 * c + l] = d * sc0 * lo - dm * m0
+                    dst[r, b * 256 + 64 * c + 32 + l] = d * sc1 * hi - dm * m1
+
+
+@njit(**PAR)
+def deq_q6_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        ri = row.view(np.int8)
+        for b in range(cols // 256):
+            o = U(b * 210)
+            d = h2f(row[o + U(208)], row[o + U(209)])
+            for h in range(2):
+                for l in range(32):
+                    a0, a1 = nib(F(row[o + U(64 * h + l)]))
+                    b0, b1 = nib(F(row[o + U(64 * h + 32 + l)]))
+                    c0, c1, c2, c3 = crumbs(F(row[o + U(128 + 32 * h + l)]))
+                    so = o + U(192 + 8 * h + l // 16)
+                    y = b * 256 + 128 * h + l
+                    dst[r, y] = d * F(ri[so]) * (a0 + F(16) * c0 - F(32))
+                    dst[r, y + 32] = d * F(ri[so + U(2)]) * (b0 + F(16) * c1 - F(32))
+                    dst[r, y + 64] = d * F(ri[so + U(4)]) * (a1 + F(16) * c2 - F(32))
+                    dst[r, y + 96] = d * F(ri[so + U(6)]) * (b1 + F(16) * c3 - F(32))
+
+
+@njit(**PAR)
+def deq_q2_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 256):
+            o = U(b * 84)
+            d = h2f(row[o + U(80)], row[o + U(81)])
+            dm = h2f(row[o + U(82)], row[o + U(83)])
+            for h in range(2):
+                for l in range(32):
+                    c = crumbs(F(row[o + U(16 + 32 * h + l)]))
+                    for k in range(4):
+                        sc, m = nib(F(row[o + U(8 * h + 2 * k + l // 16)]))
+                        dst[r, b * 256 + 128 * h + 32 * k + l] = d * sc * c[k] - dm * m
+
+
+@njit(**PAR)
+def deq_q3_k(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 256):
+            o = U(b * 110)
+            d = h2f(row[o + U(108)], row[o + U(109)])
+            for h in range(2):
+                for l in range(32):
+                    c = crumbs(F(row[o + U(32 + 32 * h + l)]))
+                    m = F(row[o + U(l)])
+                    for k in range(4):
+                        sc = scale_q3k(row, o + U(96), 8 * h + 2 * k + l // 16)
+                        q = c[k] + F(4) * bit(m, 4 * h + k) - F(4)
+                        dst[r, b * 256 + 128 * h + 32 * k + l] = d * sc * q

@@ -1,0 +1,237 @@
+"""runtime.kernels vs numpy references: activation-quantized emulation (tight) and float math
+on gguf-py dequantized weights (loose, 8-bit activations)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import quants as gq
+
+import runtime.kernels as K
+from runtime.gguf import GGUFFile
+
+RNG = np.random.default_rng(0)
+Q8_0_ACT = {"Q4_0", "Q5_0", "Q8_0"}
+Q8_1_ACT = {"Q4_1", "Q5_1"}
+K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+# scale fields (byte offset, f16 or f32) to overwrite in random K-quant blocks
+K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+# ------------------------------------------------------------------------- references
+def f16r(v):
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float32)
+
+
+def act_q8(x, q8_1=False):
+    """numpy copy of ggml's AVX2 quantize_row_q8_0 / q8_1 -> (values, d, s) per 32-block."""
+    xb = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(xb).max(1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        iv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * iv[:, None]).astype(np.float32)
+    s = f16r(d * q.sum(1)) if q8_1 else q.sum(1)
+    return q, f16r(d), s
+
+
+def act_q8_k(x):
+    """numpy copy of ggml's quantize_row_q8_K_ref -> (values (nb, 256), d (nb,))."""
+    xb = x.reshape(-1, 256).astype(np.float32)
+    idx = np.abs(xb).argmax(1)
+    mx = xb[np.arange(len(xb)), idx]
+    q = np.zeros_like(xb)
+    d = np.zeros(len(xb), np.float32)
+    nz = mx != 0
+    iscale = (np.float32(-127) / mx[nz]).astype(np.float32)
+    q[nz] = np.minimum(np.float32(127), np.rint(iscale[:, None] * xb[nz]))
+    d[nz] = np.float32(1) / iscale
+    return q, d
+
+
+def dequant(qtype, data, cols):
+    if qtype == "Q8_K":
+        blocks = data.reshape(data.shape[0], -1, 292)
+        d = blocks[..., :4].copy().view(np.float32)
+        return (d * blocks[..., 4:260].view(np.int8)).reshape(data.shape[0], cols).astype(np.float32)
+    return gq.dequantize(data, T[qtype]).reshape(data.shape[0], cols).astype(np.float32)
+
+
+def emulate(qtype, data, cols, x):
+    """Activation-quantized math of llama.cpp in float64: (rows,) result and an error scale."""
+    w = dequant(qtype, data, cols).astype(np.float64)
+    if qtype in ("F32", "F16", "BF16"):
+        xr = x if qtype == "F32" else gq.dequantize(gq.quantize(x, T[qtype]), T[qtype])
+        return w @ xr.astype(np.float64), np.abs(w) @ np.abs(xr)
+    if qtype in K_TYPES:
+        q, d = act_q8_k(x)
+        xq = (q * d[:, None]).astype(np.float64).ravel()
+        return w @ xq, np.abs(w) @ np.abs(xq)
+    q, d, s = act_q8(x, qtype in Q8_1_ACT)
+    xq = (q * d[:, None]).astype(np.float64).ravel()
+    y = w @ xq
+    if qtype in Q8_1_ACT:   # the min term uses the f16-rounded d*sum of the activation block
+        bs = GGML_QUANT_SIZES[T[qtype]][1]
+        m = data.reshape(data.shape[0], -1, bs)[..., 2:4].copy().view(np.float16)[..., 0]
+        y += m.astype(np.float64) @ (s.astype(np.float64) - d * q.sum(1).astype(np.float64))
+    return y, np.abs(w) @ np.abs(xq)
+
+
+def random_weights(qtype, rows, cols):
+    if qtype in K_SCALES or qtype == "Q8_K":
+        bs = GGML_QUANT_SIZES[T[qtype]][1]
+        data = RNG.integers(0, 256, (rows, cols // 256, bs), dtype=np.uint8)
+        if qtype == "Q8_K":
+            data[..., :4] = RNG.uniform(1e-3, 1e-2, (rows, cols // 256, 1)).astype(np.float32).view(np.uint8)
+        for off in K_SCALES.get(qtype, ()):
+            h = RNG.uniform(1e-3, 1e-2, (rows, cols // 256, 1)).astype(np.float16)
+            data[..., off:off + 2] = h.view(np.uint8)
+        return data.reshape(rows, -1)
+    w = RNG.standard_normal((rows, cols)).astype(np.float32)
+    q = gq.quantize(w, T[qtype])
+    return np.ascontiguousarray(q.view(np.uint8).reshape(rows, -1))
+
+
+ALL = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"]
+
+
+def check_matvec(qtype, data, cols, x, out=None):
+    got = K.matvec_raw(qtype, data, cols, x, out)
+    ref, scale = emulate(qtype, data, cols, x)
+    err = np.abs(got - ref)
+    assert np.all(err <= 2e-5 * scale + 1e-30), (qtype, float((err / scale).max()))
+    # float math on dequantized weights: 8-bit activations cost up to ~1% of sum |w x|
+    if qtype not in ("F32",):
+        w = dequant(qtype, data, cols).astype(np.float64)
+        exact = w @ x.astype(np.float64)
+        assert np.all(np.abs(got - exact) <= 1.5e-2 * (np.abs(w) @ np.abs(x)) + 1e-6), qtype
+    return got
+
+
+# ------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("qtype", ALL)
+def test_matvec_random(qtype):
+    rows, cols = 37, 512
+    data = random_weights(qtype, rows, cols)
+    x = RNG.standard_normal(cols).astype(np.float32)
+    x[:7] = 0  # an all-zero-ish start exercises small blocks
+    got = check_matvec(qtype, data, cols, x)
+    # a row slice is computed exactly like the same rows of the whole matrix
+    sub = K.matvec_raw(qtype, data[5:18], cols, x)
+    np.testing.assert_array_equal(sub, got[5:18])
+    out = np.empty(rows, np.float32)
+    assert K.matvec_raw(qtype, data, cols, x, out) is out
+    # zero activation block and zero vector
+    assert np.all(K.matvec_raw(qtype, data, cols, np.zeros(cols, np.float32)) == 0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16"])
+def test_matmul_paths(qtype):
+    rows, cols, n = 29, 512, 9
+    data = random_weights(qtype, rows, cols)
+    x = RNG.standard_normal((n, cols)).astype(np.float32)
+    quant = K.matmul_raw(qtype, data, cols, x, method="quant")
+    for t in range(n):  # integer path == n independent matvecs, bit for bit
+        np.testing.assert_array_equal(quant[t], K.matvec_raw(qtype, data, cols, x[t]))
+    w = dequant(qtype, data, cols).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    scale = np.abs(x) @ np.abs(w).T
+    blas = K.matmul_raw(qtype, data, cols, x, method="blas")
+    assert np.all(np.abs(blas - exact) <= 1e-5 * scale + 1e-30)
+    np.testing.assert_array_equal(K.matmul_raw(qtype, data, cols, x), blas)  # auto: n >= 8
+
+
+@pytest.mark.parametrize("qtype", ALL)
+def test_dequantize(qtype):
+    data = random_weights(qtype, 5, 512)
+    np.testing.assert_allclose(K.dequantize_raw(qtype, data, 512), dequant(qtype, data, 512),
+                               rtol=1e-6, atol=1e-30)
+
+
+def test_real_tensors(smollm2_path, gemma3_path):
+    picks = [(smollm2_path, "blk.0.ffn_gate.weight"), (smollm2_path, "blk.0.ffn_down.weight"),
+             (gemma3_path, "blk.0.attn_output.weight"), (gemma3_path, "blk.0.ffn_down.weight"),
+             (gemma3_path, "blk.0.attn_q.weight"), (gemma3_path, "blk.0.attn_v.weight")]
+    seen = set()
+    for path, name in picks:
+        w = GGUFFile(path).tensor(name)
+        seen.add(w.qtype)
+        x = RNG.standard_normal(w.cols).astype(np.float32)
+        got = check_matvec(w.qtype, w.data[3:70], w.cols, x)   # odd row count, offset slice
+        np.testing.assert_array_equal(K.matvec(w, x)[3:70], got)
+    assert seen == {"Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+
+
+# --------------------------------------------------------------------------- small ops
+def rope_ref(x, pos, n_dims, base, neox, freq_scale=1.0):
+    out = x.copy()
+    half = n_dims // 2
+    ts = np.float32(base ** (-2.0 / n_dims))
+    for t, p in enumerate(pos):
+        theta = np.float32(p) * np.float32(freq_scale)
+        for i in range(half):
+            c, s = np.cos(np.float64(theta)), np.sin(np.float64(theta))
+            a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            x0, x1 = x[t, :, a].astype(np.float64), x[t, :, b].astype(np.float64)
+            out[t, :, a] = x0 * c - x1 * s
+            out[t, :, b] = x0 * s + x1 * c
+            theta = np.float32(theta * ts)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["neox", "norm"])
+@pytest.mark.parametrize("n_dims", [16, 10])
+def test_rope(mode, n_dims):
+    x = RNG.standard_normal((5, 3, 16)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 3000])
+    ref = rope_ref(x, pos, n_dims, 10000.0, mode == "neox", 0.5)
+    got = K.rope(x, pos, n_dims, 10000.0, mode, freq_scale=0.5, out=np.empty_like(x))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(got[..., n_dims:], x[..., n_dims:])
+    y = x.copy()
+    assert K.rope(y, pos, n_dims, 10000.0, mode, freq_scale=0.5) is y
+    np.testing.assert_array_equal(y, got)
+    # exact-angle check at small positions (the f32 angle recurrence drifts at large ones)
+    t = np.arange(4)
+    inv = 10000.0 ** (-np.arange(n_dims // 2) * 2.0 / n_dims)
+    ang = (t[:, None] * 0.5 * inv)[:, None, :]
+    xs = x[:4].astype(np.float64)
+    a, b = (np.arange(n_dims // 2), np.arange(n_dims // 2) + n_dims // 2) if mode == "neox" else \
+        (np.arange(0, n_dims, 2), np.arange(1, n_dims, 2))
+    got = K.rope(x[:4].copy(), t, n_dims, 10000.0, mode, freq_scale=0.5)
+    np.testing.assert_allclose(got[..., a], xs[..., a] * np.cos(ang) - xs[..., b] * np.sin(ang), atol=1e-5)
+    np.testing.assert_allclose(got[..., b], xs[..., a] * np.sin(ang) + xs[..., b] * np.cos(ang), atol=1e-5)
+
+
+def test_rms_norm_softmax_glu():
+    x = RNG.standard_normal((4, 3, 64)).astype(np.float32) * 3
+    w = RNG.standard_normal(64).astype(np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(K.rms_norm(x, w, 1e-6), ref, rtol=2e-6, atol=1e-6)
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(K.softmax(x), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+    g, u = x[0], x[1]
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(K.silu_mul(g, u), g64 / (1 + np.exp(-g64)) * u, rtol=1e-5, atol=1e-6)
+    gelu = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
+    np.testing.assert_allclose(K.gelu_tanh_mul(g, u), gelu * u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(K.relu_mul(g, u), np.maximum(g, 0) * u)
+
+
+def test_threads_and_warmup():
+    before = K.get_threads()
+    K.set_threads(1)
+    assert K.get_threads() == 1
+    K.set_threads(before)
+    assert K.warmup() >= 0
+
+
+def test_shape_errors():
+    data = random_weights("Q4_K", 3, 512)
+    with pytest.raises(ValueError):
+        K.matvec_raw("Q4_K", data[:, :144], 288, np.zeros(288, np.float32))
+    with pytest.raises(ValueError):
+        K.matvec_raw("Q4_K", data, 512, np.zeros(256, np.float32))
+    with pytest.raises(NotImplementedError):
+        K.matvec_raw("IQ4_NL", data, 512, np.zeros(512, np.float32))
