@@ -174,5 +174,7 @@ def test_tiny_model_matches_reference(tmp_path, arch, qtype, window):
     # F32 weights run float32 activations; quantized weights quantize activations to 8 bits
     tol = 2e-4 if qtype == "F32" else 3e-2
     assert np.abs(full - want).max() / scale < tol
-    np.testing.assert_allclose(chunked, full, atol=1e-4 * scale)
-    np.testing.assert_allclose(steps, full, atol=1e-4 * scale)
+    # chunks under 8 tokens take the 8-bit-activation path for quantized weights
+    same = 1e-4 if qtype == "F32" else tol
+    np.testing.assert_allclose(chunked, full, atol=same * scale)
+    np.testing.assert_allclose(steps, full, atol=same * scale)
