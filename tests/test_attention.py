@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.kernels import attention as A
 from runtime.kernels.attention import attend
 from runtime.kvcache import KVCache, LayerCache
 
@@ -27,18 +28,43 @@ def ref_attention(q, k, v, q_pos, k_pos, scale, window=0):
     return out
 
 
+PATHS = {"serial": A._attend_serial, "parallel": A._attend_parallel, "blas": A._attend_blas}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("H,KVH,window", [(4, 4, 0), (9, 3, 0), (4, 1, 5)])
-def test_attend_matches_reference(H, KVH, window):
+def test_attend_matches_reference(H, KVH, window, path):
     rng = np.random.default_rng(0)
     n, m, D = 7, 12, 16
     q = rng.standard_normal((n, H, D)).astype(np.float32)
     k = rng.standard_normal((m, KVH, D)).astype(np.float32)
     v = rng.standard_normal((m, KVH, D)).astype(np.float32)
     k_pos = np.arange(m, dtype=np.int64)
+    k_pos[3] = -1  # an empty slot is never attended to
     q_pos = np.arange(m - n, m, dtype=np.int64)
-    got = attend(q, k, v, k_pos, m, q_pos, 0.25, window)
+    got = np.empty_like(q)
+    PATHS[path](q, k, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), got)
     want = ref_attention(q, k, v, q_pos, k_pos, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_attend_softcap_and_blind_query(path):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 2, 8)).astype(np.float32) * 4
+    k = rng.standard_normal((5, 1, 8)).astype(np.float32) * 4
+    v = rng.standard_normal((5, 1, 8)).astype(np.float32)
+    k_pos = np.array([3, 4, 5, 6, 7], dtype=np.int64)
+    q_pos = np.array([1, 6], dtype=np.int64)  # the first query precedes every key
+    got = np.empty_like(q)
+    PATHS[path](q, k, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), got)
+    assert not got[0].any()
+    s = np.einsum("hd,sd->hs", q[1].astype(np.float64), k[:, 0].astype(np.float64))
+    s = 5.0 * np.tanh(s / 5.0)
+    s[:, k_pos > 6] = -np.inf
+    w = np.exp(s - s.max(1, keepdims=True))
+    want = (w / w.sum(1, keepdims=True)) @ v[:, 0]
+    np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
 
 
 def test_ring_cache_decode_equals_full_attention():

@@ -4,21 +4,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ._base import OPTS
 
 F = np.float32
-PAR = dict(parallel=True, **OPTS)
+# Serial on purpose: these ops touch a few KB per token, less than a parallel region costs.
+SER = dict(OPTS)
 SQRT_2_OVER_PI = F(0.7978845608028654)
 GELU_COEF_A = F(0.044715)
 
 
-@njit(**PAR)
+@njit(**SER)
 def rms_norm_rows(x, w, eps, out):
     """x, out (n, d); w (d,). Sum of squares in f64 as ggml."""
     n, d = x.shape
-    for t in prange(n):
+    for t in range(n):
         s = 0.0
         for i in range(d):
             s += np.float64(x[t, i]) * np.float64(x[t, i])
@@ -27,14 +28,14 @@ def rms_norm_rows(x, w, eps, out):
             out[t, i] = x[t, i] * scale * w[i]
 
 
-@njit(**PAR)
+@njit(**SER)
 def rope_rows(x, pos, n_dims, base, freq_scale, neox, out):
     """x, out (n_tokens, n_heads, head_dim); pos (n_tokens,) int. Angles as ggml's rope cache:
     theta_0 = pos * freq_scale, theta_{i+1} = theta_i * base**(-2/n_dims), all in f32."""
     nt, nh, hd = x.shape
     half = n_dims // 2
     theta_scale = F(base ** (-2.0 / n_dims))
-    for t in prange(nt):
+    for t in range(nt):
         cs = np.empty(half, np.float32)   # (n_dims/2,) cos per pair
         sn = np.empty(half, np.float32)   # (n_dims/2,) sin per pair
         theta = F(pos[t]) * F(freq_scale)
@@ -56,10 +57,10 @@ def rope_rows(x, pos, n_dims, base, freq_scale, neox, out):
                 out[t, h, i] = x[t, h, i]
 
 
-@njit(**PAR)
+@njit(**SER)
 def softmax_rows(x, out):
     n, d = x.shape
-    for t in prange(n):
+    for t in range(n):
         m = x[t, 0]
         for i in range(1, d):
             m = max(m, x[t, i])
@@ -73,21 +74,21 @@ def softmax_rows(x, out):
             out[t, i] *= inv
 
 
-@njit(**PAR)
+@njit(**SER)
 def silu_mul_flat(g, u, out):
-    for i in prange(g.shape[0]):
+    for i in range(g.shape[0]):
         v = g[i]
         out[i] = v / (F(1) + np.exp(-v)) * u[i]
 
 
-@njit(**PAR)
+@njit(**SER)
 def gelu_tanh_mul_flat(g, u, out):
-    for i in prange(g.shape[0]):
+    for i in range(g.shape[0]):
         v = g[i]
         out[i] = F(0.5) * v * (F(1) + np.tanh(SQRT_2_OVER_PI * v * (F(1) + GELU_COEF_A * v * v))) * u[i]
 
 
-@njit(**PAR)
+@njit(**SER)
 def relu_mul_flat(g, u, out):
-    for i in prange(g.shape[0]):
+    for i in range(g.shape[0]):
         out[i] = max(g[i], F(0)) * u[i]
