@@ -89,3 +89,22 @@ def llama_cpp_src() -> Path:
             tf.extractall(root, members=members, filter="data")
         done.touch()
     return root / "vendor" / "llama.cpp"
+
+
+def _requantized(smollm2_path: Path, qtype: str) -> Path:
+    """SmolLM2 requantized by our own quantizer (its bytes are checked in test_requantize)."""
+    from quant.requantize import requantize
+    out = _test_cache() / f"SmolLM2-135M-Instruct.requant-{qtype}.gguf"
+    if not out.exists():
+        requantize(smollm2_path, out, qtype)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_0_path(smollm2_path) -> Path:
+    return _requantized(smollm2_path, "Q4_0")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8_0_path(smollm2_path) -> Path:
+    return _requantized(smollm2_path, "Q8_0")

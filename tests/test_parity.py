@@ -16,6 +16,8 @@ from runtime import LLM
 # reference name → (fixture giving the model path, max |Δlogit| vs llama.cpp)
 MODELS = {
     "SmolLM2-135M-Instruct.Q4_1": ("smollm2_path", 1.0),
+    "SmolLM2-135M-Instruct.requant-Q4_0": ("smollm2_q4_0_path", 1.0),
+    "SmolLM2-135M-Instruct.requant-Q8_0": ("smollm2_q8_0_path", 1.0),
     "gemma-3-270m-Q4_K_M": ("gemma3_path", 1.5),
     "smallthinker-tiny-synthetic-Q4_0": ("smallthinker_tiny_path", 0.05),
 }
@@ -70,7 +72,11 @@ def test_teacher_forced_greedy_steps(loaded):
             top5 = np.argsort(-logits[i])[:5]
             if step["margin_top1_top2"] > 0.3:
                 assert top5[0] == step["top5_ids"][0], f"step {i}: top-1 differs"
-            assert len(set(top5.tolist()) & set(step["top5_ids"])) >= 4, f"step {i}: top-5"
+            # ≥ 4 of llama.cpp's top 5 are in ours, counting ids within 0.3 of our 5th logit
+            # (near-ties at the boundary reorder with the kernel path, as the README notes)
+            fifth = logits[i][top5[4]]
+            kept = [t for t in step["top5_ids"] if logits[i][t] >= fifth - 0.3]
+            assert len(kept) >= 4, f"step {i}: top-5 {top5.tolist()} vs {step['top5_ids']}"
 
 
 def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
@@ -97,15 +103,19 @@ def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
             assert seen == f64[f"prompt{i}_last_token_experts"].tolist()
 
 
-@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct.Q4_1"])
-def test_perplexity(name, reference_dir, papers_path, request):
+def test_perplexity_first_chunks(smollm2_path, reference_dir, papers_path):
+    """llama-perplexity's method on the first 4 of the reference's 16 chunks: per-chunk mean NLL
+    and the perplexity over those chunks within 1 % (the full run is `pocketlm perplexity`)."""
     from tools.perplexity import perplexity
+    name = "SmolLM2-135M-Instruct.Q4_1"
     ref = json.loads((reference_dir / f"{name}.json").read_text())
-    text = papers_path.read_bytes().decode("utf-8")
-    assert hashlib.sha256(papers_path.read_bytes()).hexdigest() == ref["text_sha256"]
-    path = request.getfixturevalue(MODELS[name][0])
-    with LLM.load(str(path), n_ctx=512) as llm:
-        r = perplexity(llm, text, 512, 16)
-    assert r["n_scored"] == ref["perplexity"]["n_scored"]
+    raw = papers_path.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == ref["text_sha256"]
+    with LLM.load(str(smollm2_path), n_ctx=512) as llm:
+        r = perplexity(llm, raw.decode("utf-8"), 512, 4)
     assert r["text_n_tokens"] == ref["text_n_tokens"]
-    assert abs(r["ppl"] / ref["perplexity"]["ppl"] - 1) < 0.01, (r["ppl"], ref["perplexity"]["ppl"])
+    assert r["n_scored"] == 4 * 255
+    want = np.array(ref["perplexity"]["chunk_mean_nll"][:4])
+    got = np.array(r["chunk_mean_nll"])
+    assert np.abs(got - want).max() < 0.02, (got, want)
+    assert abs(r["ppl"] / np.exp(want.mean()) - 1) < 0.01
