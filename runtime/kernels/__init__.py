@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import types
 
-from . import _float, _ops, _packed, _quant
+from . import _float, _ops, _quant
 from ._base import block_codegen
 
 # qtype -> (driver, dequantizer, elements per block, bytes per block, uses block codegen)
@@ -132,23 +132,8 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
 
 
 def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32.
-
-    Uses the repacked layout when ``w`` came from ``prepare``.
-    """
-    pw = getattr(w, "packed", None)
-    if pw is not None:
-        return _packed.matvec_packed(pw, x, out)
+    """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32."""
     return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
-
-
-def prepare(w):
-    """Load-time step for decode: a Q4_0/Q4_1/Q8_0 QTensor -> the same QTensor carrying a
-    repacked copy (``.packed``) that ``matvec`` uses (faster; ~ the weight's size again in
-    memory). Other types are returned unchanged. ``matmul`` and ``.data`` are as before."""
-    if w.qtype not in _packed.PACKED_TYPES or getattr(w, "packed", None) is not None:
-        return w
-    return _packed.PackedQTensor(w.qtype, w.shape, w.data, _packed.pack(w.qtype, w.data, w.shape[-1]))
 
 
 def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
