@@ -89,7 +89,8 @@ def cmd_quantize(args):
     report = _progress_printer("quantize")
     info = requantize(src, args.output, args.type.upper(),
                       progress=lambda d, t: report("tensors", d, t))
-    print(f"wrote {args.output}" + (f" ({info})" if info else ""))
+    print(f"wrote {info['path']}: {info['ftype']}, {info['size_bytes'] / 2**20:.1f} MiB, "
+          f"{info['n_requantized']} tensors converted, {info['n_copied']} copied")
 
 
 # -- generation --------------------------------------------------------------------------------
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.store import StoreError
     try:
         rc = args.func(args)
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error
+        sys.stderr.close()
+        return 0
     except (CLIError, GGUFError, StoreError, ValueError, OSError) as e:
         print(f"pocketlm: error: {e}", file=sys.stderr)
         return 1

@@ -113,3 +113,16 @@ def test_cli_broken_file_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.gguf" in err
+
+
+def test_cli_quantize(smallthinker_tiny_path, tmp_path, capsys):
+    out = tmp_path / "q8.gguf"
+    assert main(["quantize", str(smallthinker_tiny_path), str(out), "q8_0"]) == 0
+    assert "Q8_0" in capsys.readouterr().out
+    from runtime.gguf import open_gguf
+    with open_gguf(out) as g:
+        assert g.tensors["blk.0.attn_q.weight"].qtype == "Q8_0"
+        assert g.tensors["blk.0.attn_norm.weight"].qtype == "F32"
+    assert main(["quantize", str(smallthinker_tiny_path), str(tmp_path / "x.gguf"), "Q3_X"]) == 1
+    assert "unsupported target type" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
