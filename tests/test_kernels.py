@@ -163,6 +163,39 @@ def test_real_tensors(smollm2_path, gemma3_path):
     assert seen == {"Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_prepared_matvec_random(qtype):
+    from runtime.tensor import QTensor
+    rows, cols = 37, 1536
+    data = random_weights(qtype, rows, cols)
+    data[3, :2] = 0          # a zero and a subnormal block scale
+    data[4, 0], data[4, 1] = 1, 0
+    w = QTensor(qtype, (rows, cols), data)
+    for _ in range(3):
+        x = RNG.standard_normal(cols).astype(np.float32)
+        raw = K.matvec_raw(qtype, data, cols, x)
+        assert K.prepare(w) is w
+        np.testing.assert_array_equal(K.matvec(w, x), raw)   # bit-identical
+    out = np.empty(rows, np.float32)
+    assert K.matvec(w, x, out) is out
+    with pytest.raises(ValueError):
+        K.matvec(w, x[:-32])
+
+
+def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path):
+    seen = set()
+    for path in (smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path):
+        f = GGUFFile(path)
+        for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight"):
+            w = f.tensor(name)
+            if w.qtype not in ("Q4_0", "Q4_1", "Q8_0"):
+                continue
+            seen.add(w.qtype)
+            x = RNG.standard_normal(w.cols).astype(np.float32)
+            np.testing.assert_array_equal(K.matvec(w, x), K.matvec_raw(w.qtype, w.data, w.cols, x))
+    assert seen == {"Q4_0", "Q4_1", "Q8_0"}
+
+
 # --------------------------------------------------------------------------- small ops
 def rope_ref(x, pos, n_dims, base, neox, freq_scale=1.0):
     out = x.copy()

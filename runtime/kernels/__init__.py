@@ -8,6 +8,12 @@ f32 and multiplies with numpy's BLAS (several times faster than the integer path
 sizes; weights exact, activations unquantized, so slightly *more* precise than llama.cpp);
 ``matmul(..., method="quant")`` runs the integer path instead.
 
+Q4_0/Q4_1/Q8_0 decode reads its f16 block scales from float32 side arrays made once per weight
+(``prepare(w)``; ``matvec(w, x)`` prepares on first use, keyed by the ``w.data`` object, so a
+weight's data must not be modified in place afterwards). Extra memory: 4 bytes per 32 weights
+(8 for Q4_1). ``matvec_raw`` on arbitrary row ranges needs nothing prepared. Results are
+bit-identical either way.
+
 Numba's on-disk cache follows ``NUMBA_CACHE_DIR``. ``warmup()`` compiles (or loads) every
 kernel and returns the seconds it took. ``set_threads(n)`` sets the worker count for kernels
 called from the current thread.
@@ -15,6 +21,7 @@ called from the current thread.
 from __future__ import annotations
 
 import time
+import weakref
 
 import numba
 import numpy as np
@@ -48,7 +55,20 @@ _O = types.Array(types.float32, 2, "C")
 _MM_SIG = (_W, _X, _O)
 _DEQ_SIG = (_W, types.int64, types.int64, _O)
 
+_S = types.Array(types.float32, 2, "C", readonly=True)
+_MV_SIG = (_W, _S, _S, _X, _O)
+
+# Prepared decode: qtype -> (driver, block bytes, byte offsets of the f16 scale fields)
+_PREP = {
+    "Q4_0": (_quant.mv_q4_0, 18, (0,)),
+    "Q4_1": (_quant.mv_q4_1, 20, (0, 2)),
+    "Q8_0": (_quant.mv_q8_0, 34, (0,)),
+}
+_NO_SCALES = np.zeros((0, 0), np.float32)
+
 _mm: dict = {}    # qtype -> compiled driver
+_mv: dict = {}    # qtype -> compiled prepared-decode driver
+_scales: dict = {}   # id(w.data) -> (weakref to w.data, d, m); dropped when the data dies
 _deq: dict = {}   # qtype -> compiled dequantizer
 
 # Prefill: below this many activation rows the integer path wins over dequantize + BLAS.
@@ -78,6 +98,49 @@ def _driver(qtype: str):
             raise NotImplementedError(f"no kernel for weight type {qtype}")
         fn = _compile(qtype)
     return fn
+
+
+def _mv_driver(qtype: str):
+    fn = _mv.get(qtype)
+    if fn is None:
+        with block_codegen():
+            _PREP[qtype][0].compile(_MV_SIG)
+            _quant.block_scales.compile((_W, types.int64, types.int64, _O))
+        _PREP[qtype][0].disable_compile()
+        fn = _mv[qtype] = _PREP[qtype][0]
+    return fn
+
+
+def prepare(w):
+    """Convert the block scales of a Q4_0/Q4_1/Q8_0 QTensor to float32 once, for ``matvec``.
+
+    Returns ``w`` itself; the side arrays live in a module cache keyed by the ``w.data``
+    object and are dropped with it. Other qtypes are returned untouched.
+    """
+    _prepared(w)
+    return w
+
+
+def _prepared(w):
+    """(d, m) float32 scale arrays of w, made on first call; None for other qtypes."""
+    data = w.data
+    e = _scales.get(id(data))
+    if e is not None and e[0]() is data:
+        return e[1], e[2]
+    if w.qtype not in _PREP or not data.flags.c_contiguous:
+        return None
+    _, size, offs = _PREP[w.qtype]
+    _check(w.qtype, data, w.shape[-1])
+    _mv_driver(w.qtype)
+    sc = []
+    for off in offs:
+        a = np.empty((data.shape[0], data.shape[1] // size), np.float32)
+        _quant.block_scales(data, size, off, a)
+        sc.append(a)
+    d, m = sc[0], (sc[1] if len(sc) > 1 else _NO_SCALES)
+    key = id(data)
+    _scales[key] = (weakref.ref(data, lambda _, k=key: _scales.pop(k, None)), d, m)
+    return d, m
 
 
 def _check(qtype, data, cols):
@@ -132,8 +195,22 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
 
 
 def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32."""
-    return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
+    """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32.
+
+    Q4_0/Q4_1/Q8_0 weights are prepared (see ``prepare``) on first use.
+    """
+    sc = _prepared(w) if w.qtype in _PREP else None
+    if sc is None:
+        return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
+    data, cols = w.data, w.shape[-1]
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if out is None:
+        out = np.empty(data.shape[0], np.float32)
+    if x.shape[0] != cols:
+        raise ValueError(f"x has {x.shape[0]} elements, weight has {cols} columns")
+    _mv[w.qtype](data, sc[0], sc[1], x.reshape(1, cols), out.reshape(1, -1))
+    return out
 
 
 def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
@@ -222,6 +299,8 @@ def warmup(qtypes=QTYPES) -> float:
     t0 = time.perf_counter()
     for q in qtypes:
         _driver(q)
+        if q in _PREP:
+            _mv_driver(q)
     f = np.zeros((1, 2, 4), np.float32)
     rms_norm(f[0], np.ones(4, np.float32), 1e-5)
     rope(f.copy(), np.zeros(1, np.int64), 4, 10000.0, "neox")

@@ -10,7 +10,8 @@ below 2**24, so this is exact too, with nibbles and 2-bit fields split in the fl
 (``hi = floor(q / 16)``, ``lo = q - 16 * hi``).
 
 Every driver takes ``w2`` (rows, row_bytes) uint8 raw ggml blocks, ``x`` (n, cols) float32 and
-writes ``out`` (n, rows) float32. Decode is the n == 1 case.
+writes ``out`` (n, rows) float32. Decode is the n == 1 case. The prepared decode drivers
+``mv_q4_0``/``mv_q4_1``/``mv_q8_0`` also take the weight's block scales as float32 (d, m).
 """
 from __future__ import annotations
 
@@ -336,7 +337,13 @@ ROW_TILE = 8   # weight rows kept in L1 while every activation row passes over t
 # Q4_0/Q4_1/Q8_0: activations are carried as int16 and block sums in int32 (exact), which
 # LLVM turns into vpmaddwd; every intermediate is cast back to int32 because Numba would
 # otherwise widen to int64 and the block would not vectorize. ~1.7x the f32-lane version.
-@njit(**OPTS)
+# Their float math is not reassociated (only contracted to FMAs, each unambiguous) so that
+# the raw row functions and the prepared ones below round identically whatever LLVM does
+# with the scale's source.
+ROW_OPTS = dict(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz", "afn", "contract"})
+
+
+@njit(**ROW_OPTS)
 def _rows_q4_0(w, rb, r0, r1, nb, yq, yd, ys, out):
     for r in range(r0, r1):
         base = U(r) * rb
@@ -353,7 +360,7 @@ def _rows_q4_0(w, rb, r0, r1, nb, yq, yd, ys, out):
         out[r] = acc
 
 
-@njit(**OPTS)
+@njit(**ROW_OPTS)
 def _rows_q4_1(w, rb, r0, r1, nb, yq, yd, ys, out):
     for r in range(r0, r1):
         base = U(r) * rb
@@ -366,11 +373,13 @@ def _rows_q4_1(w, rb, r0, r1, nb, yq, yd, ys, out):
                 q = I16(w[o + U(4 + j)])
                 s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
                       + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
-            acc += h2f(w[o], w[o + U(1)]) * yd[b] * F(I32(s)) + h2f(w[o + U(2)], w[o + U(3)]) * ys[b]
+            # two adds, each one unambiguous FMA: the same in _rows_q4_1_p
+            acc += h2f(w[o], w[o + U(1)]) * yd[b] * F(I32(s))
+            acc += h2f(w[o + U(2)], w[o + U(3)]) * ys[b]
         out[r] = acc
 
 
-@njit(**OPTS)
+@njit(**ROW_OPTS)
 def _rows_q8_0(w, rb, r0, r1, nb, yq, yd, ys, out):
     wi = w.view(np.int8)
     for r in range(r0, r1):
@@ -384,6 +393,114 @@ def _rows_q8_0(w, rb, r0, r1, nb, yq, yd, ys, out):
                 s += I32(I16(wi[o + U(2 + j)]) * yq[yb + U(j)])
             acc += h2f(w[o], w[o + U(1)]) * yd[b] * F(I32(s))
         out[r] = acc
+
+
+# Prepared variants for decode: the f16 block scales come pre-converted to float32 in
+# ``d`` (and Q4_1's mins in ``m``), both (rows, nb), made once per weight by ``block_scales``
+# with the same conversion; converting them in the loop (~15 scalar instructions per block)
+# was the largest scalar cost.
+@njit(**ROW_OPTS)
+def _rows_q4_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(18)
+            yb = U(b) * U(32)
+            s = I32(0)
+            for j in range(16):
+                q = I16(w[o + U(2 + j)])
+                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
+                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
+            acc += dr[b] * yd[b] * (F(I32(s)) - F(8) * ys[b])
+        out[r] = acc
+
+
+@njit(**ROW_OPTS)
+def _rows_q4_1_p(w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        mr = m[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(20)
+            yb = U(b) * U(32)
+            s = I32(0)
+            for j in range(16):
+                q = I16(w[o + U(4 + j)])
+                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
+                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
+            acc += dr[b] * yd[b] * F(I32(s))
+            acc += mr[b] * ys[b]
+        out[r] = acc
+
+
+@njit(**ROW_OPTS)
+def _rows_q8_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
+    wi = w.view(np.int8)
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(34)
+            yb = U(b) * U(32)
+            s = I32(0)
+            for j in range(32):
+                s += I32(I16(wi[o + U(2 + j)]) * yq[yb + U(j)])
+            acc += dr[b] * yd[b] * F(I32(s))
+        out[r] = acc
+
+
+@njit(**PAR)
+def block_scales(w2, bsz, off, dst):
+    """f16 field at byte ``off`` of every ``bsz``-byte block of w2 -> dst (rows, nb) float32."""
+    for r in prange(dst.shape[0]):
+        row = w2[r]
+        for b in range(dst.shape[1]):
+            o = U(b * bsz + off)
+            dst[r, b] = h2f(row[o], row[o + U(1)])
+
+
+@njit(**PAR)
+def mv_q4_0(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, False)
+    yq = yq2.astype(np.int16)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q4_0_p(w, rb, r0, r1, cols // 32, d, yq[t], yd[t], ys[t], out[t])
+
+
+@njit(**PAR)
+def mv_q4_1(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, True)
+    yq = yq2.astype(np.int16)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q4_1_p(w, rb, r0, r1, cols // 32, d, m, yq[t], yd[t], ys[t], out[t])
+
+
+@njit(**PAR)
+def mv_q8_0(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, False)
+    yq = yq2.astype(np.int16)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q8_0_p(w, rb, r0, r1, cols // 32, d, yq[t], yd[t], ys[t], out[t])
 
 
 @njit(**PAR)
