@@ -49,6 +49,7 @@ def bench_kernels(threads=(1, 2), types=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
     first kernel call took (JIT compile, or loading Numba's disk cache)."""
     t0 = time.perf_counter()
     import runtime.kernels as K
+    from runtime.tensor import QTensor
     compile_s = K.warmup(tuple(types))
     compile_s_total = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -65,17 +66,19 @@ def bench_kernels(threads=(1, 2), types=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
                     continue
                 base = _weights(qtype, rows, cols, rng)
                 copies = max(2, -(-working_set // base.nbytes))
-                mats = [base.copy() for _ in range(copies)]
+                # whole weights, as models call them (prepared on first use, like a model's)
+                mats = [QTensor(qtype, (rows, cols), base.copy()) for _ in range(copies)]
                 x = rng.standard_normal(cols).astype(np.float32)
                 out = np.empty(rows, np.float32)
+                for m in mats:
+                    K.matvec(m, x, out)
                 for th in threads:
                     K.set_threads(th)
-                    K.matvec_raw(qtype, mats[0], cols, x, out)
                     best = float("inf")
                     for _ in range(repeats):
                         t = time.perf_counter()
                         for m in mats:
-                            K.matvec_raw(qtype, m, cols, x, out)
+                            K.matvec(m, x, out)
                         best = min(best, time.perf_counter() - t)
                     res["matvec"].append({"type": qtype, "rows": rows, "cols": cols, "threads": th,
                                           "gbps": copies * base.nbytes / best / 1e9,
