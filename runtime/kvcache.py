@@ -16,8 +16,9 @@ class LayerCache:
                  chunk: int = 512, dtype=np.float32):
         self.window = window
         self.capacity = n_ctx if window <= 0 else min(n_ctx, window + chunk)
-        self.k = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)  # (S, KVH, D)
-        self.v = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)  # (S, KVH, D)
+        # keys transposed so a query's scores are contiguous runs over slots
+        self.kt = np.zeros((n_kv_heads, head_dim, self.capacity), dtype=dtype)  # (KVH, D, S)
+        self.v = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)   # (S, KVH, D)
         self.slot_pos = np.full(self.capacity, -1, dtype=np.int64)             # (S,)
         self.n_slots = 0  # slots [0, n_slots) have been written at least once
 
@@ -27,7 +28,7 @@ class LayerCache:
             raise ValueError(f"chunk of {len(positions)} tokens exceeds the cache ring "
                              f"({self.capacity} slots)")
         slots = positions % self.capacity
-        self.k[slots] = k
+        self.kt[:, :, slots] = k.transpose(1, 2, 0)
         self.v[slots] = v
         self.slot_pos[slots] = positions
         self.n_slots = max(self.n_slots, int(slots.max()) + 1)
@@ -48,7 +49,7 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kt.nbytes + self.v.nbytes
 
 
 class KVCache:

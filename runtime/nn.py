@@ -38,7 +38,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerCache,
               positions: np.ndarray, scale: float, softcap: float = 0.0) -> np.ndarray:
     """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D); returns (n, H*D)."""
     cache.store(k, v, positions)
-    out = attend(q, cache.k, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
+    out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
                  cache.window, softcap)
     return out.reshape(q.shape[0], -1)
 

@@ -43,7 +43,8 @@ def test_attend_matches_reference(H, KVH, window, path):
     k_pos[3] = -1  # an empty slot is never attended to
     q_pos = np.arange(m - n, m, dtype=np.int64)
     got = np.empty_like(q)
-    PATHS[path](q, k, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), got)
+    kt = np.ascontiguousarray(k.transpose(1, 2, 0))
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), got)
     want = ref_attention(q, k, v, q_pos, k_pos, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -57,7 +58,8 @@ def test_attend_softcap_and_blind_query(path):
     k_pos = np.array([3, 4, 5, 6, 7], dtype=np.int64)
     q_pos = np.array([1, 6], dtype=np.int64)  # the first query precedes every key
     got = np.empty_like(q)
-    PATHS[path](q, k, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), got)
+    kt = np.ascontiguousarray(k.transpose(1, 2, 0))
+    PATHS[path](q, kt, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), got)
     assert not got[0].any()
     s = np.einsum("hd,sd->hs", q[1].astype(np.float64), k[:, 0].astype(np.float64))
     s = 5.0 * np.tanh(s / 5.0)
@@ -83,7 +85,7 @@ def test_ring_cache_decode_equals_full_attention():
     for size in [4, 4, 1, 1, 3, 4, 1, 1, 4]:
         p = pos[s:s + size]
         ring.store(k[p], v[p], p)
-        got.append(attend(q[p], ring.k, ring.v, ring.slot_pos, ring.n_slots, p, 0.3, window))
+        got.append(attend(q[p], ring.kt, ring.v, ring.slot_pos, ring.n_slots, p, 0.3, window))
         s += size
     np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-5, atol=1e-5)
 
