@@ -149,7 +149,16 @@ def test_dequantize(qtype):
                                rtol=1e-6, atol=1e-30)
 
 
-def test_real_tensors(smollm2_path, gemma3_path):
+@pytest.fixture
+def llama_numerics():
+    """The 8-bit-activation path for prepared weights, restored afterwards."""
+    before = K.get_numerics()
+    K.set_numerics("llama")
+    yield
+    K.set_numerics(before)
+
+
+def test_real_tensors(smollm2_path, gemma3_path, llama_numerics):
     picks = [(smollm2_path, "blk.0.ffn_gate.weight"), (smollm2_path, "blk.0.ffn_down.weight"),
              (gemma3_path, "blk.0.attn_output.weight"), (gemma3_path, "blk.0.ffn_down.weight"),
              (gemma3_path, "blk.0.attn_q.weight"), (gemma3_path, "blk.0.attn_v.weight")]
@@ -164,7 +173,7 @@ def test_real_tensors(smollm2_path, gemma3_path):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_prepared_matvec_random(qtype):
+def test_prepared_matvec_random(qtype, llama_numerics):
     from runtime.tensor import QTensor
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
@@ -182,7 +191,7 @@ def test_prepared_matvec_random(qtype):
         K.matvec(w, x[:-32])
 
 
-def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path):
+def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path, llama_numerics):
     seen = set()
     for path in (smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path):
         f = GGUFFile(path)
@@ -194,6 +203,29 @@ def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path
             x = RNG.standard_normal(w.cols).astype(np.float32)
             np.testing.assert_array_equal(K.matvec(w, x), K.matvec_raw(w.qtype, w.data, w.cols, x))
     assert seen == {"Q4_0", "Q4_1", "Q8_0"}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_exact_numerics(qtype):
+    """Default numerics: float activations, within f32 rounding of float64 math on the
+    dequantized weights, for one row (decode) and small batches alike."""
+    from runtime.tensor import QTensor
+    assert K.get_numerics() == "exact"
+    rows, cols = 37, 1536
+    data = random_weights(qtype, rows, cols)
+    data[3, :2] = 0
+    w = QTensor(qtype, (rows, cols), data)
+    wf = dequant(qtype, data, cols).astype(np.float64)
+    x = RNG.standard_normal((5, cols)).astype(np.float32)
+    exact = x.astype(np.float64) @ wf.T
+    scale = np.abs(x) @ np.abs(wf).T
+    for t in range(5):
+        assert np.all(np.abs(K.matvec(w, x[t]) - exact[t]) <= 1e-6 * scale[t])
+    small = K.matmul(w, x)
+    assert np.all(np.abs(small - exact) <= 1e-6 * scale)
+    np.testing.assert_array_equal(small[2], K.matvec(w, x[2]))   # batch == decode, bit for bit
+    with pytest.raises(ValueError):
+        K.set_numerics("fast")
 
 
 # --------------------------------------------------------------------------- small ops

@@ -65,6 +65,13 @@ _PREP = {
     "Q8_0": (_quant.mv_q8_0, 34, (0,)),
 }
 _NO_SCALES = np.zeros((0, 0), np.float32)
+# Float-activation drivers over the same prepared scales (numerics "exact").
+_PREP_F = {"Q4_0": _quant.mvf_q4_0, "Q4_1": _quant.mvf_q4_1, "Q8_0": _quant.mvf_q8_0}
+_mvf: dict = {}
+# Small batches of prepared weights run the matvec drivers row by row up to this many rows;
+# above it dequantize + BLAS amortizes its fixed cost (crossover measured on SmolLM2).
+PREPARED_MAX_ROWS = 128
+_numerics = ["exact"]
 
 _mm: dict = {}    # qtype -> compiled driver
 _mv: dict = {}    # qtype -> compiled prepared-decode driver
@@ -109,6 +116,44 @@ def _mv_driver(qtype: str):
         _PREP[qtype][0].disable_compile()
         fn = _mv[qtype] = _PREP[qtype][0]
     return fn
+
+
+def set_numerics(mode: str) -> None:
+    """How Q4_0/Q4_1/Q8_0 weights meet activations in ``matvec`` and small ``matmul`` calls.
+
+    "exact" (default): activations stay float32, weights are dequantized in registers, so
+    results sit within float32 rounding of exact math, the same in decode and in batches.
+    "llama": activations are quantized to 8 bits per block with integer block sums, as
+    llama.cpp's CPU backend does (a little faster; about 0.2-0.4 logits from exact math).
+    Other weight types always use the 8-bit path in matvec.
+    """
+    if mode not in ("exact", "llama"):
+        raise ValueError(f"numerics {mode!r}: expected 'exact' or 'llama'")
+    _numerics[0] = mode
+
+
+def get_numerics() -> str:
+    return _numerics[0]
+
+
+def _mvf_driver(qtype: str):
+    fn = _mvf.get(qtype)
+    if fn is None:
+        with block_codegen():
+            _PREP_F[qtype].compile(_MV_SIG)
+        _PREP_F[qtype].disable_compile()
+        fn = _mvf[qtype] = _PREP_F[qtype]
+    return fn
+
+
+def _prepared_call(w, x2, out2):
+    """Run x2 (n, cols) through a prepared weight into out2 (n, rows); False if w has none."""
+    sc = _prepared(w) if w.qtype in _PREP else None
+    if sc is None:
+        return False
+    fn = _mvf_driver(w.qtype) if _numerics[0] == "exact" else _mv[w.qtype]
+    fn(w.data, sc[0], sc[1], x2, out2)
+    return True
 
 
 def prepare(w):
@@ -199,8 +244,7 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
     Q4_0/Q4_1/Q8_0 weights are prepared (see ``prepare``) on first use.
     """
-    sc = _prepared(w) if w.qtype in _PREP else None
-    if sc is None:
+    if w.qtype not in _PREP:
         return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
     data, cols = w.data, w.shape[-1]
     if x.dtype != np.float32:
@@ -209,12 +253,25 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(data.shape[0], np.float32)
     if x.shape[0] != cols:
         raise ValueError(f"x has {x.shape[0]} elements, weight has {cols} columns")
-    _mv[w.qtype](data, sc[0], sc[1], x.reshape(1, cols), out.reshape(1, -1))
+    if not _prepared_call(w, x.reshape(1, cols), out.reshape(1, -1)):
+        return matvec_raw(w.qtype, data, cols, x, out)
     return out
 
 
 def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
-    """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``."""
+    """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``.
+
+    With method "auto", Q4_0/Q4_1/Q8_0 weights take their prepared matvec path for up to
+    ``PREPARED_MAX_ROWS`` rows (numerics per ``set_numerics``), BLAS above.
+    """
+    if method == "auto" and w.qtype in _PREP and x.shape[0] < PREPARED_MAX_ROWS:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != w.shape[-1]:
+            raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
+        if out is None:
+            out = np.empty((x.shape[0], w.data.shape[0]), np.float32)
+        if _prepared_call(w, x, out):
+            return out
     return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method)
 
 

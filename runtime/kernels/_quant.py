@@ -916,3 +916,109 @@ def deq_q3_k(w2, r0, r1, dst):
                         sc = scale_q3k(row, o + U(96), 8 * h + 2 * k + l // 16)
                         q = c[k] + F(4) * bit(m, 4 * h + k) - F(4)
                         dst[r, b * 256 + 128 * h + 32 * k + l] = d * sc * q
+
+
+# Float-activation ("exact") variants: x stays float32, weights are dequantized in registers
+# and only the f32 rounding of the sums separates the result from exact math. Block sums of
+# x (xs) carry Q4_0's -8 offset and Q4_1's min term. Reassociation is allowed here so the
+# 32-term block sums vectorize.
+@njit(**OPTS)
+def _rows_q4_0_f(w, rb, r0, r1, nb, d, x, xs, out):
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(18)
+            xb = U(b) * U(32)
+            s = F(0)
+            for j in range(16):
+                q = I32(w[o + U(2 + j)])
+                s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
+            acc += dr[b] * (s - F(8) * xs[b])
+        out[r] = acc
+
+
+@njit(**OPTS)
+def _rows_q4_1_f(w, rb, r0, r1, nb, d, m, x, xs, out):
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        mr = m[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(20)
+            xb = U(b) * U(32)
+            s = F(0)
+            for j in range(16):
+                q = I32(w[o + U(4 + j)])
+                s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
+            acc += dr[b] * s + mr[b] * xs[b]
+        out[r] = acc
+
+
+@njit(**OPTS)
+def _rows_q8_0_f(w, rb, r0, r1, nb, d, x, xs, out):
+    wi = w.view(np.int8)
+    for r in range(r0, r1):
+        base = U(r) * rb
+        dr = d[r]
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(34)
+            xb = U(b) * U(32)
+            s = F(0)
+            for j in range(32):
+                s += F(wi[o + U(2 + j)]) * x[xb + U(j)]
+            acc += dr[b] * s
+        out[r] = acc
+
+
+@njit(**OPTS)
+def _block_sums(x):
+    """x (n, cols) -> (n, cols/32) float32 sums of each 32-block."""
+    n, cols = x.shape
+    xs = np.zeros((n, cols // 32), np.float32)
+    for t in range(n):
+        for b in range(cols // 32):
+            s = F(0)
+            for j in range(32):
+                s += x[t, b * 32 + j]
+            xs[t, b] = s
+    return xs
+
+
+@njit(**PAR)
+def mvf_q4_0(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    xs = _block_sums(x)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q4_0_f(w, rb, r0, r1, cols // 32, d, x[t], xs[t], out[t])
+
+
+@njit(**PAR)
+def mvf_q4_1(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    xs = _block_sums(x)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q4_1_f(w, rb, r0, r1, cols // 32, d, m, x[t], xs[t], out[t])
+
+
+@njit(**PAR)
+def mvf_q8_0(w2, d, m, x, out):
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    xs = _block_sums(x)
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows_q8_0_f(w, rb, r0, r1, cols // 32, d, x[t], xs[t], out[t])
