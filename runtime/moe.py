@@ -64,10 +64,16 @@ class ResidentExperts:
                 raise ValueError(f"ffn_down_exps has shape {down.shape}, expected "
                                  f"(E, {n_embd}, {n_ff})")
             self.layers.append((gate, up, down, down_t))
+        # Planes are kept once made, so kernels' per-weight preparation is done once too.
+        self._planes: dict[tuple[int, int], Expert] = {}
 
     def get(self, layer: int, e: int) -> Expert:
-        gate, up, down, down_t = self.layers[layer]
-        return Expert(_plane(gate, e), _plane(up, e), _plane(down, e), down_t)
+        ex = self._planes.get((layer, e))
+        if ex is None:
+            gate, up, down, down_t = self.layers[layer]
+            ex = Expert(_plane(gate, e), _plane(up, e), _plane(down, e), down_t)
+            self._planes[(layer, e)] = ex
+        return ex
 
 
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts, layer: int,
