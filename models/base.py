@@ -22,6 +22,25 @@ def meta_get(meta: dict):
     return get
 
 
+def rope_linear_scale(get) -> float:
+    """RoPE frequency scale: 1/factor for linear scaling, else 1 (``get`` from ``meta_get``)."""
+    if get("rope.scaling.type", "none") != "linear":
+        return 1.0
+    factor = get("rope.scaling.factor", 1.0)
+    return 1.0 / factor if factor else 1.0
+
+
+def swa_layers(pattern, n_layer: int, dense_first: bool) -> tuple[bool, ...]:
+    """Which layers use sliding-window attention, as llama.cpp's ``set_swa_pattern`` reads
+    ``attention.sliding_window_pattern``: an explicit per-layer array, or a period in which one
+    layer is dense (the first of each period if ``dense_first``, else the last); 0 = all slide."""
+    if not isinstance(pattern, (int, np.integer)):
+        return tuple(bool(b) for b in pattern)
+    if dense_first:
+        return tuple(pattern == 0 or i % pattern != 0 for i in range(n_layer))
+    return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
+
+
 def load_weights(gguf_file) -> SimpleNamespace:
     """Tensors by GGUF name: ``w.token_embd``, ``w.blk[i].attn_q`` …
 

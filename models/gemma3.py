@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get
+from models.base import BaseModel, meta_get, rope_linear_scale, swa_layers
 from runtime import nn
 
 
@@ -41,15 +41,8 @@ class ModelArgs:
         head_dim = g("attention.key_length", n_embd // n_head)
         window = g("attention.sliding_window", 0)
         pattern = g("attention.sliding_window_pattern", 6)
-        if window <= 0:
-            is_swa = (False,) * n_layer
-        elif isinstance(pattern, (int, np.integer)):
-            # every `pattern`-th layer is global, the rest slide
-            is_swa = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
-        else:
-            is_swa = tuple(bool(b) for b in pattern)
-        scaling = g("rope.scaling.type", "none")
-        factor = g("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        # the last layer of every period is global, the rest slide
+        is_swa = swa_layers(pattern, n_layer, False) if window > 0 else (False,) * n_layer
         # Gemma-3 27B scales queries by 1/sqrt(d_model/heads); the others by 1/sqrt(head_dim).
         q_scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
         return cls(
@@ -57,7 +50,7 @@ class ModelArgs:
             n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
             n_ff=g("feed_forward_length"), rms_eps=g("attention.layer_norm_rms_epsilon", 1e-6),
             rope_base=g("rope.freq_base", 1e6), rope_base_swa=g("rope.freq_base_swa", 1e4),
-            rope_freq_scale=1.0 / factor if factor else 1.0, window=window if window > 0 else 0,
+            rope_freq_scale=rope_linear_scale(g), window=window if window > 0 else 0,
             is_swa=is_swa, query_scale=float(q_scale),
             # llama.cpp caps logits only when the model has no sliding-window layers
             final_softcap=g("final_logit_softcapping", 0.0) if window <= 0 else 0.0,

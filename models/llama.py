@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get
+from models.base import BaseModel, meta_get, rope_linear_scale
 from runtime import nn
 
 
@@ -30,15 +30,13 @@ class ModelArgs:
         n_embd = g("embedding_length")
         n_head = g("attention.head_count")
         head_dim = g("attention.key_length", n_embd // n_head)
-        scaling = g("rope.scaling.type", "none")
-        factor = g("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
         return cls(
             n_embd=n_embd, n_layer=g("block_count"), n_head=n_head,
             n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
             n_ff=g("feed_forward_length"), n_ctx_train=g("context_length", 2048),
             rms_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base=g("rope.freq_base", 10000.0), rope_dims=g("rope.dimension_count", head_dim),
-            rope_freq_scale=1.0 / factor if factor else 1.0,
+            rope_freq_scale=rope_linear_scale(g),
             n_vocab=len(meta["tokenizer.ggml.tokens"]),
         )
 

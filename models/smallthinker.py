@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get
+from models.base import BaseModel, meta_get, swa_layers
 from runtime import moe, nn
 
 SWA_WINDOW = 4096
@@ -45,11 +45,7 @@ class ModelArgs:
         n_head = g("attention.head_count")
         window = g("attention.sliding_window", 0)
         if window and window > 0:
-            period = g("attention.sliding_window_pattern", 4)
-            if isinstance(period, (int, np.integer)):
-                is_swa = tuple(period == 0 or i % period != 0 for i in range(n_layer))
-            else:
-                is_swa = tuple(bool(b) for b in period)
+            is_swa = swa_layers(g("attention.sliding_window_pattern", 4), n_layer, True)
             use_rope = tuple(i % NOPE_STEP != 0 for i in range(n_layer))
         else:
             is_swa = (False,) * n_layer

@@ -54,7 +54,7 @@ class GenerationConfig:
         if bad:
             raise TypeError(f"unknown generation setting(s): {', '.join(sorted(bad))}")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update({k: v for k, v in overrides.items() if v is not None or k == "max_tokens"})
+        d.update({k: v for k, v in overrides.items() if v is not None})  # None: keep
         cfg = GenerationConfig(**d)
         cfg.validate()
         return cfg

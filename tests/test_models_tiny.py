@@ -178,3 +178,25 @@ def test_tiny_model_matches_reference(tmp_path, arch, qtype, window):
     same = 1e-4 if qtype == "F32" else tol
     np.testing.assert_allclose(chunked, full, atol=same * scale)
     np.testing.assert_allclose(steps, full, atol=same * scale)
+
+
+def test_layer_layouts_follow_llama_cpp():
+    """Layer schedules from the specs: SmallThinker-21B (SWA key present) has global NoPE
+    layers 0, 4, …, 48; Gemma 3 (period 6) has global layers 5, 11, 17 of 18."""
+    from models import gemma3, smallthinker
+    base = {"general.architecture": "smallthinker", "tokenizer.ggml.tokens": VOCAB,
+            "smallthinker.block_count": 52, "smallthinker.embedding_length": 2560,
+            "smallthinker.attention.head_count": 28, "smallthinker.attention.key_length": 128,
+            "smallthinker.expert_count": 64, "smallthinker.expert_used_count": 6,
+            "smallthinker.expert_gating_func": 2}
+    a = smallthinker.ModelArgs.from_gguf({**base, "smallthinker.attention.sliding_window": 4096})
+    assert [i for i, s in enumerate(a.is_swa) if not s] == list(range(0, 52, 4))
+    assert [i for i, r in enumerate(a.use_rope) if not r] == list(range(0, 52, 4))
+    b = smallthinker.ModelArgs.from_gguf(base)
+    assert not any(b.is_swa) and all(b.use_rope)
+    g = gemma3.ModelArgs.from_gguf({
+        "general.architecture": "gemma3", "tokenizer.ggml.tokens": VOCAB,
+        "gemma3.block_count": 18, "gemma3.embedding_length": 640, "gemma3.feed_forward_length": 2048,
+        "gemma3.attention.head_count": 4, "gemma3.attention.key_length": 256,
+        "gemma3.attention.sliding_window": 512})
+    assert [i for i, s in enumerate(g.is_swa) if not s] == [5, 11, 17]

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from runtime import kernels
 from runtime.generate import peak_rss, prefill
 
 
@@ -67,16 +68,11 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         "size_bytes": g.file_size,
         "n_params": sum(t.n_elements for t in g.tensors.values()),
         "backend": "cpu",
-        "threads": _threads(),
+        "threads": kernels.get_threads(),
         "load_s": llm.load_s,
         "peak_rss_bytes": peak_rss(),
         "results": results,
     }
-
-
-def _threads() -> int:
-    import numba
-    return numba.get_num_threads()
 
 
 def format_table(r: dict) -> str:
