@@ -74,6 +74,8 @@ class Model(BaseModel):
         self.scale = 1.0 / np.sqrt(args.head_dim)
         self.experts = experts or moe.ResidentExperts(
             [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
+        # observer of routing decisions, on_route(layer, ids (n, k)): routing statistics, traces
+        self.on_route = None
 
     def layer_windows(self) -> list[int]:
         return [SWA_WINDOW if s else 0 for s in self.args.is_swa]
@@ -85,6 +87,8 @@ class Model(BaseModel):
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             # the router reads the layer input, so the experts are known before attention
             sel, wts = moe.route(nn.linear(L.ffn_gate_inp, x), a.n_expert_used, a.gating)
+            if self.on_route is not None:
+                self.on_route(i, sel)
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
             q = nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
             k = nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)
