@@ -42,7 +42,8 @@ def swa_layers(pattern, n_layer: int, dense_first: bool) -> tuple[bool, ...]:
 
 
 def load_weights(gguf_file) -> SimpleNamespace:
-    """Tensors by GGUF name: ``w.token_embd``, ``w.blk[i].attn_q`` …
+    """Tensors by GGUF name: ``w.token_embd``, ``w.blk[i].attn_q`` (``attn_q_b`` for
+    ``attn_q.bias``, ``attn_q_scale`` for ``attn_q.scale``) …
 
     1-D float32 tensors (norms, biases) become float32 arrays; everything else a QTensor whose
     blocks stay memory-mapped.
@@ -55,6 +56,8 @@ def load_weights(gguf_file) -> SimpleNamespace:
             key = parts[-2]
         elif parts[-1] == "bias":
             key = parts[-2] + "_b"
+        elif parts[-1] == "scale":  # llama.cpp's name for a weight's scale vector
+            key = parts[-2] + "_scale"
         else:
             key = parts[-1]
         if len(info.shape) == 1 and info.qtype == "F32":
