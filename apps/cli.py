@@ -112,6 +112,15 @@ def add_model_flags(s: argparse.ArgumentParser):
                    help="CPU threads (default: all cores) [POCKETLM_THREADS]")
     s.add_argument("--verbose", action="store_true",
                    help="print load time, prompt and generation tok/s and peak memory")
+    add_sparse_flag(s)
+
+
+def add_sparse_flag(s: argparse.ArgumentParser):
+    s.add_argument("--sparse-attention", choices=("auto", "on", "off"),
+                   default=_env("SPARSE_ATTENTION", "auto"),
+                   help="block-sparse attention for models that have it (MiniCPM: InfLLM v2): "
+                        "auto = from the model's switch length on, on = always, off = dense "
+                        "[POCKETLM_SPARSE_ATTENTION]")
 
 
 def add_generation_flags(s: argparse.ArgumentParser):
@@ -146,7 +155,8 @@ def _settings(args) -> dict:
 def _load(args):
     from runtime import LLM
     return LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
-                    progress=_progress_printer(args.model))
+                    progress=_progress_printer(args.model),
+                    sparse_attention=args.sparse_attention)
 
 
 def _print_stats(t):
@@ -272,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark the quantized matvec/matmul kernels instead of a model")
     s.add_argument("-c", "--ctx-size", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    add_sparse_flag(s)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_bench)
     return p

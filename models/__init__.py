@@ -7,6 +7,8 @@ ARCHITECTURES = {
     "llama": "models.llama",
     "gemma3": "models.gemma3",
     "smallthinker": "models.smallthinker",
+    "embbert": "models.embbert",
+    "minicpm": "models.minicpm",
 }
 
 

@@ -40,12 +40,16 @@ class LLM:
     @classmethod
     def load(cls, model: str, *, n_ctx: int | None = None, threads: int | None = None,
              chunk: int = 512, chat_template: str | None = None, pull: bool = True,
-             progress: ProgressFn | None = None) -> "LLM":
+             progress: ProgressFn | None = None, sparse_attention: str = "auto") -> "LLM":
         """Load a model by store name (pulled on first use) or ``.gguf`` path.
 
         ``n_ctx`` defaults to the model's training context capped at 4096; ``threads`` to all
         cores; ``chat_template`` is a path to a Jinja file overriding the model's template.
+        ``sparse_attention`` ("auto", "on", "off") applies to models with block-sparse
+        attention (MiniCPM: InfLLM v2, see docs/minicpm.md); "on" is an error for others.
         """
+        if sparse_attention not in ("auto", "on", "off"):
+            raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
         from models import load_model
         from runtime import kernels
         from runtime.chat import ChatTemplate
@@ -70,6 +74,11 @@ class LLM:
             n_ctx = n_ctx or min(train_ctx, 4096)
             if n_ctx <= 0:
                 raise ValueError("context size must be positive")
+            # models whose computation depends on run settings (context, attention mode)
+            if hasattr(m, "configure"):
+                m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
+            elif sparse_attention == "on":
+                raise ValueError(f"{g.arch} models have no sparse attention")
             llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
         except Exception:
             g.close()

@@ -9,6 +9,7 @@ import numpy as np
 import quant
 from runtime import kernels
 from runtime.kernels.attention import attend
+from runtime.kernels.sparse_attention import CompressedKeys, attend_sparse
 from runtime.kvcache import LayerCache
 from runtime.tensor import QTensor
 
@@ -40,6 +41,22 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerCache,
     cache.store(k, v, positions)
     out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
                  cache.window, softcap)
+    return out.reshape(q.shape[0], -1)
+
+
+def sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: LayerCache,
+                     positions: np.ndarray, scale: float, keys: CompressedKeys) -> np.ndarray:
+    """``attention`` with InfLLM v2 block selection (``keys``: the layer's compressed keys)
+    once the sequence reaches the switch length; dense, by the same kernels, before."""
+    if cache.window > 0:
+        raise ValueError("sparse attention needs a global (non-sliding-window) layer")
+    last = int(positions.max())
+    if last + 1 < keys.cfg.dense_len:
+        return attention(q, k, v, cache, positions, scale)
+    cache.store(k, v, positions)
+    keys.update(cache.kt, int(positions.min()), last)
+    out = attend_sparse(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
+                        keys)
     return out.reshape(q.shape[0], -1)
 
 

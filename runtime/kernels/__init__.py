@@ -113,6 +113,7 @@ def _mv_driver(qtype: str):
         with block_codegen():
             _PREP[qtype][0].compile(_MV_SIG)
             _quant.block_scales.compile((_W, types.int64, types.int64, _O))
+            _quant.block_scales_serial.compile((_W, types.int64, types.int64, _O))
         _PREP[qtype][0].disable_compile()
         fn = _mv[qtype] = _PREP[qtype][0]
     return fn
@@ -186,6 +187,35 @@ def _prepared(w):
     key = id(data)
     _scales[key] = (weakref.ref(data, lambda _, k=key: _scales.pop(k, None)), d, m)
     return d, m
+
+
+def refresh(w):
+    """Re-derive the prepared scales of ``w`` after its blocks were rewritten in place (an
+    expert cache slot refilled from disk). Runs serially, so I/O threads may call it while
+    other kernels run; allocates the side arrays on first use. Other qtypes: no-op."""
+    if w.qtype not in _PREP:
+        return w
+    data = w.data
+    _, size, offs = _PREP[w.qtype]
+    e = _scales.get(id(data))
+    if e is None or e[0]() is not data:
+        _check(w.qtype, data, w.shape[-1])
+        _mv_driver(w.qtype)
+        arrays = [np.empty((data.shape[0], data.shape[1] // size), np.float32) for _ in offs]
+        d, m = arrays[0], (arrays[1] if len(arrays) > 1 else _NO_SCALES)
+        key = id(data)
+        _scales[key] = (weakref.ref(data, lambda _, k=key: _scales.pop(k, None)), d, m)
+        e = _scales[key]
+    for off, a in zip(offs, (e[1], e[2])):
+        _quant.block_scales_serial(data, size, off, a)
+    return w
+
+
+def prepared_nbytes(qtype: str, rows: int, cols: int) -> int:
+    """Bytes of side arrays ``prepare`` adds to a (rows, cols) weight of ``qtype``."""
+    if qtype not in _PREP:
+        return 0
+    return rows * (cols // 32) * 4 * len(_PREP[qtype][2])
 
 
 def _check(qtype, data, cols):
@@ -294,19 +324,31 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | No
     return out
 
 
+_NO_FACTORS = np.zeros(0, np.float32)
+
+
 def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
-         freq_scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+         freq_scale: float = 1.0, out: np.ndarray | None = None,
+         freq_factors: np.ndarray | None = None) -> np.ndarray:
     """Rotary embedding of x (n_tokens, n_heads, head_dim) f32, in place unless ``out`` given.
 
     mode "neox" rotates pairs (i, i + n_dims/2), "norm" adjacent pairs (2i, 2i+1); dims from
-    n_dims on pass through. theta_i = pos * freq_scale * base**(-2i/n_dims).
+    n_dims on pass through. theta_i = pos * freq_scale * base**(-2i/n_dims) / freq_factors[i]
+    (ggml's ``rope_ext`` frequency factors, e.g. LongRoPE; none: all 1).
     """
     if mode not in ("neox", "norm"):
         raise ValueError(f"rope mode {mode!r}: expected 'neox' or 'norm'")
+    if freq_factors is None:
+        ff = _NO_FACTORS
+    else:
+        ff = np.ascontiguousarray(freq_factors, np.float32)
+        if ff.shape != (n_dims // 2,):
+            raise ValueError(f"rope frequency factors have shape {ff.shape}, expected "
+                             f"({n_dims // 2},)")
     if out is None:
         out = x
     _ops.rope_rows(x, np.asarray(positions, np.int64), n_dims, float(base), float(freq_scale),
-                   mode == "neox", out)
+                   mode == "neox", ff, out)
     return out
 
 

@@ -29,19 +29,22 @@ def rms_norm_rows(x, w, eps, out):
 
 
 @njit(**SER)
-def rope_rows(x, pos, n_dims, base, freq_scale, neox, out):
-    """x, out (n_tokens, n_heads, head_dim); pos (n_tokens,) int. Angles as ggml's rope cache:
-    theta_0 = pos * freq_scale, theta_{i+1} = theta_i * base**(-2/n_dims), all in f32."""
+def rope_rows(x, pos, n_dims, base, freq_scale, neox, ff, out):
+    """x, out (n_tokens, n_heads, head_dim); pos (n_tokens,) int; ff (n_dims/2,) frequency
+    factors or empty. Angles as ggml's rope cache: theta_0 = pos * freq_scale,
+    theta_{i+1} = theta_i * base**(-2/n_dims), pair i rotated by theta_i / ff[i], all in f32."""
     nt, nh, hd = x.shape
     half = n_dims // 2
     theta_scale = F(base ** (-2.0 / n_dims))
+    has_ff = ff.shape[0] > 0
     for t in range(nt):
         cs = np.empty(half, np.float32)   # (n_dims/2,) cos per pair
         sn = np.empty(half, np.float32)   # (n_dims/2,) sin per pair
         theta = F(pos[t]) * F(freq_scale)
         for i in range(half):
-            cs[i] = math.cos(theta)
-            sn[i] = math.sin(theta)
+            th = theta / ff[i] if has_ff else theta
+            cs[i] = math.cos(th)
+            sn[i] = math.sin(th)
             theta *= theta_scale
         for h in range(nh):
             for i in range(half):

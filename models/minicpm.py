@@ -1,0 +1,202 @@
+"""`minicpm` architecture: MiniCPM 1B/2B, MiniCPM-MoE-8x2B, MiniCPM4 (LongRoPE).
+
+A llama-shaped decoder with muP scalings, computed as llama.cpp's Granite graph does: the
+embeddings are multiplied by ``embedding_scale``, both residual branches by ``residual_scale``,
+and the logits divided by ``logit_scale``. Keys missing from the file take llama.cpp's
+defaults (12, 1.4/sqrt(n_layer), 256/n_embd). That logit default divides by 256/n_embd where
+the original model divides by n_embd/256; it is kept for parity with llama.cpp, with a warning.
+The converter permutes q/k for interleaved (NORM) RoPE. MiniCPM4's LongRoPE stores global
+frequency-factor tensors; as in llama.cpp the long list is used when the configured context
+exceeds the original one, and no magnitude factor is applied. A model with experts
+(``expert_count`` > 0) routes with softmax, top-k and renormalisation, through runtime.moe.
+
+InfLLM v2 block-sparse attention (MiniCPM4) is opt-in at load time (``configure``); its
+parameters come from ``minicpm.sparse.*`` keys when present, else MiniCPM4's defaults.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.base import BaseModel, meta_get
+from runtime import moe, nn
+from runtime.kernels.sparse_attention import CompressedKeys, SparseConfig
+
+SPARSE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx_train: int
+    n_ctx_orig: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    rope_attn_factor: float
+    longrope: bool
+    embedding_scale: float
+    residual_scale: float
+    logit_scale: float
+    n_expert: int
+    n_expert_used: int
+    sparse: SparseConfig
+    n_vocab: int
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "ModelArgs":
+        g = meta_get(meta)
+        n_layer = g("block_count")
+        n_embd = g("embedding_length")
+        n_head = g("attention.head_count")
+        head_dim = g("attention.key_length", n_embd // n_head)
+        if g("rope.dimension_count", head_dim) != head_dim:
+            raise ValueError("minicpm: rope.dimension_count must equal the head size")
+        logit_scale = g("logit_scale", None)
+        if logit_scale is None:
+            warnings.warn("GGUF has no minicpm.logit_scale; dividing logits by 256/n_embd as "
+                          "llama.cpp does (the original model divides by n_embd/256)",
+                          stacklevel=2)
+            logit_scale = 256.0 / n_embd
+        if not logit_scale:
+            raise ValueError("minicpm.logit_scale must be non-zero")
+        scaling = g("rope.scaling.type", "linear")
+        factor = g("rope.scaling.factor", 0.0)
+        n_ctx_train = g("context_length", 4096)
+        sp = SparseConfig()
+        sparse = SparseConfig(**{f: int(g(f"sparse.{f}", getattr(sp, f)))
+                                 for f in sp.__dataclass_fields__})
+        return cls(
+            n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+            n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
+            n_ff=g("feed_forward_length"), n_ctx_train=n_ctx_train,
+            n_ctx_orig=g("rope.scaling.original_context_length", 0) or n_ctx_train,
+            rms_eps=g("attention.layer_norm_rms_epsilon"),
+            rope_base=g("rope.freq_base", 10000.0),
+            # as llama.cpp: any scaling factor acts linearly unless the type is "none"
+            rope_freq_scale=1.0 / factor if factor and scaling != "none" else 1.0,
+            rope_attn_factor=g("rope.scaling.attn_factor", 1.0),
+            longrope=scaling == "longrope",
+            embedding_scale=g("embedding_scale", 12.0),
+            residual_scale=g("residual_scale", 1.4 / np.sqrt(n_layer)),
+            logit_scale=logit_scale,
+            n_expert=g("expert_count", 0), n_expert_used=g("expert_used_count", 0),
+            sparse=sparse, n_vocab=len(meta["tokenizer.ggml.tokens"]),
+        )
+
+
+class Model(BaseModel):
+    def __init__(self, args: ModelArgs, weights, experts=None):
+        super().__init__(args, weights)
+        self.scale = 1.0 / np.sqrt(args.head_dim)
+        for L in weights.blk:
+            extra = sorted(k for k in vars(L) if k.endswith("_b") or k == "attn_qkv")
+            if extra:
+                raise ValueError(f"minicpm: unsupported tensors {', '.join(extra)} "
+                                 "(biases, fused qkv)")
+        self.experts = None
+        if args.n_expert:
+            if not all(hasattr(L, "ffn_gate_exps") for L in weights.blk):
+                raise ValueError("minicpm: MoE model lacks stacked ffn_{gate,up,down}_exps "
+                                 "tensors (split per-expert tensors are not supported)")
+            self.experts = experts or moe.ResidentExperts(
+                [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
+        half = args.head_dim // 2
+        for name in ("rope_factors_long", "rope_factors_short", "rope_freqs"):
+            f = getattr(weights, name, None)
+            if f is not None and (not isinstance(f, np.ndarray) or f.shape != (half,)):
+                raise ValueError(f"minicpm: {name} must be float32 of shape ({half},)")
+        if args.longrope and (getattr(weights, "rope_factors_long", None) is None
+                              or getattr(weights, "rope_factors_short", None) is None):
+            raise ValueError("minicpm: LongRoPE model lacks rope_factors_long/short tensors")
+        self.sparse: SparseConfig | None = None
+        self.configure()
+
+    def required_tensors(self) -> tuple[str, ...]:
+        ffn = ("ffn_gate_inp", "ffn_up_exps", "ffn_down_exps") if self.args.n_expert else \
+            ("ffn_gate", "ffn_up", "ffn_down")
+        return ("token_embd", "output_norm", "attn_norm", "attn_q", "attn_k", "attn_v",
+                "attn_output", "ffn_norm") + ffn
+
+    def configure(self, n_ctx: int | None = None, sparse_attention: str = "auto"):
+        """Settings that depend on how the model is run.
+
+        ``n_ctx``: the configured context (llama.cpp's n_ctx_seq; default the training
+        context), which picks LongRoPE's long factors when it exceeds the original context.
+        ``sparse_attention``: "auto" (InfLLM v2 from the switch length on), "on" (at every
+        length) or "off" (always dense).
+        """
+        if sparse_attention not in SPARSE_MODES:
+            raise ValueError(f"sparse attention {sparse_attention!r}: expected one of "
+                             f"{', '.join(SPARSE_MODES)}")
+        a, W = self.args, self.w
+        n_ctx = n_ctx or a.n_ctx_train
+        if a.longrope:
+            self.rope_factors = W.rope_factors_long if n_ctx > a.n_ctx_orig \
+                else W.rope_factors_short
+        else:
+            self.rope_factors = getattr(W, "rope_freqs", None)
+        if sparse_attention == "off":
+            self.sparse = None
+        elif sparse_attention == "on":
+            self.sparse = SparseConfig(**{**vars(a.sparse), "dense_len": 0})
+        else:
+            self.sparse = a.sparse
+
+    def layer_windows(self) -> list[int]:
+        return [0] * self.args.n_layer
+
+    def new_cache(self, n_ctx: int, chunk: int = 512):
+        cache = super().new_cache(n_ctx, chunk)
+        a = self.args
+        # compressed keys for sparse attention, per layer (filled only once it is used)
+        cache.compressed = [CompressedKeys(a.n_head_kv, a.head_dim, n_ctx, self.sparse)
+                            for _ in range(a.n_layer)] if self.sparse else None
+        return cache
+
+    def _rope(self, x, positions):
+        a = self.args
+        x = nn.rope(x, positions, a.head_dim, a.rope_base, "norm", a.rope_freq_scale,
+                    freq_factors=self.rope_factors)
+        if a.rope_attn_factor != 1.0:
+            x *= np.float32(a.rope_attn_factor)   # ggml scales cos and sin by it
+        return x
+
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+        a, W = self.args, self.w
+        n = len(ids)
+        rs = np.float32(a.residual_scale)
+        sparse = getattr(cache, "compressed", None) if self.sparse else None
+        x = nn.embed(W.token_embd, ids)  # (n, n_embd)
+        if a.embedding_scale:
+            x *= np.float32(a.embedding_scale)
+        for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
+            h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
+            q = self._rope(nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim), positions)
+            k = self._rope(nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim), positions)
+            v = nn.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
+            if sparse is not None:
+                o = nn.sparse_attention(q, k, v, c, positions, self.scale, sparse[i])
+            else:
+                o = nn.attention(q, k, v, c, positions, self.scale)
+            o = nn.linear(L.attn_output, o)
+            x = x + (o * rs if rs else o)
+            h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
+            if self.experts is not None:
+                sel, wts = moe.route(nn.linear(L.ffn_gate_inp, h), a.n_expert_used,
+                                     moe.GATING_SOFTMAX)
+                f = moe.moe_ffn(h, sel, wts, self.experts, i, "silu")
+            else:
+                f = nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
+            x = x + (f * rs if rs else f)
+        return nn.rms_norm(x, W.output_norm, a.rms_eps)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return super().logits(hidden) / np.float32(self.args.logit_scale)

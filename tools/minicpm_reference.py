@@ -1,0 +1,117 @@
+"""Make llama.cpp reference logits for the tiny synthetic `minicpm` models.
+
+The models are written by ``tools.synth_minicpm`` (deterministic seeds); llama.cpp runs in a
+separate Python environment that has ``llama-cpp-python`` (never a dependency of this project):
+
+    python -m tools.minicpm_reference --llama-python /path/to/venv/bin/python --out tests/data
+
+It writes ``minicpm-reference.json`` (models, file sha256, settings, prompts, llama.cpp
+version, this command) and ``minicpm-reference.npz`` (float32 logits of every prompt position,
+key ``{run}/prompt{i}``). ``tests/test_minicpm.py`` regenerates the models, checks their sha256
+and compares.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tools import synth_minicpm
+
+# model name -> synth_minicpm.write arguments
+MODELS = {
+    "tiny": dict(seed=1, std=0.1),
+    # same weights, no scale keys: llama.cpp's defaults (12, 1.4/sqrt(L), 256/n_embd)
+    "tiny-nokeys": dict(seed=1, std=0.1, scales=None),
+    # same weights, other muP scales
+    "tiny-mup": dict(seed=1, std=0.1, scales=dict(embedding=3.0, residual=0.3, logit=0.5)),
+    "tiny-longrope": dict(seed=2, std=0.1, longrope=True, eps=1e-6),
+    "tiny-moe": dict(seed=3, std=0.1, n_expert=8, n_expert_used=2),
+}
+# run name -> (model, n_ctx); n_ctx picks LongRoPE's list (long above the trained 256)
+RUNS = {
+    "tiny": ("tiny", 256),
+    "tiny-nokeys": ("tiny-nokeys", 256),
+    "tiny-mup": ("tiny-mup", 256),
+    "tiny-longrope-short": ("tiny-longrope", 128),
+    "tiny-longrope-long": ("tiny-longrope", 512),
+    "tiny-moe": ("tiny-moe", 256),
+}
+
+
+def prompts() -> list[list[int]]:
+    """Three BOS-led prompts of random ids (lengths 6, 18, 41)."""
+    rng = np.random.default_rng(7)
+    return [[1] + rng.integers(3, synth_minicpm.PRESETS["tiny"]["n_vocab"], n).tolist()
+            for n in (5, 17, 40)]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_model(name: str, directory: Path) -> Path:
+    """Write model ``name`` (Q4_0) into ``directory`` unless already there."""
+    path = Path(directory) / f"minicpm-{name}-synthetic-Q4_0.gguf"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        synth_minicpm.write(tmp, "tiny", "Q4_0", **MODELS[name])
+        tmp.rename(path)
+    return path
+
+
+_LLAMA = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+job = json.loads(sys.argv[1])
+out = {}
+for run, (path, n_ctx) in job["runs"].items():
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=2,
+                          logits_all=True, verbose=False)
+    for i, p in enumerate(job["prompts"]):
+        llm.reset()
+        llm.eval(p)
+        out[f"{run}/prompt{i}"] = np.array(llm.scores[:len(p)], dtype=np.float32)
+    del llm
+np.savez_compressed(job["npz"], **out)
+print(llama_cpp.__version__)
+"""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-python", required=True,
+                    help="python of an environment with llama-cpp-python")
+    ap.add_argument("--out", default="tests/data", help="directory for the reference files")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        paths = {m: make_model(m, Path(d)) for m in MODELS}
+        job = {"runs": {r: (str(paths[m]), n_ctx) for r, (m, n_ctx) in RUNS.items()},
+               "prompts": prompts(), "npz": str(out / "minicpm-reference.npz")}
+        res = subprocess.run([a.llama_python, "-c", _LLAMA, json.dumps(job)], check=True,
+                             capture_output=True, text=True)
+        meta = {
+            "command": "python -m tools.minicpm_reference --llama-python PYTHON --out "
+                       + str(a.out),
+            "engine": f"llama-cpp-python {res.stdout.strip()} (CPU, 2 threads, n_batch 512, "
+                      "default flash-attention and KV cache settings)",
+            "models": {m: {"file": paths[m].name, "sha256": sha256(paths[m]),
+                           "synth": MODELS[m]} for m in MODELS},
+            "runs": {r: {"model": m, "n_ctx": n_ctx} for r, (m, n_ctx) in RUNS.items()},
+            "prompts": job["prompts"],
+        }
+    (out / "minicpm-reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {out / 'minicpm-reference.json'} and .npz")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
