@@ -1,0 +1,99 @@
+"""Synthetic `smallthinker` models for ``tools.synth``: metadata keys as llama.cpp's converter
+writes them (spec: shared/specs/smallthinker.md, sections 2, 3 and 8), tensors in the order of
+the shared tiny model, routers and norms F32, tied output head.
+"""
+from __future__ import annotations
+
+import math
+
+from gguf import GGUFValueType as T
+
+from tools.synth import SynthModel, TensorSpec, constant, normal
+
+ARCH = "smallthinker"
+GATING = {"softmax": 1, "sigmoid": 2, "none": None}
+SWA_WINDOW = 4096
+
+_COMMON = dict(n_ctx=4096, head_dim=128, n_ff_exp=768, rope_base=1.5e6, eps=1e-6)
+PRESETS = {
+    "tiny": dict(_COMMON, n_layer=4, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
+                 n_expert=8, n_expert_used=2, n_ff_exp=128, swa=False),
+    "4b-a0.6b": dict(_COMMON, n_ctx=32768, n_layer=32, n_embd=1536, n_head=12, n_head_kv=2,
+                     n_expert=32, n_expert_used=4, swa=False),
+    "21b-a3b": dict(_COMMON, n_ctx=16384, n_layer=52, n_embd=2560, n_head=28, n_head_kv=4,
+                    n_expert=64, n_expert_used=6, swa=True),
+}
+
+STD = 0.02
+
+
+def recipe_stds(recipe: str, c: dict) -> dict[str, float]:
+    """Standard deviation of each weight role.
+
+    ``plain``: N(0, 0.02) everywhere. ``routed``: the matrices that write into the residual
+    stream (attention output, expert down) are scaled by 1/sqrt(2 n_layer), GPT-2's init for
+    residual projections. Without it a layer's attention output, an average of values over the
+    context and so nearly the same for neighbouring tokens, outweighs the token's own embedding
+    many times over; every router then sees the same input and picks the same experts.
+    """
+    if recipe == "plain":
+        return dict(embd=STD, attn=STD, attn_out=STD, router=STD, exp=STD, exp_down=STD)
+    if recipe == "routed":
+        out = STD / math.sqrt(2 * c["n_layer"])
+        return dict(embd=STD, attn=STD, attn_out=out, router=STD, exp=STD, exp_down=out)
+    raise ValueError(f"unknown init recipe {recipe!r} (choose from plain, routed)")
+
+
+def build(c: dict, opts, n_vocab: int) -> SynthModel:
+    if opts.gating not in GATING:
+        raise ValueError(f"unknown gating {opts.gating!r} (choose from {', '.join(GATING)})")
+    if c["n_expert_used"] > c["n_expert"]:
+        raise ValueError(f"{c['n_expert_used']} experts per token but only {c['n_expert']}")
+    swa = c["swa"] if opts.sliding_window is None else opts.sliding_window
+    std = recipe_stds(opts.recipe, c)
+    d, hd, E, ff = c["n_embd"], c["head_dim"], c["n_expert"], c["n_ff_exp"]
+    p = f"{ARCH}."
+    meta = [
+        (p + "context_length", c["n_ctx"], T.UINT32),
+        (p + "embedding_length", d, T.UINT32),
+        (p + "block_count", c["n_layer"], T.UINT32),
+        (p + "feed_forward_length", ff, T.UINT32),
+        (p + "attention.head_count", c["n_head"], T.UINT32),
+        (p + "attention.head_count_kv", c["n_head_kv"], T.UINT32),
+        (p + "attention.key_length", hd, T.UINT32),
+        (p + "attention.value_length", hd, T.UINT32),
+        (p + "rope.dimension_count", hd, T.UINT32),
+        (p + "rope.freq_base", c["rope_base"], T.FLOAT32),
+        (p + "attention.layer_norm_rms_epsilon", c["eps"], T.FLOAT32),
+        (p + "expert_count", E, T.UINT32),
+        (p + "expert_used_count", c["n_expert_used"], T.UINT32),
+        (p + "expert_feed_forward_length", ff, T.UINT32),
+    ]
+    if GATING[opts.gating] is not None:
+        meta.append((p + "expert_gating_func", GATING[opts.gating], T.UINT32))
+    meta.append((p + "vocab_size", n_vocab, T.UINT32))
+    if swa:
+        meta.append((p + "attention.sliding_window", SWA_WINDOW, T.UINT32))
+
+    q, f32 = opts.qtype, "F32"
+    ones = constant(1.0)
+    tensors = [TensorSpec("token_embd.weight", (n_vocab, d), q, normal(std["embd"]))]
+    for i in range(c["n_layer"]):
+        b = f"blk.{i}."
+        down_shape = (E, ff, d) if opts.down_transposed else (E, d, ff)
+        tensors += [
+            TensorSpec(b + "attn_norm.weight", (d,), f32, ones),
+            TensorSpec(b + "attn_q.weight", (c["n_head"] * hd, d), q, normal(std["attn"])),
+            TensorSpec(b + "attn_k.weight", (c["n_head_kv"] * hd, d), q, normal(std["attn"])),
+            TensorSpec(b + "attn_v.weight", (c["n_head_kv"] * hd, d), q, normal(std["attn"])),
+            TensorSpec(b + "attn_output.weight", (d, c["n_head"] * hd), q,
+                       normal(std["attn_out"])),
+            TensorSpec(b + "ffn_norm.weight", (d,), f32, ones),
+            TensorSpec(b + "ffn_gate_inp.weight", (E, d), f32, normal(std["router"])),
+            TensorSpec(b + "ffn_gate_exps.weight", (E, ff, d), q, normal(std["exp"])),
+            TensorSpec(b + "ffn_down_exps.weight", down_shape, q, normal(std["exp_down"]),
+                       transposed=opts.down_transposed),
+            TensorSpec(b + "ffn_up_exps.weight", (E, ff, d), q, normal(std["exp"])),
+        ]
+    tensors.append(TensorSpec("output_norm.weight", (d,), f32, ones))
+    return SynthModel(ARCH, meta, tensors)
