@@ -21,8 +21,8 @@ An architecture is a module listed in ``ARCH_MODULES`` that defines
   ``options`` an ``Options`` (raise ``ValueError`` for an option the architecture cannot honour),
   ``n_vocab`` the size of the copied vocabulary.
 
-``SynthModel`` holds the architecture's own metadata, ``(key, value, GGUFValueType)`` in file
-order (the writer adds ``general.*`` before and the tokenizer after), and its ``TensorSpec``
+``SynthModel`` holds the architecture's own metadata, ``(key, value, type)`` in file order
+with type one of ``"u32"``, ``"i32"``, ``"f32"``, ``"bool"``, ``"str"`` (the writer adds ``general.*`` before and the tokenizer after), and its ``TensorSpec``
 list in file order. A ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last),
 its type and its init recipe: ``normal(std)`` or ``constant(value)``, or any
 ``init(rng, shape) -> float32 array`` that draws values in C order (so slabs drawn one after
@@ -32,6 +32,7 @@ both layouts hold the same numbers for the same seed.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 from dataclasses import dataclass, field
@@ -40,15 +41,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
 
 import quant
-from quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION, _raw_kv
-from runtime.gguf import open_gguf
 
 ARCH_MODULES = ("tools.synth_smallthinker",)
 ALIGNMENT = 32
-WEIGHT_TYPES = tuple(t for t in FTYPES if t in quant.QUANTIZE_QTYPES)
 # Elements per slab of a 2-D tensor: bounds the float32 draw and its quantization temporaries.
 SLAB_ELEMS = 1 << 22
 
@@ -83,7 +80,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class SynthModel:
     arch: str
-    metadata: list[tuple[str, object, GGUFValueType]]
+    metadata: list[tuple[str, object, str]]
     tensors: list[TensorSpec]
 
 
@@ -112,6 +109,12 @@ def presets() -> dict[str, object]:
     return out
 
 
+def weight_types() -> tuple[str, ...]:
+    """Types the weight matrices can be written in (those with a llama.cpp file type)."""
+    from quant.requantize import FTYPES
+    return tuple(t for t in FTYPES if t in quant.QUANTIZE_QTYPES)
+
+
 def default_tokenizer() -> Path:
     """SmolLM2's GGUF from the model store (its tokenizer is the default one to copy)."""
     from runtime import store
@@ -127,17 +130,16 @@ def _string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-_PACK = {GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
-         GGUFValueType.UINT64: "<Q", GGUFValueType.BOOL: "<?"}
+# metadata value types: GGUF type number and struct format
+_VTYPES = {"u32": (4, "<I"), "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"), "str": (8, None)}
 
 
-def _kv(key: str, value, vtype: GGUFValueType) -> bytes:
-    head = _string(key) + struct.pack("<I", vtype)
-    if vtype == GGUFValueType.STRING:
-        return head + _string(value)
-    if vtype in _PACK:
-        return head + struct.pack(_PACK[vtype], value)
-    raise ValueError(f"{key}: cannot write metadata of type {vtype.name}")
+def _kv(key: str, value, vtype: str) -> bytes:
+    if vtype not in _VTYPES:
+        raise ValueError(f"{key}: unknown metadata type {vtype!r}")
+    code, fmt = _VTYPES[vtype]
+    head = _string(key) + struct.pack("<I", code)
+    return head + (_string(value) if fmt is None else struct.pack(fmt, value))
 
 
 def _slabs(spec: TensorSpec, rng: np.random.Generator):
@@ -171,18 +173,20 @@ def write_gguf(model: SynthModel, out: str | os.PathLike, tokenizer: str | os.Pa
     The file appears under its final name only when complete. ``progress(done, total)`` is
     called after each tensor.
     """
+    from gguf import GGMLQuantizationType
+
+    from quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION, _raw_kv
+    from runtime.gguf import open_gguf
     _check(model)
     out = Path(out)
     if not out.parent.is_dir():
         raise ValueError(f"cannot write {out}: directory {out.parent} does not exist")
     with open_gguf(tokenizer) as tok:
         tok_kv = [b for k, b in _raw_kv(tok) if k.startswith("tokenizer.")]
-    kv = [_kv("general.architecture", model.arch, GGUFValueType.STRING),
-          _kv("general.type", "model", GGUFValueType.STRING),
-          _kv("general.name", name, GGUFValueType.STRING),
-          _kv("general.description", description, GGUFValueType.STRING),
-          _kv("general.file_type", FTYPES[qtype], GGUFValueType.UINT32),
-          _kv("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
+    kv = [_kv("general.architecture", model.arch, "str"), _kv("general.type", "model", "str"),
+          _kv("general.name", name, "str"), _kv("general.description", description, "str"),
+          _kv("general.file_type", FTYPES[qtype], "u32"),
+          _kv("general.quantization_version", GGML_QNT_VERSION, "u32")]
     kv += [_kv(k, v, t) for k, v, t in model.metadata]
     kv += tok_kv
     header = bytearray(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(model.tensors), len(kv)))
@@ -221,12 +225,13 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied (vocab-only files work);
     default: SmolLM2's from the model store.
     """
+    from runtime.gguf import open_gguf
     mods = presets()
     if preset not in mods:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(mods)})")
-    if options.qtype not in WEIGHT_TYPES:
+    if options.qtype not in weight_types():
         raise ValueError(f"unsupported weight type {options.qtype!r} "
-                         f"(choose from {', '.join(WEIGHT_TYPES)})")
+                         f"(choose from {', '.join(weight_types())})")
     mod = mods[preset]
     tokenizer = Path(tokenizer) if tokenizer else default_tokenizer()
     with open_gguf(tokenizer) as tok:
@@ -294,3 +299,108 @@ def routing_stats(trace: list[np.ndarray], n_expert: int) -> dict:
             "chance_overlap": k / n_expert,
             "overall": {key: float(np.mean([lay[key] for lay in layers])) for key in keys},
             "layers": layers}
+
+
+def default_text() -> Path:
+    """The evaluation text of the shared data (``$POCKETLM_SHARED``, else ../shared)."""
+    shared = Path(os.environ.get("POCKETLM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    return shared / "data" / "eval" / "papers.txt"
+
+
+def model_routing(model: str, text_path: str | os.PathLike | None = None, n_tokens: int = 512,
+                  threads: int | None = None) -> dict:
+    """Routing statistics of ``model`` (store name or path) over the first ``n_tokens`` tokens
+    of a UTF-8 text file (default: ``default_text()``)."""
+    from runtime import LLM
+    if n_tokens < 2:
+        raise ValueError(f"--tokens must be at least 2, got {n_tokens}")
+    text_path = Path(text_path) if text_path else default_text()
+    if not text_path.is_file():
+        raise ValueError(f"text file {text_path} not found; pass --text FILE")
+    text = text_path.read_bytes().decode("utf-8")
+    with LLM.load(model, threads=threads, n_ctx=n_tokens) as llm:
+        ids = llm.tokenize(text)[:n_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"{text_path}: fewer than 2 tokens")
+        stats = routing_stats(trace_routing(llm, ids), llm.model.args.n_expert)
+        head = {"model": str(llm.gguf.path), "text": str(text_path),
+                "mode": f"teacher-forced prefill, chunks of {llm.chunk}"}
+    return {**head, **stats}
+
+
+def format_routing(s: dict) -> str:
+    rows = [f"routing of {s['model']} over {s['n_tokens']} tokens of {s['text']} "
+            f"({s['mode']}); top-{s['k']} of {s['n_expert']} experts",
+            "layer  entropy  overlap  used"]
+    for i, lay in enumerate(s["layers"]):
+        rows.append(f"{i:5d}  {lay['entropy']:7.3f}  {lay['overlap']:7.3f}  {lay['used']:4.2f}")
+    o = s["overall"]
+    rows.append(f"  all  {o['entropy']:7.3f}  {o['overlap']:7.3f}  {o['used']:4.2f}")
+    rows.append(f"(random routing: entropy ~1, overlap {s['chance_overlap']:.3f})")
+    return "\n".join(rows)
+
+
+# -- command line (pocketlm synth) ---------------------------------------------------------------
+def add_arguments(ap):
+    """``pocketlm synth PRESET OUT [options]`` and ``pocketlm synth stats MODEL [options]``."""
+    sub = ap.add_subparsers(dest="preset", metavar="PRESET|stats", required=True)
+    for name, mod in presets().items():
+        s = sub.add_parser(name, help=f"write a synthetic {mod.ARCH} model")
+        s.add_argument("output", metavar="OUT", help="output .gguf path")
+        s.add_argument("--seed", type=int, default=Options.seed, help="random seed (default 1234)")
+        s.add_argument("--type", default=Options.qtype, help="weight type: Q4_0 (default), "
+                       "Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16 or F32; norms and routers stay F32")
+        s.add_argument("--recipe", default=Options.recipe, choices=("routed", "plain"),
+                       help="init: routed (default; routing varies per token) or plain "
+                            "N(0, 0.02)")
+        s.add_argument("--gating", default=Options.gating,
+                       choices=("sigmoid", "softmax", "none"),
+                       help="router gating function; none: no gating key (PowerInfer's files)")
+        s.add_argument("--sliding-window", action=argparse.BooleanOptionalAction, default=None,
+                       help="write the sliding-window key (default: the preset's layout)")
+        s.add_argument("--down-transposed", action="store_true",
+                       help="store ffn_down_exps transposed, as PowerInfer's converter does")
+        s.add_argument("--tokenizer", metavar="GGUF", default=None,
+                       help="copy the tokenizer of this GGUF (default: SmolLM2's, from the store)")
+        s.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                       help="change a preset shape field, e.g. --set n_layer=8 (repeatable)")
+    s = sub.add_parser("stats", help="routing statistics of an MoE model over a text")
+    s.add_argument("model", metavar="MODEL", help="store name or .gguf path")
+    s.add_argument("--text", metavar="FILE", default=None,
+                   help="UTF-8 text, teacher-forced (default: the shared papers.txt)")
+    s.add_argument("--tokens", type=int, default=512, help="tokens to run (default 512)")
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _overrides(items: list[str], shape: dict) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in shape:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(shape)}")
+        try:
+            out[key] = type(shape[key])(float(value) if isinstance(shape[key], float)
+                                        else int(value))
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def run(args, progress=None) -> int:
+    import json
+    if args.preset == "stats":
+        s = model_routing(args.model, args.text, args.tokens, args.threads)
+        print(json.dumps(s, indent=2) if args.json else format_routing(s))
+        return 0
+    shape = presets()[args.preset].PRESETS[args.preset]
+    opts = Options(seed=args.seed, qtype=args.type.upper(), recipe=args.recipe,
+                   gating=args.gating, sliding_window=args.sliding_window,
+                   down_transposed=args.down_transposed,
+                   overrides=_overrides(args.set, shape))
+    r = synthesize(args.preset, args.output, opts, args.tokenizer, progress)
+    print(f"wrote {r['path']}: {r['arch']} {r['preset']}, {r['type']}, recipe {r['recipe']}, "
+          f"seed {r['seed']}, {r['n_params'] / 1e6:.1f} M params, "
+          f"{r['size_bytes'] / 2**20:.1f} MiB, vocab {r['n_vocab']}")
+    return 0

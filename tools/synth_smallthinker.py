@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-from gguf import GGUFValueType as T
-
 from tools.synth import SynthModel, TensorSpec, constant, normal
 
 ARCH = "smallthinker"
@@ -54,26 +52,26 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
     d, hd, E, ff = c["n_embd"], c["head_dim"], c["n_expert"], c["n_ff_exp"]
     p = f"{ARCH}."
     meta = [
-        (p + "context_length", c["n_ctx"], T.UINT32),
-        (p + "embedding_length", d, T.UINT32),
-        (p + "block_count", c["n_layer"], T.UINT32),
-        (p + "feed_forward_length", ff, T.UINT32),
-        (p + "attention.head_count", c["n_head"], T.UINT32),
-        (p + "attention.head_count_kv", c["n_head_kv"], T.UINT32),
-        (p + "attention.key_length", hd, T.UINT32),
-        (p + "attention.value_length", hd, T.UINT32),
-        (p + "rope.dimension_count", hd, T.UINT32),
-        (p + "rope.freq_base", c["rope_base"], T.FLOAT32),
-        (p + "attention.layer_norm_rms_epsilon", c["eps"], T.FLOAT32),
-        (p + "expert_count", E, T.UINT32),
-        (p + "expert_used_count", c["n_expert_used"], T.UINT32),
-        (p + "expert_feed_forward_length", ff, T.UINT32),
+        (p + "context_length", c["n_ctx"], "u32"),
+        (p + "embedding_length", d, "u32"),
+        (p + "block_count", c["n_layer"], "u32"),
+        (p + "feed_forward_length", ff, "u32"),
+        (p + "attention.head_count", c["n_head"], "u32"),
+        (p + "attention.head_count_kv", c["n_head_kv"], "u32"),
+        (p + "attention.key_length", hd, "u32"),
+        (p + "attention.value_length", hd, "u32"),
+        (p + "rope.dimension_count", hd, "u32"),
+        (p + "rope.freq_base", c["rope_base"], "f32"),
+        (p + "attention.layer_norm_rms_epsilon", c["eps"], "f32"),
+        (p + "expert_count", E, "u32"),
+        (p + "expert_used_count", c["n_expert_used"], "u32"),
+        (p + "expert_feed_forward_length", ff, "u32"),
     ]
     if GATING[opts.gating] is not None:
-        meta.append((p + "expert_gating_func", GATING[opts.gating], T.UINT32))
-    meta.append((p + "vocab_size", n_vocab, T.UINT32))
+        meta.append((p + "expert_gating_func", GATING[opts.gating], "u32"))
+    meta.append((p + "vocab_size", n_vocab, "u32"))
     if swa:
-        meta.append((p + "attention.sliding_window", SWA_WINDOW, T.UINT32))
+        meta.append((p + "attention.sliding_window", SWA_WINDOW, "u32"))
 
     q, f32 = opts.qtype, "F32"
     ones = constant(1.0)
