@@ -201,6 +201,12 @@ def cmd_perplexity(args):
     return run(args)
 
 
+def cmd_synth(args):
+    from tools.synth import run
+    report = _progress_printer("synth")
+    return run(args, progress=lambda d, t: report("tensors", d, t))
+
+
 # -- benchmarks --------------------------------------------------------------------------------
 def cmd_bench(args):
     if args.kernels:
@@ -270,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tools.perplexity import add_arguments
     add_arguments(s)
     s.set_defaults(func=cmd_perplexity)
+
+    s = sub.add_parser("synth", help="write a synthetic model (random weights at real shapes), "
+                                     "or `synth stats MODEL`: MoE routing statistics")
+    from tools.synth import add_arguments as add_synth_arguments
+    add_synth_arguments(s)
+    s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("bench", help="benchmarks (llama-bench style)")
     s.add_argument("model", metavar="MODEL", nargs="?")
