@@ -24,14 +24,20 @@ class LayerCache:
 
     def store(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
         """Write k, v (n, KVH, D) for ``positions`` (n,)."""
+        slots = self.claim(positions)
+        self.kt[:, :, slots] = k.transpose(1, 2, 0)
+        self.v[slots] = v
+
+    def claim(self, positions: np.ndarray) -> np.ndarray:
+        """Tag the slots for ``positions`` (n,) and return them; the caller writes k and v
+        there (a device cache keeps its arrays elsewhere)."""
         if len(positions) > self.capacity:
             raise ValueError(f"chunk of {len(positions)} tokens exceeds the cache ring "
                              f"({self.capacity} slots)")
         slots = positions % self.capacity
-        self.kt[:, :, slots] = k.transpose(1, 2, 0)
-        self.v[slots] = v
         self.slot_pos[slots] = positions
         self.n_slots = max(self.n_slots, int(slots.max()) + 1)
+        return slots
 
     def truncate(self, n: int) -> bool:
         """Forget positions >= n. False if positions the window still needs were overwritten."""
