@@ -25,11 +25,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
-         freq_scale: float = 1.0) -> np.ndarray:
+         freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> np.ndarray:
     """Rotary embedding of x (n, heads, head_dim) in place; see ``runtime.kernels.rope``."""
     if isinstance(x, OnDevice):
+        if freq_factors is not None:
+            raise ValueError("rope frequency factors (LongRoPE) have no CUDA kernel; "
+                             "use device 'cpu'")
         return x.ops.rope(x, positions, n_dims, base, mode, freq_scale)
-    return kernels.rope(x, positions, n_dims, base, mode, freq_scale)
+    return kernels.rope(x, positions, n_dims, base, mode, freq_scale, freq_factors=freq_factors)
 
 
 def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
