@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from runtime import store
+from runtime.concurrency import FairLock
 from runtime.gguf import open_gguf
 from runtime.generate import (GenerationChunk, GenerationConfig, GenerationResult,
                               prefill, stream_generate)
@@ -34,8 +35,8 @@ class LLM:
         self.load_s = load_s
         self.defaults = GenerationConfig()
         self.cache = model.new_cache(n_ctx, chunk)
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._lock = FairLock()
+        self._active: threading.Event | None = None  # cancel event of the running generation
 
     @classmethod
     def load(cls, model: str, *, n_ctx: int | None = None, threads: int | None = None,
@@ -110,24 +111,33 @@ class LLM:
     def _config(self, overrides: dict) -> GenerationConfig:
         return self.defaults.replace(**overrides)
 
-    def _run(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[GenerationChunk]:
+    def _run(self, prompt_ids: list[int], cfg: GenerationConfig,
+             cancel: threading.Event) -> Iterator[GenerationChunk]:
         with self._lock:
-            self._cancel.clear()
-            yield from stream_generate(self.model, self.tokenizer, self.cache, prompt_ids, cfg,
-                                       self.chunk, self._cancel, self.load_s)
+            if self.model is None:
+                raise ValueError("the model is closed")
+            self._active = cancel
+            try:
+                yield from stream_generate(self.model, self.tokenizer, self.cache, prompt_ids,
+                                           cfg, self.chunk, cancel, self.load_s)
+            finally:
+                self._active = None
 
-    def generate(self, prompt: str | list[int], *, stream: bool = False, **settings):
+    def generate(self, prompt: str | list[int], *, stream: bool = False,
+                 cancel: threading.Event | None = None, **settings):
         """Complete ``prompt`` (text or token ids). Settings are ``GenerationConfig`` fields.
 
         ``stream=True`` returns an iterator of ``GenerationChunk``; otherwise a
-        ``GenerationResult``.
+        ``GenerationResult``. Setting ``cancel`` (an Event) stops this generation, whether it
+        runs or still waits its turn; it ends with finish_reason "cancelled".
         """
         cfg = self._config(settings)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        chunks = self._run(ids, cfg)
+        chunks = self._run(ids, cfg, cancel or threading.Event())
         return chunks if stream else collect(chunks)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, tools=None, **settings):
+    def chat(self, messages: list[dict], *, stream: bool = False, tools=None,
+             cancel: threading.Event | None = None, **settings):
         """Answer a conversation rendered with the model's chat template."""
         text = self.template.render(messages, add_generation_prompt=True, tools=tools,
                                     bos_token=self.tokenizer.bos_text,
@@ -137,11 +147,14 @@ class LLM:
         bos = self.tokenizer.bos_id
         if len(ids) > 1 and bos is not None and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]
-        return self.generate(ids, stream=stream, **settings)
+        return self.generate(ids, stream=stream, cancel=cancel, **settings)
 
     def cancel(self):
-        """Stop the running generation at the next decode step or prefill chunk."""
-        self._cancel.set()
+        """Stop the running generation at the next decode step or prefill chunk (queued ones
+        are untouched: give them a ``cancel`` event of their own)."""
+        active = self._active
+        if active is not None:
+            active.set()
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self):
