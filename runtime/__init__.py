@@ -1,4 +1,4 @@
-"""pocketlm's engine. The public API: ``LLM``, ``Tokenizer``, ``GenerationConfig``."""
+"""pocketlm's engine. The public API: ``LLM``, ``AsyncLLM``, ``Tokenizer``, ``GenerationConfig``."""
 
 _LAZY = {
     "LLM": ("runtime.llm", "LLM"),
@@ -6,6 +6,7 @@ _LAZY = {
     "GenerationConfig": ("runtime.generate", "GenerationConfig"),
     "GenerationChunk": ("runtime.generate", "GenerationChunk"),
     "GenerationResult": ("runtime.generate", "GenerationResult"),
+    "AsyncLLM": ("runtime.concurrency", "AsyncLLM"),
 }
 
 
