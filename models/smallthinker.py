@@ -76,6 +76,9 @@ class Model(BaseModel):
             [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
         # observer of routing decisions, on_route(layer, ids (n, k)): routing statistics, traces
         self.on_route = None
+        # replacement of routing decisions, route_override(layer, ids, weights) -> (ids,
+        # weights): benchmarks' worst case (uniform random experts)
+        self.route_override = None
 
     def layer_windows(self) -> list[int]:
         return [SWA_WINDOW if s else 0 for s in self.args.is_swa]
@@ -87,8 +90,17 @@ class Model(BaseModel):
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             # the router reads the layer input, so the experts are known before attention
             sel, wts = moe.route(nn.linear(L.ffn_gate_inp, x), a.n_expert_used, a.gating)
+            if self.route_override is not None:
+                sel, wts = self.route_override(i, sel, wts)
             if self.on_route is not None:
                 self.on_route(i, sel)
+            ex = self.experts
+            ex.request(i, sel)   # a streaming source reads them while attention computes
+            if ex.wants_hints and i + 1 < a.n_layer:
+                # the next router on this input predicts the next layer's experts well,
+                # because the residual stream changes little from one layer to the next
+                nxt = self.w.blk[i + 1].ffn_gate_inp
+                ex.hint(i + 1, moe.route(nn.linear(nxt, x), a.n_expert_used, a.gating)[0])
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
             q = nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
             k = nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)

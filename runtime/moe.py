@@ -50,20 +50,32 @@ def _plane(t: QTensor, e: int) -> QTensor:
     return QTensor(t.qtype, t.shape[1:], t.data[e * rows:(e + 1) * rows])
 
 
+def down_transposed(gate_shape, down_shape) -> bool:
+    """Whether an expert's down matrix is stored transposed, (n_ff, n_embd) like gate/up, as
+    PowerInfer's converter may write it; shapes are one expert's, numpy order."""
+    n_ff, n_embd = gate_shape
+    if tuple(down_shape) == (n_embd, n_ff):
+        return False
+    if tuple(down_shape) == (n_ff, n_embd):
+        return True
+    raise ValueError(f"ffn_down_exps planes have shape {tuple(down_shape)}, expected "
+                     f"({n_embd}, {n_ff})")
+
+
 class ResidentExperts:
-    """Experts read straight from the memory-mapped expert tensors (no budget)."""
+    """Experts read straight from the memory-mapped expert tensors (no budget).
+
+    The expert-source interface: ``request(layer, ids)`` announces what a layer needs (a
+    streaming source starts reading), ``hint(layer, ids)`` passes a prediction when
+    ``wants_hints``, and ``each(layer, ids)`` yields (id, Expert) pairs.
+    """
+
+    wants_hints = False
 
     def __init__(self, layers):
         # layers: per layer (gate_exps, up_exps, down_exps) QTensors of shape (E, rows, cols)
-        self.layers = []
-        for gate, up, down in layers:
-            n_ff, n_embd = gate.shape[1], gate.shape[2]
-            # PowerInfer's converter may store down transposed, (E, n_ff, n_embd) like gate/up
-            down_t = down.shape[1:] == (n_ff, n_embd) and n_ff != n_embd
-            if not down_t and down.shape[1:] != (n_embd, n_ff):
-                raise ValueError(f"ffn_down_exps has shape {down.shape}, expected "
-                                 f"(E, {n_embd}, {n_ff})")
-            self.layers.append((gate, up, down, down_t))
+        self.layers = [(g, u, d, down_transposed(g.shape[1:], d.shape[1:]))
+                       for g, u, d in layers]
         # Planes are kept once made, so kernels' per-weight preparation is done once too.
         self._planes: dict[tuple[int, int], Expert] = {}
 
@@ -75,20 +87,32 @@ class ResidentExperts:
             self._planes[(layer, e)] = ex
         return ex
 
+    def request(self, layer: int, ids):
+        pass   # everything is mapped already
+
+    def each(self, layer: int, ids):
+        for e in np.unique(ids):
+            yield int(e), self.get(layer, int(e))
+
 
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts, layer: int,
             act: str) -> np.ndarray:
     """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd); tokens are grouped by expert so each
-    expert's weights are read once per call."""
-    out = np.zeros(x.shape, dtype=np.float32)                             # (n, n_embd)
-    for e in np.unique(ids):
+    expert's weights are read once per call. Experts are taken in the order the source has
+    them ready; each token's terms are still added in its own fixed order (strongest first),
+    so the result does not depend on that order."""
+    n, k = ids.shape
+    parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
+    for e, ex in experts.each(layer, ids):
         tok, slot = np.nonzero(ids == e)
-        ex = experts.get(layer, int(e))
         xe = x[tok]
         h = nn.glu(nn.linear(ex.gate, xe), nn.linear(ex.up, xe), act)    # (m, n_ff)
         if ex.down_t:
             y = h @ ex.down.dequantize()
         else:
             y = nn.linear(ex.down, h)
-        out[tok] += weights[tok, slot][:, None] * y
+        parts[tok, slot] = weights[tok, slot][:, None] * y
+    out = parts[:, 0].copy()
+    for j in range(1, k):
+        out += parts[:, j]
     return out

@@ -454,6 +454,17 @@ def _rows_q8_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
         out[r] = acc
 
 
+@njit(**OPTS)
+def block_scales_serial(w2, bsz, off, dst):
+    """``block_scales`` on the calling thread only: for I/O threads preparing freshly read
+    experts while the main thread's parallel kernels run."""
+    for r in range(dst.shape[0]):
+        row = w2[r]
+        for b in range(dst.shape[1]):
+            o = U(b * bsz + off)
+            dst[r, b] = h2f(row[o], row[o + U(1)])
+
+
 @njit(**PAR)
 def block_scales(w2, bsz, off, dst):
     """f16 field at byte ``off`` of every ``bsz``-byte block of w2 -> dst (rows, nb) float32."""

@@ -1,0 +1,146 @@
+"""The memory budget: what a loaded model costs, and how many expert slots fit in the rest.
+
+The budget covers the whole process: the interpreter and its libraries with the compiled
+kernels (measured as the process's resident size when the plan is made), the resident weights
+(everything but the routed experts, memory-mapped, so their page cache is charged, plus the
+kernels' prepared scale arrays), the KV cache at full context, scratch activations for one
+prefill chunk, and the expert arena. A budget that cannot hold the model with the fewest
+workable expert slots is refused with the minimum that would work.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+from runtime import kernels
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+class MemoryBudgetError(ValueError):
+    """The model cannot run within the given memory budget."""
+
+
+def parse_size(text) -> int:
+    """Bytes from ``1GiB``, ``1.5G``, ``800M``, ``512MB`` or a plain number of bytes.
+
+    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB powers of 1000.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _UNITS:
+            raise ValueError(f"memory size {text!r}: expected a number with an optional unit "
+                             f"such as 800M, 1.5GiB or 2GB")
+        value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    baseline: int        # process before the model: interpreter, libraries, kernels
+    resident: int        # weights other than routed experts, with prepared scales
+    kv_cache: int
+    scratch: int
+    slot_bytes: int      # one expert slot: its planes' buffers and prepared scales
+    n_slots: int         # 0 for a model without routed experts
+    n_experts: int       # routed experts in the file
+    minimum: int         # the smallest budget that works
+
+    @property
+    def arena(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["arena"] = self.arena
+        return d
+
+
+def _is_expert(name: str) -> bool:
+    return name.endswith("_exps.weight")
+
+
+def resident_bytes(g) -> int:
+    """Bytes of the weights that stay mapped (all but routed experts), plus prepared scales."""
+    total = 0
+    for name, t in g.tensors.items():
+        if _is_expert(name):
+            continue
+        total += t.nbytes
+        if len(t.shape) == 2:
+            total += kernels.prepared_nbytes(t.qtype, t.shape[0], t.shape[1])
+    return total
+
+
+def kv_cache_bytes(model, n_ctx: int, chunk: int) -> int:
+    a = model.args
+    total = 0
+    for w in model.layer_windows():
+        slots = n_ctx if w <= 0 else min(n_ctx, w + chunk)
+        total += slots * (2 * a.n_head_kv * a.head_dim * 4 + 8)
+    return total
+
+
+def scratch_bytes(model, n_ctx: int, chunk: int) -> int:
+    """Activations of one prefill chunk: attention scores for all heads over the context (the
+    largest term), residual/projection buffers, the expert outputs and one row of logits."""
+    a = model.args
+    n = min(chunk, n_ctx)
+    scores = a.n_head * n * n_ctx * 4
+    ffn = getattr(a, "n_ff_exp", 0) or getattr(a, "n_ff", 0)
+    k = getattr(a, "n_expert_used", 1)
+    acts = n * 4 * (16 * a.n_embd + 3 * a.n_head * a.head_dim + (k + 2) * a.n_embd + 3 * ffn)
+    return scores + acts + a.n_vocab * 4 + (4 << 20)   # + the BLAS dequantization tile
+
+
+def slot_bytes(store) -> int:
+    scales = max(sum(kernels.prepared_nbytes(p.qtype, *p.shape) for p in planes)
+                 for planes in store.layers.values())
+    return store.slot_bytes + scales
+
+
+def plan(model, g, store, n_ctx: int, chunk: int, budget: int,
+         baseline: int | None = None) -> MemoryPlan:
+    """How ``model`` fits ``budget`` bytes; raises MemoryBudgetError if it cannot."""
+    if baseline is None:
+        baseline = psutil.Process().memory_info().rss
+    fixed = (baseline + resident_bytes(g) + kv_cache_bytes(model, n_ctx, chunk)
+             + scratch_bytes(model, n_ctx, chunk))
+    if store is None:
+        n_slots = n_experts = per_slot = 0
+        minimum = fixed
+    else:
+        per_slot = slot_bytes(store)
+        n_experts = sum(store.n_expert.values())
+        # the running layer's experts plus as many again for the next layer's reads
+        min_slots = 2 * model.args.n_expert_used
+        minimum = fixed + min_slots * per_slot
+        n_slots = min(n_experts, max(0, (budget - fixed) // per_slot))
+    p = MemoryPlan(budget, baseline, resident_bytes(g), kv_cache_bytes(model, n_ctx, chunk),
+                   scratch_bytes(model, n_ctx, chunk), per_slot, n_slots, n_experts, minimum)
+    if budget < minimum:
+        raise MemoryBudgetError(
+            f"memory budget {format_size(budget)} is too small for {g.path} at context "
+            f"{n_ctx}: it needs at least {format_size(minimum)} (process {format_size(baseline)}, "
+            f"weights {format_size(p.resident)}, KV cache {format_size(p.kv_cache)}, "
+            f"activations {format_size(p.scratch)}"
+            + (f", {2 * model.args.n_expert_used} expert slots of {format_size(per_slot)})"
+               if store is not None else ")"))
+    return p

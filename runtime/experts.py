@@ -1,0 +1,530 @@
+"""Experts streamed from disk under a memory budget.
+
+``ExpertStore`` reads one expert's gate/up/down planes (each a contiguous byte range of a 3-D
+``*_exps`` tensor, the expert being the slowest axis) with ``os.preadv`` into page-aligned
+buffers, with ``O_DIRECT`` where the filesystem allows it so the page cache neither doubles the
+memory nor hides the cost; otherwise buffered reads followed by ``POSIX_FADV_DONTNEED``.
+
+``ExpertCache`` owns one preallocated anonymous arena of fixed-size slots, maps (layer, expert)
+to a slot, and fills slots from I/O threads (reads release the GIL, so they overlap the main
+thread's Numba/BLAS compute). Its queue serves the current layer's experts first (known exactly
+when the router runs before attention) and speculative reads for the next layer second. A slot
+that is loading, in use or wanted by the running layer is never evicted; among the others an
+eviction policy chooses (``POLICIES``).
+
+Streaming never changes a number: a slot's planes are the file's bytes, and they go through
+the same kernels as memory-mapped experts.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import kernels
+from runtime.moe import Expert, down_transposed
+from runtime.tensor import QTensor
+
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
+PARTS = ("gate", "up", "down")
+
+EMPTY, LOADING, READY = 0, 1, 2
+URGENT, SPECULATIVE = 0, 1
+
+
+def _align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class _Plane:
+    qtype: str
+    shape: tuple[int, int]   # one expert's matrix, numpy order (rows, cols)
+    offset: int              # absolute file offset of expert 0's plane
+    nbytes: int              # bytes of one expert's plane
+
+    def region(self) -> int:
+        """Aligned buffer bytes that hold this plane wherever it starts in the file."""
+        return _align_up(self.nbytes + ALIGN - 1)
+
+
+class ExpertStore:
+    """Reads experts' planes from a GGUF file; one instance per open model file."""
+
+    def __init__(self, path: str, layers: dict[int, tuple[_Plane, _Plane, _Plane]],
+                 n_expert: dict[int, int], down_t: dict[int, bool], direct: bool = True):
+        self.path = path
+        self.layers = layers
+        self.n_expert = n_expert
+        self.down_t = down_t
+        self.direct = False
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                pass
+        if self.fd < 0:
+            self.fd = os.open(path, os.O_RDONLY)
+        self.region = [max(p[i].region() for p in layers.values()) for i in range(3)]
+        self.slot_bytes = sum(self.region)
+        self.bytes_read = 0
+
+    @classmethod
+    def from_gguf(cls, g, direct: bool = True) -> "ExpertStore | None":
+        """The store for a GGUF's ``blk.N.ffn_{gate,up,down}_exps`` tensors; None if it has none."""
+        layers, n_expert, down_t = {}, {}, {}
+        for name, info in g.tensors.items():
+            parts = name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] != "ffn_gate_exps":
+                continue
+            i = int(parts[1])
+            infos = [g.tensors.get(f"blk.{i}.ffn_{p}_exps.weight") for p in PARTS]
+            if any(t is None for t in infos):
+                raise ValueError(f"{g.path}: layer {i} lacks one of the ffn_*_exps tensors")
+            n_exp = infos[0].shape[0]
+            planes = []
+            for t in infos:
+                if len(t.shape) != 3 or t.shape[0] != n_exp:
+                    raise ValueError(f"{g.path}: {t.name} has shape {t.shape}, expected "
+                                     f"({n_exp}, rows, cols)")
+                planes.append(_Plane(t.qtype, tuple(t.shape[1:]), t.offset, t.nbytes // n_exp))
+            layers[i] = tuple(planes)
+            n_expert[i] = n_exp
+            down_t[i] = down_transposed(infos[0].shape[1:], infos[2].shape[1:])
+        if not layers:
+            return None
+        return cls(g.path, layers, n_expert, down_t, direct)
+
+    def expert_bytes(self, layer: int) -> int:
+        return sum(p.nbytes for p in self.layers[layer])
+
+    def read(self, layer: int, e: int, slot: memoryview) -> list[int]:
+        """Read expert ``e`` of ``layer`` into a slot buffer; the planes' starts in it."""
+        starts, base = [], 0
+        for plane, size in zip(self.layers[layer], self.region):
+            off = plane.offset + e * plane.nbytes
+            buf = slot[base:base + size]
+            if self.direct:
+                lead = off % ALIGN
+                self._read_fully(buf[:_align_up(lead + plane.nbytes)], off - lead,
+                                 lead + plane.nbytes)
+                starts.append(base + lead)
+            else:
+                self._read_fully(buf[:plane.nbytes], off, plane.nbytes)
+                os.posix_fadvise(self.fd, off, plane.nbytes, os.POSIX_FADV_DONTNEED)
+                starts.append(base)
+            self.bytes_read += plane.nbytes
+            base += size
+        return starts
+
+    def _read_fully(self, buf: memoryview, off: int, need: int):
+        got = 0
+        while got < need:
+            n = os.preadv(self.fd, [buf[got:]], off + got)
+            if n <= 0:
+                raise OSError(f"{self.path}: expert data ends early at byte {off + got}")
+            got += n
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- eviction policies ----------------------------------------------------------------------------
+class LRU:
+    """Evict the least recently used expert."""
+
+    def __init__(self, n_layers: int, **_):
+        self.last: dict = {}
+
+    def touch(self, key, step: int):
+        self.last[key] = step
+
+    def victim(self, keys, step: int, layer: int):
+        return min(keys, key=lambda k: self.last.get(k, -1))
+
+
+class LFU:
+    """Evict the expert with the lowest use count, decayed with a half-life of ``half_life``
+    tokens so old popularity fades."""
+
+    def __init__(self, n_layers: int, half_life: float = 16.0, **_):
+        self.rate = math.log(2) / (half_life * n_layers)   # per layer step
+        self.score: dict = {}
+
+    def _now(self, key, step):
+        s, t = self.score.get(key, (0.0, step))
+        return s * math.exp(-self.rate * (step - t))
+
+    def touch(self, key, step: int):
+        self.score[key] = (self._now(key, step) + 1.0, step)
+
+    def victim(self, keys, step: int, layer: int):
+        return min(keys, key=lambda k: self._now(k, step))
+
+
+class Predictive(LFU):
+    """ExpertFlow-style: estimate when each cached expert will next be used and evict the one
+    expected latest (Belady's rule on a prediction). An expert of layer l is next needed
+    ``d`` layer steps ahead (the layer cycle), with probability ``p``: 1 for the router's
+    prediction of the next layer, else its decayed use frequency in its layer."""
+
+    def __init__(self, n_layers: int, half_life: float = 16.0, **_):
+        super().__init__(n_layers, half_life)
+        self.n_layers = n_layers
+        self.calls: dict = {}      # layer -> decayed count of its calls, same decay
+        self.predicted: set = set()
+
+    def touch(self, key, step: int):
+        super().touch(key, step)
+
+    def layer_call(self, layer: int, step: int):
+        self.touch(("call", layer), step)
+
+    def victim(self, keys, step: int, layer: int):
+        L = self.n_layers
+
+        def expected_wait(k):
+            lk, _ = k
+            d = (lk - layer - 1) % L + 1
+            if k in self.predicted:
+                return d
+            calls = self._now(("call", lk), step)
+            p = self._now(k, step) / calls if calls > 0 else 0.0
+            return d / max(p, 1e-3)
+        return max(keys, key=expected_wait)
+
+
+class Oracle:
+    """Belady's offline optimum: evict the expert whose next use lies farthest in the future.
+    Needs the whole access trace in advance: one (layer, expert ids) entry per layer step."""
+
+    def __init__(self, n_layers: int, trace=None, **_):
+        if trace is None:
+            raise ValueError("the oracle policy needs the routing trace of the run in advance")
+        self.uses: dict = {}
+        for step, (layer, ids) in enumerate(trace):
+            for e in set(int(i) for i in ids):
+                self.uses.setdefault((layer, e), []).append(step)
+
+    def touch(self, key, step: int):
+        pass
+
+    def victim(self, keys, step: int, layer: int):
+        def next_use(k):
+            u = self.uses.get(k, ())
+            i = bisect.bisect_right(u, step)
+            return u[i] if i < len(u) else math.inf
+        return max(keys, key=next_use)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "predictive": Predictive, "oracle": Oracle}
+
+
+# -- the cache ------------------------------------------------------------------------------------
+class ExpertCache:
+    """Experts in a fixed arena of ``n_slots`` slots, filled from ``store`` by I/O threads.
+
+    The model calls ``request(layer, ids)`` as soon as a layer's routing is known (before
+    attention, for a pre-attention router), optionally ``hint(layer, ids)`` with a prediction
+    for a later layer, and then iterates ``each(layer, ids)``, which yields experts as they
+    become ready, each pinned while the caller uses it.
+    """
+
+    wants_hints = True
+
+    def __init__(self, store: ExpertStore, n_slots: int, policy: str = "lru",
+                 io_threads: int = 2, trace=None, min_precision: float = 0.5):
+        if n_slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r} "
+                             f"(choose from {', '.join(POLICIES)})")
+        self.store = store
+        self.n_layers = max(store.layers) + 1
+        self.policy = POLICIES[policy](self.n_layers, trace=trace)
+        self.n_slots = n_slots
+        self.slot_bytes = store.slot_bytes
+        self.arena = mmap.mmap(-1, n_slots * self.slot_bytes)   # anonymous: page-aligned
+        self._arena_np = np.frombuffer(self.arena, np.uint8)
+        self._view = memoryview(self.arena)
+        self.key = [None] * n_slots
+        self.state = [EMPTY] * n_slots
+        self.pins = [0] * n_slots
+        self.expert: list = [None] * n_slots
+        self.error: list = [None] * n_slots
+        self.where: dict = {}
+        self.cv = threading.Condition()
+        self.queue: list = []
+        self.queued: dict = {}
+        self._seq = itertools.count()
+        self.wanted: set = set()
+        self.step = 0
+        self.layer = 0
+        self.predicted: dict = {}      # layer -> set of predicted ids (last hint)
+        self.min_precision = min_precision
+        self.speculate = True
+        self.stats = CacheStats()
+        self._closed = False
+        self.threads = [threading.Thread(target=self._worker, daemon=True,
+                                         name=f"pocketlm-io-{i}") for i in range(io_threads)]
+        for t in self.threads:
+            t.start()
+
+    # -- model side ------------------------------------------------------------------------------
+    def request(self, layer: int, ids):
+        """The experts ``layer`` needs now: start reading the missing ones, urgently."""
+        keys = {(layer, int(e)) for e in np.unique(ids)}
+        with self.cv:
+            self.step += 1
+            self.layer = layer
+            if isinstance(self.policy, Predictive):
+                self.policy.layer_call(layer, self.step)
+                self.policy.predicted = set()
+            self._score_prediction(layer, {e for _, e in keys})
+            self.wanted = set(keys)
+            for k in keys:
+                s = self.where.get(k)
+                nbytes = self.store.expert_bytes(layer)
+                if s is not None and self.state[s] == READY:
+                    self.stats.hit_bytes += nbytes
+                else:
+                    self.stats.miss_bytes += nbytes
+                    if s is None:
+                        self._enqueue(k, URGENT)
+                self.policy.touch(k, self.step)
+            self.cv.notify_all()
+
+    def hint(self, layer: int, ids):
+        """A prediction of the experts ``layer`` will need: read them if slots allow."""
+        pred = {int(e) for e in np.unique(ids)}
+        with self.cv:
+            self.predicted[layer] = pred
+            if isinstance(self.policy, Predictive):
+                self.policy.predicted = {(layer, e) for e in pred}
+            if not self.speculate:
+                return
+            for e in pred:
+                k = (layer, e)
+                if k not in self.where and k not in self.queued:
+                    self._enqueue(k, SPECULATIVE)
+            self.cv.notify_all()
+
+    def each(self, layer: int, ids):
+        """Yield (expert id, Expert) for the unique ``ids`` of ``layer``, ready ones first; each
+        stays pinned until the caller asks for the next."""
+        remaining = {int(e) for e in np.unique(ids)}
+        if not {(layer, e) for e in remaining} <= self.wanted:
+            self.request(layer, ids)
+        while remaining:
+            with self.cv:
+                t0 = None
+                while True:
+                    e, s = self._ready_one(layer, remaining)
+                    if e is not None:
+                        break
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    self.cv.wait(0.05)
+                if t0 is not None:
+                    self.stats.wait_s += time.perf_counter() - t0
+                self.pins[s] += 1
+                self.wanted.discard((layer, e))
+                remaining.discard(e)
+                ex = self.expert[s]
+            try:
+                yield e, ex
+            finally:
+                with self.cv:
+                    self.pins[s] -= 1
+                    self.cv.notify_all()
+
+    def _ready_one(self, layer, remaining):
+        for e in remaining:
+            k = (layer, e)
+            s = self.where.get(k)
+            if s is None:
+                if k not in self.queued:
+                    self._enqueue(k, URGENT)
+                elif self.queued[k] != URGENT:
+                    self._enqueue(k, URGENT)
+                continue
+            if self.state[s] == READY:
+                return e, s
+            if self.error[s] is not None:
+                err, self.error[s] = self.error[s], None
+                del self.where[k]
+                raise err
+        return None, None
+
+    def _score_prediction(self, layer: int, actual: set):
+        pred = self.predicted.pop(layer, None)
+        if pred is None:
+            return
+        st = self.stats
+        hit = len(pred & actual)
+        st.pred_n += 1
+        st.pred_tp += hit
+        st.pred_fp += len(pred) - hit
+        st.pred_fn += len(actual) - hit
+        if st.pred_n >= 32:
+            p = st.precision
+            # speculative reads that mostly miss cost bandwidth the urgent reads need
+            if self.speculate and p < self.min_precision:
+                self.speculate = False
+            elif not self.speculate and p >= self.min_precision + 0.1:
+                self.speculate = True
+
+    # -- I/O side ----------------------------------------------------------------------------------
+    def _enqueue(self, key, prio: int):
+        self.queued[key] = prio
+        heapq.heappush(self.queue, (prio, next(self._seq), key))
+
+    def _free_slot(self, prio: int):
+        """A slot to fill: an empty one, else the policy's victim among evictable slots."""
+        cands = []
+        for s in range(self.n_slots):
+            st = self.state[s]
+            if st == EMPTY and self.error[s] is None:
+                return s
+            if st == READY and self.pins[s] == 0 and self.key[s] not in self.wanted:
+                cands.append(self.key[s])
+        if prio == SPECULATIVE:
+            # a guess must not push out what the running layer or another guess needs
+            pred = {(l, e) for l, ids in self.predicted.items() for e in ids}
+            cands = [k for k in cands if k not in pred]
+        if not cands:
+            return None
+        victim = self.policy.victim(cands, self.step, self.layer)
+        s = self.where.pop(victim)
+        self.key[s], self.state[s], self.expert[s] = None, EMPTY, None
+        self.stats.evictions += 1
+        return s
+
+    def _worker(self):
+        while True:
+            with self.cv:
+                while True:
+                    if self._closed:
+                        return
+                    job = self._next_job()
+                    if job is not None:
+                        break
+                    self.cv.wait()
+                key, slot, prio = job
+            t0 = time.perf_counter()
+            try:
+                ex = self._load(key, slot)
+                err = None
+            except Exception as exc:   # reported to the consumer of this expert
+                ex, err = None, exc
+            dt = time.perf_counter() - t0
+            with self.cv:
+                self.stats.read_s += dt
+                self.stats.reads += 1
+                if prio == SPECULATIVE:
+                    self.stats.speculative_reads += 1
+                if err is None:
+                    self.state[slot], self.expert[slot] = READY, ex
+                else:
+                    self.where.pop(key, None)
+                    self.key[slot], self.state[slot], self.error[slot] = None, EMPTY, err
+                    if key in self.wanted:   # hand the error to the waiting consumer
+                        self.where[key] = slot
+                self.cv.notify_all()
+
+    def _next_job(self):
+        while self.queue:
+            prio, _, key = self.queue[0]
+            if self.queued.get(key) != prio or key in self.where:
+                heapq.heappop(self.queue)           # stale entry
+                if self.queued.get(key) == prio:
+                    del self.queued[key]
+                continue
+            slot = self._free_slot(prio)
+            if slot is None:
+                if prio == SPECULATIVE:
+                    heapq.heappop(self.queue)
+                    del self.queued[key]
+                    continue
+                return None                          # wait for a slot to be released
+            heapq.heappop(self.queue)
+            del self.queued[key]
+            self.where[key] = slot
+            self.key[slot], self.state[slot] = key, LOADING
+            return key, slot, prio
+        return None
+
+    def _load(self, key, slot: int) -> Expert:
+        layer, e = key
+        base = slot * self.slot_bytes
+        starts = self.store.read(layer, e, self._view[base:base + self.slot_bytes])
+        mats = []
+        for plane, start in zip(self.store.layers[layer], starts):
+            rows, cols = plane.shape
+            a = base + start
+            data = self._arena_np[a:a + plane.nbytes].reshape(rows, plane.nbytes // rows)
+            mats.append(kernels.refresh(QTensor(plane.qtype, plane.shape, data)))
+        return Expert(*mats, down_t=self.store.down_t[layer])
+
+    def close(self):
+        with self.cv:
+            self._closed = True
+            self.cv.notify_all()
+        for t in self.threads:
+            t.join()
+        self.store.close()
+        self.expert = [None] * self.n_slots
+        self._view.release()
+        self._arena_np = None
+        self.arena.close()
+
+
+@dataclass
+class CacheStats:
+    hit_bytes: int = 0
+    miss_bytes: int = 0
+    reads: int = 0
+    speculative_reads: int = 0
+    evictions: int = 0
+    read_s: float = 0.0     # I/O threads' time reading (summed over threads)
+    wait_s: float = 0.0     # main thread's time waiting for experts
+    pred_n: int = 0
+    pred_tp: int = 0
+    pred_fp: int = 0
+    pred_fn: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hit_bytes + self.miss_bytes
+        return self.hit_bytes / total if total else 0.0
+
+    @property
+    def precision(self) -> float:
+        n = self.pred_tp + self.pred_fp
+        return self.pred_tp / n if n else 0.0
+
+    @property
+    def recall(self) -> float:
+        n = self.pred_tp + self.pred_fn
+        return self.pred_tp / n if n else 0.0
+
+    def as_dict(self, bytes_read: int) -> dict:
+        hidden = 1.0 - self.wait_s / self.read_s if self.read_s > 0 else 1.0
+        return {
+            "hit_rate_bytes": self.hit_rate, "bytes_read": bytes_read, "reads": self.reads,
+            "speculative_reads": self.speculative_reads, "evictions": self.evictions,
+            "read_s": self.read_s, "wait_s": self.wait_s, "read_hidden": max(0.0, hidden),
+            "prediction_precision": self.precision, "prediction_recall": self.recall,
+        }
