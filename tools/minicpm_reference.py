@@ -1,6 +1,6 @@
 """Make llama.cpp reference logits for the tiny synthetic `minicpm` models.
 
-The models are written by ``tools.synth_minicpm`` (deterministic seeds); llama.cpp runs in a
+The models are written by ``tools.synth`` (preset ``minicpm-tiny``, fixed seed); llama.cpp runs in a
 separate Python environment that has ``llama-cpp-python`` (never a dependency of this project):
 
     python -m tools.minicpm_reference --llama-python /path/to/venv/bin/python --out tests/data
@@ -24,16 +24,17 @@ import numpy as np
 
 from tools import synth_minicpm
 
-# model name -> synth_minicpm.write arguments
+# model name -> shape overrides of the minicpm-tiny preset (tools.synth, seed SEED, Q4_0)
 MODELS = {
-    "tiny": dict(seed=1, std=0.1),
+    "tiny": dict(std=0.1),
     # same weights, no scale keys: llama.cpp's defaults (12, 1.4/sqrt(L), 256/n_embd)
-    "tiny-nokeys": dict(seed=1, std=0.1, scales=None),
+    "tiny-nokeys": dict(std=0.1, mup_keys=0),
     # same weights, other muP scales
-    "tiny-mup": dict(seed=1, std=0.1, scales=dict(embedding=3.0, residual=0.3, logit=0.5)),
-    "tiny-longrope": dict(seed=2, std=0.1, longrope=True, eps=1e-6),
-    "tiny-moe": dict(seed=3, std=0.1, n_expert=8, n_expert_used=2),
+    "tiny-mup": dict(std=0.1, scale_emb=3.0, scale_depth=0.5, dim_model_base=256),
+    "tiny-longrope": dict(std=0.1, longrope=1, eps=1e-6),
+    "tiny-moe": dict(std=0.1, n_expert=8, n_expert_used=2),
 }
+SEED = 1
 # run name -> (model, n_ctx); n_ctx picks LongRoPE's list (long above the trained 256)
 RUNS = {
     "tiny": ("tiny", 256),
@@ -48,8 +49,7 @@ RUNS = {
 def prompts() -> list[list[int]]:
     """Three BOS-led prompts of random ids (lengths 6, 18, 41)."""
     rng = np.random.default_rng(7)
-    return [[1] + rng.integers(3, synth_minicpm.PRESETS["tiny"]["n_vocab"], n).tolist()
-            for n in (5, 17, 40)]
+    return [[1] + rng.integers(3, 512, n).tolist() for n in (5, 17, 40)]
 
 
 def sha256(path: Path) -> str:
@@ -57,12 +57,17 @@ def sha256(path: Path) -> str:
 
 
 def make_model(name: str, directory: Path) -> Path:
-    """Write model ``name`` (Q4_0) into ``directory`` unless already there."""
+    """Write model ``name`` (Q4_0, with the 512-token vocabulary of
+    ``synth_minicpm.vocab_gguf``) into ``directory`` unless already there."""
+    from tools.synth import Options, synthesize
     path = Path(directory) / f"minicpm-{name}-synthetic-Q4_0.gguf"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        synth_minicpm.write(tmp, "tiny", "Q4_0", **MODELS[name])
-        tmp.rename(path)
+        vocab = Path(directory) / "minicpm-vocab-512.gguf"
+        if not vocab.exists():
+            synth_minicpm.vocab_gguf(vocab)
+        synthesize("minicpm-tiny", path, Options(seed=SEED, qtype="Q4_0", recipe="plain",
+                                                 name=f"minicpm {name} synthetic",
+                                                 overrides=MODELS[name]), vocab)
     return path
 
 
@@ -105,7 +110,8 @@ def main(argv=None):
             "engine": f"llama-cpp-python {res.stdout.strip()} (CPU, 2 threads, n_batch 512, "
                       "default flash-attention and KV cache settings)",
             "models": {m: {"file": paths[m].name, "sha256": sha256(paths[m]),
-                           "synth": MODELS[m]} for m in MODELS},
+                           "preset": "minicpm-tiny", "seed": SEED, "overrides": MODELS[m]}
+                       for m in MODELS},
             "runs": {r: {"model": m, "n_ctx": n_ctx} for r, (m, n_ctx) in RUNS.items()},
             "prompts": job["prompts"],
         }
