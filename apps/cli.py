@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 class CLIError(Exception):
@@ -17,23 +16,30 @@ class CLIError(Exception):
 
 
 def _progress_printer(label: str):
-    """A progress callback drawing one updating line on stderr (only when it is a terminal)."""
-    tty = sys.stderr.isatty()
-    last = [0.0]
+    """A progress callback drawing rich progress bars on stderr, one per stage (download,
+    extract, load…); silent when stderr is not a terminal (logs, pipes, tests)."""
+    if not sys.stderr.isatty():
+        return lambda stage, done, total: None
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    live: dict = {}  # "bars": the running Progress, stage -> task id
 
     def report(stage: str, done: int, total: int):
-        now = time.monotonic()
-        if not tty or (now - last[0] < 0.1 and done < total):
-            return
-        last[0] = now
-        if total and total > 1 << 20:
-            msg = f"{label}: {stage} {done / 2**20:7.1f} / {total / 2**20:.1f} MiB"
-        else:
-            msg = f"{label}: {stage} {done}/{total}"
-        sys.stderr.write("\r\033[K" + msg)
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if "bars" not in live:
+            live["bars"] = Progress(TextColumn("{task.description}"), BarColumn(),
+                                    TextColumn("{task.fields[amount]}"), TimeElapsedColumn(),
+                                    console=Console(stderr=True), transient=True)
+            live["bars"].start()
+        bars = live["bars"]
+        if stage not in live:
+            live[stage] = bars.add_task(f"{label}: {stage}", total=total, amount="")
+        amount = (f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total > 1 << 20
+                  else f"{done}/{total}")
+        bars.update(live[stage], completed=done, total=total, amount=amount)
+        if all(t.finished for t in bars.tasks):  # the next stage, if any, starts a new set
+            bars.stop()
+            live.clear()
 
     return report
 
@@ -196,6 +202,18 @@ def cmd_chat(args):
         chat_repl(llm, _settings(args), system=args.system, verbose=args.verbose)
 
 
+def cmd_serve(args):
+    from apps.server import serve
+    from runtime.generate import GenerationConfig
+    settings = _settings(args)
+    GenerationConfig().replace(**settings)  # a bad default is an error before binding
+    load = dict(n_ctx=args.ctx_size, threads=args.threads,
+                progress=_progress_printer(args.model), sparse_attention=args.sparse_attention)
+    return serve(args.model, host=args.host, port=args.port, cors=args.cors, load_kwargs=load,
+                 settings=settings, system=args.system, verbose=args.verbose,
+                 announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
+
+
 def cmd_perplexity(args):
     from tools.perplexity import run
     return run(args)
@@ -271,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(s)
     add_generation_flags(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see docs/server.md)")
+    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", "smollm2-135m"),
+                   help="[POCKETLM_MODEL]")
+    s.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 exposes the server to the network) [POCKETLM_HOST]")
+    s.add_argument("--port", type=int, default=_env("PORT", 8080, int),
+                   help="port (default 8080; 0 picks a free one) [POCKETLM_PORT]")
+    s.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN call the API (repeatable; '*' for any); "
+                        "no CORS headers without it")
+    add_model_flags(s)
+    add_generation_flags(s)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method)")
     from tools.perplexity import add_arguments

@@ -1,0 +1,250 @@
+"""OpenAI-shaped dicts at the edge of the typed API.
+
+Requests: :func:`settings_from_request`, :func:`chat_messages` and :func:`completion_prompt`
+turn an OpenAI request body into ``GenerationConfig`` settings and the LLM's inputs, raising
+:class:`RequestError` (message + offending parameter) for anything the API would refuse.
+Responses: :func:`chat_completion` / :func:`text_completion` build the blocking responses from a
+``GenerationResult``; :class:`StreamAdapter` turns a generation's ``GenerationChunk`` stream into
+``chat.completion.chunk`` / ``text_completion`` dicts. The server and Python callers share them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from runtime.generate import GenerationChunk, GenerationConfig, GenerationResult
+
+__all__ = ["RequestError", "error_body", "settings_from_request", "chat_messages",
+           "completion_prompt", "chat_completion", "text_completion", "StreamAdapter", "usage"]
+
+
+class RequestError(ValueError):
+    """A request the OpenAI API would refuse; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.code, self.type = param, status, code, type
+
+    def body(self) -> dict:
+        return error_body(str(self), self.param, self.code, self.type)
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               type: str = "invalid_request_error") -> dict:
+    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -- requests ----------------------------------------------------------------------------------
+# OpenAI name -> GenerationConfig field; top_k, min_p and repeat_penalty are llama.cpp's
+# server extensions, sent by clients through extra_body.
+_FLOATS = {"temperature": "temperature", "top_p": "top_p", "min_p": "min_p",
+           "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+           "repeat_penalty": "repeat_penalty"}
+_INTS = {"top_k": "top_k", "seed": "seed"}
+# accepted only at their no-op value: anything else would be silently ignored
+_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+                "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+                "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+                "audio": (None,), "prediction": (None,)}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def settings_from_request(body: dict) -> dict:
+    """``GenerationConfig`` settings from an OpenAI request body (absent fields: the LLM's
+    defaults). Raises ``RequestError`` naming the parameter that is wrong or unsupported."""
+    out: dict = {}
+    for name, allowed in _UNSUPPORTED.items():
+        if body.get(name, None) not in allowed:
+            raise RequestError(f"'{name}' is not supported by this server", name)
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise RequestError("only n=1 is supported", "n")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise RequestError("only response_format {'type': 'text'} is supported",
+                           "response_format")
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if not _is_int(v) or v < 1:
+            raise RequestError(f"'{name}' must be a positive integer", name)
+        out.setdefault("max_tokens", v)
+    for table, check, kind in ((_FLOATS, _is_number, "a number"), (_INTS, _is_int, "an integer")):
+        for name, field in table.items():
+            v = body.get(name)
+            if v is None:
+                continue
+            if not check(v):
+                raise RequestError(f"'{name}' must be {kind}", name)
+            out[field] = v
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError("'stop' must be a non-empty string or a list of them", "stop")
+        out["stop"] = stop
+    for name, value in out.items():  # range checks live in one place: GenerationConfig
+        try:
+            GenerationConfig().replace(**{name: value})
+        except ValueError as e:
+            raise RequestError(str(e), _param_name(name, body)) from None
+    return out
+
+
+def _param_name(field: str, body: dict) -> str:
+    if field == "max_tokens" and "max_completion_tokens" in body:
+        return "max_completion_tokens"
+    return field
+
+
+def stream_requested(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) of a request."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise RequestError("'stream_options' must be an object", "stream_options")
+    return stream, bool(opts.get("include_usage", False))
+
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The conversation of a chat request as ``[{"role", "content": str}]`` for the template.
+
+    Content given as a list of parts keeps its text parts (joined); other parts are refused.
+    OpenAI's "developer" role is the system prompt of older templates.
+    """
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object", where)
+        role = m.get("role")
+        if role not in _ROLES:
+            raise RequestError(f"{where}.role must be one of {', '.join(sorted(_ROLES))}",
+                               f"{where}.role")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" \
+                        or not isinstance(part.get("text"), str):
+                    raise RequestError(f"{where}.content: only text parts are supported",
+                                       f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise RequestError(f"{where}.content must be a string or a list of text parts",
+                               f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict) -> str | list[int]:
+    """The prompt of a completions request: a string, or token ids (one prompt only)."""
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str) and p:
+        return p
+    if isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
+        return p
+    raise RequestError("'prompt' must be a non-empty string or a list of token ids "
+                       "(one prompt per request)", "prompt")
+
+
+# -- responses ---------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(result: GenerationResult, model: str) -> dict:
+    """A ``chat.completion`` object for a finished chat generation."""
+    return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "logprobs": None, "finish_reason": result.finish_reason}],
+            "usage": usage(result.prompt_tokens, result.completion_tokens)}
+
+
+def text_completion(result: GenerationResult, model: str) -> dict:
+    """A ``text_completion`` object for a finished completion."""
+    return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": result.text, "logprobs": None,
+                         "finish_reason": result.finish_reason}],
+            "usage": usage(result.prompt_tokens, result.completion_tokens)}
+
+
+class StreamAdapter:
+    """Dicts for one streamed generation: feed it each ``GenerationChunk`` in order.
+
+    ``kind`` "chat" gives ``chat.completion.chunk`` objects (the first one carries the
+    assistant role), "text" gives ``text_completion`` objects. Chunks whose text is held back
+    (an incomplete character, a possible stop string) produce nothing. With ``include_usage``
+    the stream ends with a choice-less chunk carrying ``usage``, as OpenAI's
+    ``stream_options`` asks.
+    """
+
+    def __init__(self, kind: str, model: str, include_usage: bool = False):
+        if kind not in ("chat", "text"):
+            raise ValueError(f"stream kind {kind!r}: expected chat or text")
+        self.kind, self.model, self.include_usage = kind, model, include_usage
+        self.id = _new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = int(time.time())
+        self._started = False
+
+    def _obj(self, choices: list) -> dict:
+        return {"id": self.id,
+                "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
+
+    def _choice(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+        if self.kind == "text":
+            return {"index": 0, "text": text or "", "logprobs": None,
+                    "finish_reason": finish_reason}
+        delta = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def feed(self, chunk: GenerationChunk) -> list[dict]:
+        out = []
+        if self.kind == "chat" and not self._started:
+            out.append(self._obj([self._choice("", None, role=True)]))
+        self._started = True
+        if chunk.finish_reason is not None:
+            out.append(self._obj([self._choice(chunk.text or None, chunk.finish_reason)]))
+            if self.include_usage:
+                last = self._obj([])
+                last["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                out.append(last)
+        elif chunk.text:
+            out.append(self._obj([self._choice(chunk.text, None)]))
+        return out
