@@ -1,0 +1,166 @@
+"""Ops for tiny encoders, twice: Numba kernels and plain numpy (no JIT at all).
+
+- causal depthwise convolution (Conv1d with groups = channels, left padding K-1) + SiLU;
+- W8A8 linear: int8 weights with one scale per output row, activations quantized per token
+  (row absmax -> int8) at call time, integer dot products, int32 accumulate.
+
+``ops("numba")`` and ``ops("numpy")`` return the same vocabulary (rms_norm, softmax,
+conv_silu, linear_f32, linear_i8); a model takes one at load time. The numpy twins are the
+fallback where compiling is not possible and the references the kernel tests check.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._base import OPTS
+
+F = np.float32
+SER = dict(OPTS)   # serial: these models are a few hundred KB, smaller than a thread fork costs
+BACKENDS = ("numba", "numpy")
+
+
+# ------------------------------------------------------------------------- Numba kernels
+@njit(**SER)
+def dwconv_silu_rows(x, w, b, n_out, out):
+    """x (T, d); w (d*fe, K); b (d*fe,); out (>= n_out, d*fe): rows 0..n_out-1 of
+    silu(b + sum_k w[ch, k] * x[j-K+1+k, ch // fe]), x taken as 0 before row 0."""
+    T, d = x.shape
+    C, K = w.shape
+    fe = C // d
+    for j in range(n_out):
+        k0 = max(0, K - 1 - j)          # taps that reach before row 0 read zeros
+        for ch in range(C):
+            src = ch // fe
+            acc = b[ch]
+            for k in range(k0, K):
+                acc += w[ch, k] * x[j - K + 1 + k, src]
+            out[j, ch] = acc / (F(1.0) + np.exp(-acc))
+
+
+@njit(**SER)
+def linear_i8_rows(x, wq, ws, b, out):
+    """x (n, k) f32; wq (rows, k) int8; ws (rows,) f32 row scales; b (rows,) f32; out (n, rows).
+
+    Each token row of x is quantized to int8 with its own absmax scale, dotted with the int8
+    weight rows in int32, then scaled back: out = acc * (absmax/127) * ws + b."""
+    n, k = x.shape
+    rows = wq.shape[0]
+    xq = np.empty(k, np.int32)   # (k,) this token's int8 values, widened once
+    for t in range(n):
+        amax = F(0.0)
+        for i in range(k):
+            a = abs(x[t, i])
+            if a > amax:
+                amax = a
+        inv = F(127.0) / amax if amax > 0 else F(0.0)
+        for i in range(k):
+            xq[i] = np.int32(np.rint(x[t, i] * inv))
+        sx = amax / F(127.0)
+        for r in range(rows):
+            acc = np.int32(0)
+            for i in range(k):
+                acc += xq[i] * np.int32(wq[r, i])
+            out[t, r] = F(acc) * sx * ws[r] + b[r]
+
+
+# ------------------------------------------------------------------------- numpy twins
+def quantize_rows_i8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: x (n, k) -> (values as int-valued f32 (n, k), absmax/127 (n,))."""
+    x = np.asarray(x, F)
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, F(127.0) / amax, F(0.0)).astype(F)
+    return np.rint(x * inv[:, None]), (amax / F(127.0)).astype(F)
+
+
+def np_linear_i8(x, wq, ws, b, out=None):
+    """numpy twin of ``linear_i8_rows``. The int8 products are summed in f32, which is exact:
+    every partial sum is an integer below 2**24 while k * 127 * 127 < 2**24 (k <= 1040)."""
+    xq, sx = quantize_rows_i8(x)
+    acc = xq @ np.asarray(wq, F).T                        # (n, rows) exact integers
+    res = (acc * sx[:, None] * ws[None, :] + b[None, :]).astype(F)
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
+def np_dwconv_silu(x, w, b, n_out, out=None):
+    """numpy twin of ``dwconv_silu_rows``."""
+    T, d = x.shape
+    C, K = w.shape
+    xs = np.repeat(x[:n_out], C // d, axis=1) if C != d else x[:n_out]   # (n_out, C)
+    pad = np.concatenate([np.zeros((K - 1, C), F), xs])                 # (K-1+n_out, C)
+    win = np.lib.stride_tricks.sliding_window_view(pad, K, axis=0)      # (n_out, C, K)
+    c = np.einsum("jck,ck->jc", win, w, dtype=F) + b
+    res = (c / (F(1.0) + np.exp(-c))).astype(F)
+    if out is None:
+        return res
+    out[:n_out] = res
+    return out
+
+
+def np_rms_norm(x, w, eps, out=None):
+    """numpy twin of ``kernels.rms_norm`` (sum of squares in f64, scale in f32)."""
+    ms = (x.astype(np.float64) ** 2).mean(axis=-1, keepdims=True).astype(F)
+    res = (x * (F(1.0) / np.sqrt(ms + F(eps))) * w).astype(F)
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
+def np_softmax(x, out=None):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    res = (e / e.sum(axis=-1, keepdims=True)).astype(F)
+    if out is None:
+        return res
+    out[...] = res
+    return out
+
+
+# ------------------------------------------------------------------------- dispatch
+class Ops:
+    """One backend's vocabulary. All inputs and outputs are float32 C arrays."""
+
+    def __init__(self, name: str):
+        if name not in BACKENDS:
+            raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+        self.name = name
+        jit = name == "numba"
+        self._conv = dwconv_silu_rows if jit else np_dwconv_silu
+        self._i8 = linear_i8_rows if jit else np_linear_i8
+        if jit:
+            from runtime import kernels
+            self.rms_norm, self.softmax = kernels.rms_norm, kernels.softmax
+        else:
+            self.rms_norm, self.softmax = np_rms_norm, np_softmax
+
+    def conv_silu(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, n_out: int) -> np.ndarray:
+        """Causal depthwise conv + SiLU of x (T, d) for the first ``n_out`` rows -> (n_out, C)."""
+        out = np.empty((n_out, w.shape[0]), F)
+        self._conv(np.ascontiguousarray(x, F), w, b, n_out, out)
+        return out
+
+    def linear_i8(self, x: np.ndarray, wq: np.ndarray, ws: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """x (n, k) through int8 rows wq (rows, k) with scales ws: W8A8 per token -> (n, rows)."""
+        out = np.empty((x.shape[0], wq.shape[0]), F)
+        self._i8(np.ascontiguousarray(x, F), wq, ws, b, out)
+        return out
+
+    @staticmethod
+    def linear_f32(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """x (n, k) @ w (rows, k)ᵀ + b in f32 (BLAS: the same on both backends)."""
+        return (x @ w.T + b).astype(F, copy=False)
+
+
+_OPS: dict[str, Ops] = {}
+
+
+def ops(name: str) -> Ops:
+    """The shared ``Ops`` of a backend, "numba" or "numpy"."""
+    if name not in _OPS:
+        _OPS[name] = Ops(name)
+    return _OPS[name]
+
