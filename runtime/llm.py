@@ -34,20 +34,26 @@ class LLM:
         self.chunk = chunk
         self.load_s = load_s
         self.defaults = GenerationConfig()
-        self.cache = model.new_cache(n_ctx, chunk)
+        # encoders (getattr(model, "is_encoder")) run whole sequences: no KV cache
+        self.cache = None if getattr(model, "is_encoder", False) else model.new_cache(n_ctx, chunk)
+        self.max_memory: int | None = None
         self._lock = FairLock()
         self._active: threading.Event | None = None  # cancel event of the running generation
 
     @classmethod
     def load(cls, model: str, *, n_ctx: int | None = None, threads: int | None = None,
              chunk: int = 512, chat_template: str | None = None, pull: bool = True,
-             progress: ProgressFn | None = None, sparse_attention: str = "auto") -> "LLM":
+             progress: ProgressFn | None = None, sparse_attention: str = "auto",
+             backend: str | None = None, max_memory: int | str | None = None) -> "LLM":
         """Load a model by store name (pulled on first use) or ``.gguf`` path.
 
         ``n_ctx`` defaults to the model's training context capped at 4096; ``threads`` to all
         cores; ``chat_template`` is a path to a Jinja file overriding the model's template.
         ``sparse_attention`` ("auto", "on", "off") applies to models with block-sparse
         attention (MiniCPM: InfLLM v2, see docs/minicpm.md); "on" is an error for others.
+        ``backend`` "numpy" runs models that offer it (tiny encoders) without any JIT;
+        ``max_memory`` (bytes, or a size such as "781kB") refuses inputs whose weights plus
+        activations would exceed it (models with memory accounting, see docs/embbert.md).
         """
         if sparse_attention not in ("auto", "on", "off"):
             raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
@@ -67,8 +73,16 @@ class LLM:
             m = load_model(g)
             if progress:
                 progress("load", 1, 3)
-            tok = Tokenizer.from_metadata(g.metadata)
-            template = ChatTemplate.from_metadata(g.metadata, override_path=chat_template)
+            encoder = getattr(m, "is_encoder", False)
+            if not encoder:
+                tok = Tokenizer.from_metadata(g.metadata)
+                template = ChatTemplate.from_metadata(g.metadata, override_path=chat_template)
+            else:
+                tok, template = _encoder_tokenizer(g.metadata), None
+            if backend is not None:
+                if not hasattr(m, "set_backend"):
+                    raise ValueError(f"{g.arch} models have no backend choice (numba only)")
+                m.set_backend(backend)
             if progress:
                 progress("load", 2, 3)
             train_ctx = int(g.get("{arch}.context_length", 4096))
@@ -81,6 +95,8 @@ class LLM:
             elif sparse_attention == "on":
                 raise ValueError(f"{g.arch} models have no sparse attention")
             llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
+            if max_memory is not None:
+                llm.set_memory_limit(max_memory)
         except Exception:
             g.close()
             raise
@@ -88,6 +104,55 @@ class LLM:
         if progress:
             progress("load", 3, 3)
         return llm
+
+    # -- encoders ------------------------------------------------------------------------------
+    def set_memory_limit(self, limit: int | str | None) -> None:
+        """Refuse inputs whose paper-style memory need (runtime.memory) exceeds ``limit``
+        (bytes or a size string; None: no limit). A model whose weights alone exceed it is
+        refused at once."""
+        from runtime import memory
+        from runtime.budget import parse_size
+        if limit is None:
+            self.max_memory = None
+            return
+        limit = parse_size(limit)
+        memory.check(memory.account(self.gguf, self.model, 1), limit, "the model")
+        self.max_memory = limit
+
+    def classify(self, texts: list) -> tuple[list[str], np.ndarray]:
+        """Classify each item of ``texts`` (a string, or a list of token ids).
+
+        Returns (labels, probs): the argmax label names and float32 softmax probabilities
+        [len(texts), n_labels]. A one-output (regression) head returns its raw score in probs.
+        Text is tokenized with the model's tokenizer and truncated to the model's positions.
+        """
+        from runtime import memory
+        m = self.model
+        if not hasattr(m, "classify_logits"):
+            raise ValueError(f"{self.gguf.arch} models are not classifiers")
+        if isinstance(texts, str):
+            raise ValueError("classify takes a list of texts (or of token-id lists)")
+        seqs = [self._encoder_ids(t) for t in texts]
+        if self.max_memory is not None:
+            for i, ids in enumerate(seqs):
+                memory.check(memory.account(self.gguf, m, len(ids)), self.max_memory,
+                             f"input {i} ({len(ids)} tokens)")
+        with self._lock:
+            logits = np.stack([m.classify_logits(ids) for ids in seqs]) if seqs else \
+                np.zeros((0, len(m.labels)), np.float32)
+        if logits.shape[1] == 1:
+            probs = logits
+        else:
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return [m.labels[i] for i in logits.argmax(axis=1)], probs
+
+    def _encoder_ids(self, item) -> list[int]:
+        if isinstance(item, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(item, add_special=True)[:self.n_ctx]
+        return [int(t) for t in item]
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -173,6 +238,18 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _encoder_tokenizer(meta: dict):
+    """An encoder's tokenizer: GGUF vocabulary, an embedded HF tokenizers JSON, or none
+    (the model then takes token ids only)."""
+    from runtime.hf_tokenizer import HF_JSON_KEY, HFTokenizer
+    from runtime.tokenizer import Tokenizer
+    if "tokenizer.ggml.tokens" in meta:
+        return Tokenizer.from_metadata(meta)
+    if HF_JSON_KEY in meta:
+        return HFTokenizer.from_metadata(meta)
+    return None
 
 
 def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
