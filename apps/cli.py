@@ -82,7 +82,44 @@ def cmd_inspect(args):
                          progress=_progress_printer(args.model))
     with open_gguf(path) as g:
         s = summarize(g)
-    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        mem = _memory(g, args) if args.memory else None
+    if mem is None:
+        print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        return
+    from runtime.memory import format_report
+    s["memory"] = mem.as_dict()
+    print(json.dumps(s, indent=2) if args.json else format_summary(s) + "\n" + format_report(mem))
+
+
+def _memory(g, args):
+    """Paper-style memory figures (runtime.memory), checked against --max-memory."""
+    from models import load_model
+    from runtime.budget import parse_size
+    from runtime.memory import account, check
+    seq = args.seq_len or int(g.get("{arch}.context_length", 0))
+    mem = account(g, load_model(g), seq)
+    if args.max_memory:
+        check(mem, parse_size(args.max_memory), f"{args.model} at {seq} tokens")
+    return mem
+
+
+# -- encoders ----------------------------------------------------------------------------------
+def cmd_classify(args):
+    from runtime import LLM
+    items = args.texts
+    if args.ids:
+        try:
+            items = [[int(t) for t in x.split()] for x in args.texts]
+        except ValueError:
+            raise CLIError("--ids: each TEXT must be whitespace-separated token ids") from None
+    with LLM.load(args.model, threads=args.threads, backend=args.backend,
+                  max_memory=args.max_memory, progress=_progress_printer(args.model)) as llm:
+        labels, probs = llm.classify(items)
+    if args.json:
+        print(json.dumps([{"label": lab, "probs": p.tolist()} for lab, p in zip(labels, probs)]))
+        return
+    for lab, p, x in zip(labels, probs, args.texts):
+        print(f"{lab}\t{p.max():.4f}\t{x}")
 
 
 # -- quantization ------------------------------------------------------------------------------
@@ -127,6 +164,12 @@ def add_sparse_flag(s: argparse.ArgumentParser):
                    help="block-sparse attention for models that have it (MiniCPM: InfLLM v2): "
                         "auto = from the model's switch length on, on = always, off = dense "
                         "[POCKETLM_SPARSE_ATTENTION]")
+
+
+def add_max_memory_flag(s: argparse.ArgumentParser):
+    s.add_argument("--max-memory", default=_env("MAX_MEMORY", None), metavar="SIZE",
+                   help="device memory limit (e.g. 781kB, 2MB, 1MiB): refuse inputs whose "
+                        "weights + activations exceed it [POCKETLM_MAX_MEMORY]")
 
 
 def add_generation_flags(s: argparse.ArgumentParser):
@@ -266,7 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--pull", action="store_true", help="pull the model first if it is missing")
+    s.add_argument("--memory", action="store_true",
+                   help="weights + peak activations in bytes, as the EmbBERT-Q paper counts "
+                        "them (tiny encoders)")
+    s.add_argument("--seq-len", type=int, default=None,
+                   help="tokens for --memory (default: the model's context length)")
+    add_max_memory_flag(s)
     s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("classify", help="classify texts with an encoder classifier (EmbBERT-Q)")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("texts", nargs="+", metavar="TEXT")
+    s.add_argument("--ids", action="store_true",
+                   help="each TEXT is whitespace-separated token ids, not text")
+    s.add_argument("--backend", choices=("numba", "numpy"), default=_env("BACKEND", None),
+                   help="numpy runs without any JIT compilation (default: numba) "
+                        "[POCKETLM_BACKEND]")
+    s.add_argument("-t", "--threads", type=int, default=_env("THREADS", None, int),
+                   help="CPU threads (default: all cores) [POCKETLM_THREADS]")
+    s.add_argument("--json", action="store_true", help="print JSON: label and probabilities")
+    add_max_memory_flag(s)
+    s.set_defaults(func=cmd_classify)
 
     s = sub.add_parser("quantize", help="convert a GGUF to another quantization type")
     s.add_argument("input", metavar="IN", help="model name or input .gguf")
