@@ -44,7 +44,7 @@ import numpy as np
 
 import quant
 
-ARCH_MODULES = ("tools.synth_smallthinker", "tools.synth_minicpm")
+ARCH_MODULES = ("tools.synth_smallthinker", "tools.synth_embbert", "tools.synth_minicpm")
 ALIGNMENT = 32
 # Elements per slab of a 2-D tensor: bounds the float32 draw and its quantization temporaries.
 SLAB_ELEMS = 1 << 22
