@@ -37,6 +37,8 @@ class HFTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds [CLS] if the model asks for it. The JSON's
+        added tokens are always matched (``parse_special`` is accepted for the common API)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_special and self.add_bos else ids
 

@@ -220,3 +220,46 @@ def convert(src: str | Path, out: str | Path, qtype: str = "f32", *,
     return state_to_gguf(read_safetensors(st), out, qtype, labels=labels,
                          tokenizer_json=tok_json, cls_prefix=cls_prefix, eps=eps,
                          name=src.stem if not src.is_dir() else src.name)
+
+
+def add_arguments(p) -> None:
+    """The converter's command-line arguments (``python -m tools.convert_embbert``)."""
+    p.add_argument("src", metavar="SRC",
+                   help="model.safetensors, or a folder with it (and tokenizer.json)")
+    p.add_argument("out", metavar="OUT", help="output .gguf path")
+    p.add_argument("--type", default="f32", choices=TYPES,
+                   help="f32, f16, or int8 (per-row I8 linear weights, F16 elsewhere)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class names, one per classifier output")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizers JSON to embed (default: SRC/tokenizer.json if present)")
+    p.add_argument("--cls-prefix", action="store_true",
+                   help="prefix text inputs with [CLS] (tokenizer.ggml.add_bos_token)")
+    p.add_argument("--eps", type=float, default=F32_EPS,
+                   help="RMSNorm epsilon (default: float32 machine epsilon, as trained)")
+
+
+def run(args) -> dict:
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    return convert(args.src, args.out, args.type, labels=labels, tokenizer=args.tokenizer,
+                   cls_prefix=args.cls_prefix, eps=args.eps)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m tools.convert_embbert",
+                                description="EmbBERT-Q safetensors (authors' layout) -> GGUF")
+    add_arguments(p)
+    try:
+        info = run(p.parse_args(argv))
+    except (ValueError, OSError) as e:
+        print(f"convert_embbert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {info['path']}: {info['type']}, {info['n_params']:,} parameters, "
+          f"{info['n_layer']} layers, {info['n_labels']} labels")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
