@@ -4,6 +4,7 @@ authors' safetensors layout, memory accounting (§5) and the memory guard."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +440,24 @@ def test_synth_plugin_draws_the_same_weights(tmp_path):
         g.close()
     with pytest.raises(ValueError, match="for int8 use"):
         synthesize("embbert-test", tmp_path / "q.gguf", Options(qtype="Q8_0"), tokenizer=vocab)
+
+
+def test_numpy_backend_compiles_nothing(test_model):
+    """A fresh interpreter classifies on the numpy backend without compiling (or loading from
+    Numba's cache) a single kernel."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "from numba.core.registry import CPUDispatcher\n"
+        "from runtime import LLM\n"
+        f"with LLM.load({str(test_model[0])!r}, backend='numpy') as llm:\n"
+        "    llm.classify([[2, 5, 9, 4, 7, 0]])\n"
+        "fns = {id(f): f for m in list(sys.modules.values()) for f in vars(m).values()\n"
+        "       if isinstance(f, CPUDispatcher)}\n"
+        "print(len(fns), sorted(f.__name__ for f in fns.values() if f.signatures))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    n, compiled = r.stdout.split(" ", 1)
+    assert int(n) > 10 and compiled.strip() == "[]"
