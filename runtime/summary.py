@@ -16,7 +16,7 @@ _HPARAMS = (
     "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.dimension_count",
     "rope.freq_base", "rope.scaling.type", "rope.scaling.factor", "expert_count",
     "expert_used_count", "expert_gating_func", "vocab_size", "embedding_scale",
-    "residual_scale", "logit_scale", "pooling_type",
+    "residual_scale", "logit_scale", "pooling_type", "conv_kernel",
 )
 
 
