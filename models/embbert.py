@@ -53,7 +53,7 @@ def _vector(t, n: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(v, F)
 
 
-def _linear(w, src, name: str, rows: int, cols: int, bias: bool = True) -> SimpleNamespace:
+def _linear(src, name: str, rows: int, cols: int, bias: bool = True) -> SimpleNamespace:
     """A linear layer in runtime form: int8 rows + per-row scales, or a float32 matrix."""
     t = getattr(src, name, None)
     if t is None:
@@ -93,13 +93,13 @@ class Model:
         if w.position_embd.shape != (a.n_ctx, r):
             raise ValueError(f"embbert: position_embd has shape {w.position_embd.shape}, "
                              f"expected ({a.n_ctx}, {r})")
-        self.tok_proj = _linear(w, w, "token_embd_proj", d, r, bias=False)
-        self.pos_proj = _linear(w, w, "position_embd_proj", d, r, bias=False)
+        self.tok_proj = _linear(w, "token_embd_proj", d, r, bias=False)
+        self.pos_proj = _linear(w, "position_embd_proj", d, r, bias=False)
         self.seg = np.ascontiguousarray(w.token_types.dequantize(), F)   # (3, d)
         if self.seg.shape != (3, d):
             raise ValueError(f"embbert: token_types has shape {self.seg.shape}, expected (3, {d})")
         n_cls = w.cls.rows
-        self.head = _linear(w, w, "cls", n_cls, d)
+        self.head = _linear(w, "cls", n_cls, d)
         if a.labels and len(a.labels) != n_cls:
             raise ValueError(f"embbert: {len(a.labels)} labels for a head of {n_cls} outputs")
         self.labels = a.labels or tuple(str(i) for i in range(n_cls))
@@ -113,10 +113,10 @@ class Model:
                    for k in ("q1", "k1", "q2", "k2")}
             self.layers.append(SimpleNamespace(
                 norm=_vector(b.attn_norm, d, f"blk.{i}.attn_norm"),
-                q=_linear(w, b, "attn_q", d, d), o=_linear(w, b, "attn_output", d, d),
+                q=_linear(b, "attn_q", d, d), o=_linear(b, "attn_output", d, d),
                 conv=np.ascontiguousarray(conv, F),
                 conv_b=_vector(b.conv_b, a.n_inner, f"blk.{i}.conv.bias"),
-                conv_out=_linear(w, b, "conv_out", d, a.n_inner),
+                conv_out=_linear(b, "conv_out", d, a.n_inner),
                 # mixing weights are constants of the checkpoint: computed once, in f64
                 lam1=F(np.exp(np.dot(lam["q1"].astype(np.float64), lam["k1"]))),
                 lam2=F(np.exp(np.dot(lam["q2"].astype(np.float64), lam["k2"])))))
@@ -151,10 +151,10 @@ class Model:
         T = len(ids)
         if T == 0 or T > a.n_ctx:
             raise ValueError(f"embbert: input has {T} tokens, the model takes 1..{a.n_ctx}")
-        n_vocab = self.tok_embd.rows
-        if ids.min() < 0 or ids.max() >= n_vocab:
-            raise ValueError(f"embbert: token id {int(ids.max() if ids.max() >= n_vocab else ids.min())} "
-                             f"outside the vocabulary of {n_vocab}")
+        bad = ids[(ids < 0) | (ids >= self.tok_embd.rows)]
+        if len(bad):
+            raise ValueError(f"embbert: token id {int(bad[0])} is outside the vocabulary "
+                             f"of {self.tok_embd.rows}")
         valid = ids != a.pad_id                                             # (T,) key mask
         x = (self._lin(self.tok_proj, nn.embed(self.tok_embd, ids))
              + self._lin(self.pos_proj, nn.embed(self.pos_embd, np.arange(T)))

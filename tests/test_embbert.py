@@ -461,3 +461,38 @@ def test_numpy_backend_compiles_nothing(test_model):
     assert r.returncode == 0, r.stderr
     n, compiled = r.stdout.split(" ", 1)
     assert int(n) > 10 and compiled.strip() == "[]"
+
+
+def test_bad_inputs_and_files(test_model, tmp_path):
+    import gguf
+    with LLM.load(str(test_model[0])) as llm:
+        for item, msg in (([2, 500], "token id 500 is outside the vocabulary of 96"),
+                          ([], "input has 0 tokens, the model takes 1..48"),
+                          ([2] * 49, "input has 49 tokens, the model takes 1..48"),
+                          ("text", "no tokenizer: pass token ids")):
+            with pytest.raises(ValueError, match=msg):
+                llm.classify([item])
+        with pytest.raises(ValueError, match="a list of texts"):
+            llm.classify("text")
+        with pytest.raises(ValueError, match="backend 'jax'"):
+            llm.model.set_backend("jax")
+    # an int8 file without its head, or whose int8 weight lost its scale
+    write(tmp_path / "int8.gguf", "embbert-test", "int8")
+    with open_gguf(tmp_path / "int8.gguf") as src:
+        for drop, msg in (("cls.weight", "lacks tensor cls"),
+                          ("blk.0.attn_q.scale", "int8 tensor attn_q has no attn_q.scale")):
+            w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "embbert")
+            for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                      "conv_kernel"):
+                w.add_uint32(f"embbert.{k}", int(src.get(f"embbert.{k}")))
+            w.add_float32("embbert.attention.layer_norm_rms_epsilon", F32_EPS)
+            for name in src.tensors:
+                t = src.tensor(name)
+                if name != drop:
+                    w.add_tensor(name, t.data.view(np.int8) if t.qtype == "I8" else t.dequantize())
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            with pytest.raises(ValueError, match=msg):
+                LLM.load(str(tmp_path / "bad.gguf"))
