@@ -18,6 +18,7 @@ the same kernels as memory-mapped experts.
 from __future__ import annotations
 
 import bisect
+import errno
 import heapq
 import itertools
 import math
@@ -25,6 +26,7 @@ import mmap
 import os
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +79,6 @@ class ExpertStore:
             self.fd = os.open(path, os.O_RDONLY)
         self.region = [max(p[i].region() for p in layers.values()) for i in range(3)]
         self.slot_bytes = sum(self.region)
-        self.bytes_read = 0
 
     @classmethod
     def from_gguf(cls, g, direct: bool = True) -> "ExpertStore | None":
@@ -109,7 +110,21 @@ class ExpertStore:
         return sum(p.nbytes for p in self.layers[layer])
 
     def read(self, layer: int, e: int, slot: memoryview) -> list[int]:
-        """Read expert ``e`` of ``layer`` into a slot buffer; the planes' starts in it."""
+        """Read expert ``e`` of ``layer`` into a page-aligned slot buffer; the planes' starts
+        in it."""
+        if self.direct:
+            try:
+                return self._read(layer, e, slot)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # the filesystem took O_DIRECT at open but refuses it on reads
+                self.direct = False
+                fd, self.fd = self.fd, os.open(self.path, os.O_RDONLY)
+                os.close(fd)
+        return self._read(layer, e, slot)
+
+    def _read(self, layer: int, e: int, slot: memoryview) -> list[int]:
         starts, base = [], 0
         for plane, size in zip(self.layers[layer], self.region):
             off = plane.offset + e * plane.nbytes
@@ -123,7 +138,6 @@ class ExpertStore:
                 self._read_fully(buf[:plane.nbytes], off, plane.nbytes)
                 os.posix_fadvise(self.fd, off, plane.nbytes, os.POSIX_FADV_DONTNEED)
                 starts.append(base)
-            self.bytes_read += plane.nbytes
             base += size
         return starts
 
@@ -186,9 +200,6 @@ class Predictive(LFU):
         self.calls: dict = {}      # layer -> decayed count of its calls, same decay
         self.predicted: set = set()
 
-    def touch(self, key, step: int):
-        super().touch(key, step)
-
     def layer_call(self, layer: int, step: int):
         self.touch(("call", layer), step)
 
@@ -245,7 +256,8 @@ class ExpertCache:
     wants_hints = True
 
     def __init__(self, store: ExpertStore, n_slots: int, policy: str = "lru",
-                 io_threads: int = 2, trace=None, min_precision: float = 0.5):
+                 io_threads: int = 2, trace=None, min_precision: float = 0.5,
+                 speculate: bool = True):
         if n_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
         if policy not in POLICIES:
@@ -253,6 +265,7 @@ class ExpertCache:
                              f"(choose from {', '.join(POLICIES)})")
         self.store = store
         self.n_layers = max(store.layers) + 1
+        self.policy_name = policy
         self.policy = POLICIES[policy](self.n_layers, trace=trace)
         self.n_slots = n_slots
         self.slot_bytes = store.slot_bytes
@@ -273,14 +286,42 @@ class ExpertCache:
         self.step = 0
         self.layer = 0
         self.predicted: dict = {}      # layer -> set of predicted ids (last hint)
+        # speculative reads: allowed at all, and on now (off while predictions miss)
         self.min_precision = min_precision
-        self.speculate = True
+        self.may_speculate = self.speculate = speculate
         self.stats = CacheStats()
         self._closed = False
         self.threads = [threading.Thread(target=self._worker, daemon=True,
                                          name=f"pocketlm-io-{i}") for i in range(io_threads)]
         for t in self.threads:
             t.start()
+
+    def set_policy(self, policy: str, trace=None):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r} "
+                             f"(choose from {', '.join(POLICIES)})")
+        with self.cv:
+            self.policy_name = policy
+            self.policy = POLICIES[policy](self.n_layers, trace=trace)
+
+    def reset(self):
+        """Empty the cache and zero the statistics (nothing may be in use)."""
+        with self.cv:
+            while any(st == LOADING for st in self.state) or self.queue:
+                self.queue.clear()
+                self.queued.clear()
+                self.cv.wait(0.01)
+            self.where.clear()
+            self.key = [None] * self.n_slots
+            self.state = [EMPTY] * self.n_slots
+            self.expert = [None] * self.n_slots
+            self.wanted, self.predicted, self.step = set(), {}, 0
+            self.speculate = self.may_speculate
+            self.stats = CacheStats()
+
+    def snapshot(self) -> "CacheStats":
+        with self.cv:
+            return dataclasses.replace(self.stats)
 
     # -- model side ------------------------------------------------------------------------------
     def request(self, layer: int, ids):
@@ -378,7 +419,7 @@ class ExpertCache:
         st.pred_tp += hit
         st.pred_fp += len(pred) - hit
         st.pred_fn += len(actual) - hit
-        if st.pred_n >= 32:
+        if st.pred_n >= 32 and self.may_speculate:
             p = st.precision
             # speculative reads that mostly miss cost bandwidth the urgent reads need
             if self.speculate and p < self.min_precision:
@@ -437,6 +478,7 @@ class ExpertCache:
                     self.stats.speculative_reads += 1
                 if err is None:
                     self.state[slot], self.expert[slot] = READY, ex
+                    self.stats.bytes_read += self.store.expert_bytes(key[0])
                 else:
                     self.where.pop(key, None)
                     self.key[slot], self.state[slot], self.error[slot] = None, EMPTY, err
@@ -485,16 +527,16 @@ class ExpertCache:
         for t in self.threads:
             t.join()
         self.store.close()
+        # the arena is unmapped when the last view of it (an Expert still held) goes
         self.expert = [None] * self.n_slots
-        self._view.release()
-        self._arena_np = None
-        self.arena.close()
+        self._view = self._arena_np = self.arena = None
 
 
 @dataclass
 class CacheStats:
-    hit_bytes: int = 0
+    hit_bytes: int = 0      # requested expert bytes already in the cache
     miss_bytes: int = 0
+    bytes_read: int = 0
     reads: int = 0
     speculative_reads: int = 0
     evictions: int = 0
@@ -506,11 +548,6 @@ class CacheStats:
     pred_fn: int = 0
 
     @property
-    def hit_rate(self) -> float:
-        total = self.hit_bytes + self.miss_bytes
-        return self.hit_bytes / total if total else 0.0
-
-    @property
     def precision(self) -> float:
         n = self.pred_tp + self.pred_fp
         return self.pred_tp / n if n else 0.0
@@ -520,11 +557,21 @@ class CacheStats:
         n = self.pred_tp + self.pred_fn
         return self.pred_tp / n if n else 0.0
 
-    def as_dict(self, bytes_read: int) -> dict:
-        hidden = 1.0 - self.wait_s / self.read_s if self.read_s > 0 else 1.0
+    def minus(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(**{f.name: getattr(self, f.name) - getattr(other, f.name)
+                             for f in dataclasses.fields(self)})
+
+    def as_dict(self, n_tokens: int = 1) -> dict:
+        """Figures for a run over ``n_tokens`` tokens (hidden: share of read time that the
+        main thread did not spend waiting)."""
+        total = self.hit_bytes + self.miss_bytes
         return {
-            "hit_rate_bytes": self.hit_rate, "bytes_read": bytes_read, "reads": self.reads,
-            "speculative_reads": self.speculative_reads, "evictions": self.evictions,
-            "read_s": self.read_s, "wait_s": self.wait_s, "read_hidden": max(0.0, hidden),
+            "hit_rate_bytes": self.hit_bytes / total if total else 0.0,
+            "bytes_read": self.bytes_read,
+            "bytes_read_per_token": self.bytes_read / max(n_tokens, 1),
+            "reads": self.reads, "speculative_reads": self.speculative_reads,
+            "evictions": self.evictions, "read_s": self.read_s, "wait_s": self.wait_s,
+            "read_hidden": (max(0.0, 1.0 - self.wait_s / self.read_s) if self.read_s > 0
+                            else 1.0),
             "prediction_precision": self.precision, "prediction_recall": self.recall,
         }

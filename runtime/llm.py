@@ -43,12 +43,17 @@ class LLM:
     @classmethod
     def load(cls, model: str, *, n_ctx: int | None = None, threads: int | None = None,
              chunk: int = 512, chat_template: str | None = None, pull: bool = True,
+             memory_budget: int | str | None = None, expert_policy: str = "lru",
              progress: ProgressFn | None = None, sparse_attention: str = "auto",
              backend: str | None = None, max_memory: int | str | None = None) -> "LLM":
         """Load a model by store name (pulled on first use) or ``.gguf`` path.
 
         ``n_ctx`` defaults to the model's training context capped at 4096; ``threads`` to all
         cores; ``chat_template`` is a path to a Jinja file overriding the model's template.
+        ``memory_budget`` (bytes or a size such as "1GiB") caps the whole process: a budget
+        that cannot work is refused with the minimum that would; a mixture-of-experts model
+        then streams its experts from disk through a cache of what fits, evicting by
+        ``expert_policy`` (lru, lfu, predictive; see docs/experts.md).
         ``sparse_attention`` ("auto", "on", "off") applies to models with block-sparse
         attention (MiniCPM: InfLLM v2, see docs/minicpm.md); "on" is an error for others.
         ``backend`` "numpy" runs models that offer it (tiny encoders) without any JIT;
@@ -89,12 +94,16 @@ class LLM:
             n_ctx = n_ctx or min(train_ctx, 4096)
             if n_ctx <= 0:
                 raise ValueError("context size must be positive")
+            memory_plan = None
+            if memory_budget is not None:
+                memory_plan = _apply_budget(g, m, n_ctx, chunk, memory_budget, expert_policy)
             # models whose computation depends on run settings (context, attention mode)
             if hasattr(m, "configure"):
                 m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
             elif sparse_attention == "on":
                 raise ValueError(f"{g.arch} models have no sparse attention")
             llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
+            llm.memory_plan = memory_plan
             if max_memory is not None:
                 llm.set_memory_limit(max_memory)
         except Exception:
@@ -227,6 +236,9 @@ class LLM:
         self.cancel()
         with self._lock:
             self.cache = None
+            experts = getattr(self.model, "experts", None)
+            if hasattr(experts, "close"):
+                experts.close()
             self.model = None
             if self.gguf is not None:
                 self.gguf.close()
@@ -250,6 +262,28 @@ def _encoder_tokenizer(meta: dict):
     if HF_JSON_KEY in meta:
         return HFTokenizer.from_metadata(meta)
     return None
+
+
+def _apply_budget(g, model, n_ctx: int, chunk: int, budget, policy: str):
+    """Check ``budget`` against the model; routed experts then stream through a cache."""
+    from runtime import kernels
+    from runtime.budget import parse_size, plan
+    from runtime.experts import POLICIES, ExpertCache, ExpertStore
+    budget = parse_size(budget)
+    if policy not in POLICIES or policy == "oracle":
+        raise ValueError(f"expert policy {policy!r}: expected lru, lfu or predictive")
+    # the plan measures the process with the model's kernels loaded
+    kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
+    store = ExpertStore.from_gguf(g) if hasattr(model, "experts") else None
+    try:
+        p = plan(model, g, store, n_ctx, chunk, budget)
+        if store is not None:
+            model.experts = ExpertCache(store, p.n_slots, policy)
+    except Exception:
+        if store is not None:
+            store.close()
+        raise
+    return p
 
 
 def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:

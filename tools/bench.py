@@ -18,51 +18,113 @@ def _random_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, n_vocab - 1, size=n).tolist()
 
 
-def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, reps: int = 5,
-                progress=None) -> dict:
-    """Prefill and decode speed of a loaded ``runtime.LLM``; a JSON-friendly dict."""
+def _uniform_router(n_expert: int, seed: int):
+    """A route_override picking k distinct experts uniformly at random per token and layer,
+    equally weighted: the worst case for an expert cache."""
+    rng = np.random.default_rng(seed)
+
+    def override(layer, ids, weights):
+        n, k = ids.shape
+        sel = np.argsort(rng.random((n, n_expert)), axis=1)[:, :k]
+        return sel, np.full((n, k), 1.0 / k, np.float32)
+    return override
+
+
+def _run(llm, kind: str, n: int, depth: int, r: int, tokens) -> float:
+    """One timed test; returns seconds. ``tokens``: the text to feed (teacher forcing), or
+    None for random prompts and greedy decoding."""
     model, n_vocab = llm.model, llm.tokenizer.n_vocab
+    if kind == "pp":
+        ids = tokens[:n] if tokens is not None else _random_tokens(n_vocab, n, r)
+        cache = model.new_cache(n, llm.chunk)
+        t0 = time.perf_counter()
+        prefill(model, cache, ids, llm.chunk)
+        return time.perf_counter() - t0
+    ids = tokens[:depth + n + 1] if tokens is not None else _random_tokens(n_vocab, depth + 1, r)
+    cache = model.new_cache(depth + n + 1, llm.chunk)
+    if depth:
+        prefill(model, cache, ids[:depth], llm.chunk)
+    tok = ids[depth]
+    t0 = time.perf_counter()
+    for i in range(n):
+        pos = np.array([cache.n_past], dtype=np.int64)
+        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache)
+        cache.n_past += 1
+        tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
+    return time.perf_counter() - t0
+
+
+def _tests(n_prompt: int, n_gen: int) -> list[tuple[str, int]]:
+    return ([("pp", n_prompt)] if n_prompt > 0 else []) + ([("tg", n_gen)] if n_gen > 0 else [])
+
+
+def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, reps: int = 5,
+                progress=None, routing: str = "model", text_ids: list[int] | None = None,
+                seed: int = 0) -> dict:
+    """Prefill and decode speed of a loaded ``runtime.LLM``; a JSON-friendly dict.
+
+    For MoE models ``routing`` chooses the experts: "model" (the router; random prompts,
+    greedy decoding), "text" (the router, fed ``text_ids`` by teacher forcing, so tokens are
+    a real text's) or "uniform" (uniform random experts). With experts streamed under a
+    memory budget each test also reports the cache's figures, and the "oracle" policy is
+    given the run's routing trace from a first pass of the same runs.
+    """
+    model = llm.model
+    experts = getattr(model, "experts", None)
+    if routing not in ("model", "text", "uniform"):
+        raise ValueError(f"routing {routing!r}: expected model, text or uniform")
+    if routing != "model" and experts is None:
+        raise ValueError(f"--routing applies to mixture-of-experts models, not {llm.gguf.arch}")
+    tokens = None
+    if routing == "text":
+        need = max(n_prompt, depth + n_gen + 1)
+        if text_ids is None or len(text_ids) < need:
+            raise ValueError(f"text routing needs a text of at least {need} tokens")
+        tokens = text_ids
+    streamed = hasattr(experts, "stats")
+    tests = _tests(n_prompt, n_gen)
+
+    def runs():
+        if routing == "uniform":
+            model.route_override = _uniform_router(model.args.n_expert, seed)
+        out = []
+        for kind, n in tests:
+            samples, stats = [], []
+            for r in range(reps + 1):  # the first run warms caches and JIT
+                before = experts.snapshot() if streamed else None
+                dt = _run(llm, kind, n, depth, r, tokens)
+                if r > 0:
+                    samples.append(n / dt)
+                    if streamed:
+                        stats.append(experts.snapshot().minus(before).as_dict(n))
+                if progress:
+                    progress(f"{kind}{n}", r, reps)
+            out.append((kind, n, samples, stats))
+        model.route_override = None
+        return out
+
+    if streamed and experts.policy_name == "oracle":
+        trace = []
+        model.on_route, prev = (lambda layer, ids: trace.append((layer, ids))), model.on_route
+        experts.set_policy("lru")
+        runs()
+        model.on_route = prev
+        experts.reset()
+        experts.set_policy("oracle", trace=_steps(trace))
     results = []
-    tests = []
-    if n_prompt > 0:
-        tests.append(("pp", n_prompt))
-    if n_gen > 0:
-        tests.append(("tg", n_gen))
-    for kind, n in tests:
-        samples = []
-        for r in range(reps + 1):  # the first run warms caches and JIT
-            if kind == "pp":
-                ids = _random_tokens(n_vocab, n, r)
-                cache = model.new_cache(n, llm.chunk)
-                t0 = time.perf_counter()
-                prefill(model, cache, ids, llm.chunk)
-                dt = time.perf_counter() - t0
-            else:
-                ids = _random_tokens(n_vocab, depth + 1, r)
-                cache = model.new_cache(depth + n + 1, llm.chunk)
-                if depth:
-                    prefill(model, cache, ids[:depth], llm.chunk)
-                tok = ids[depth]
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    pos = np.array([cache.n_past], dtype=np.int64)
-                    logits = model.forward(np.array([tok], dtype=np.int64), pos, cache)
-                    cache.n_past += 1
-                    tok = int(np.argmax(logits[-1]))
-                dt = time.perf_counter() - t0
-            if r > 0:
-                samples.append(n / dt)
-            if progress:
-                progress(f"{kind}{n}", r, reps)
+    for kind, n, samples, stats in runs():
         name = f"{kind}{n}" + (f" @ d{depth}" if kind == "tg" and depth else "")
-        results.append({
+        row = {
             "test": name, "n_tokens": n, "depth": depth if kind == "tg" else 0,
             "tps_mean": statistics.mean(samples),
             "tps_sd": statistics.stdev(samples) if len(samples) > 1 else 0.0,
             "samples": samples,
-        })
+        }
+        if stats:
+            row["experts"] = {k: statistics.mean(s[k] for s in stats) for k in stats[0]}
+        results.append(row)
     g = llm.gguf
-    return {
+    out = {
         "model": g.path,
         "arch": g.arch,
         "size_bytes": g.file_size,
@@ -71,8 +133,19 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         "threads": kernels.get_threads(),
         "load_s": llm.load_s,
         "peak_rss_bytes": peak_rss(),
+        "routing": routing,
         "results": results,
     }
+    if streamed:
+        out["memory_plan"] = llm.memory_plan.as_dict()
+        out["policy"] = experts.policy_name
+        out["direct_io"] = experts.store.direct
+    return out
+
+
+def _steps(trace) -> list:
+    """A routing trace (layer, ids) per routing call, as the cache's steps: one per call."""
+    return [(layer, np.unique(ids)) for layer, ids in trace]
 
 
 def format_table(r: dict) -> str:
@@ -86,5 +159,17 @@ def format_table(r: dict) -> str:
         rows.append(f"| {name} | {r['size_bytes'] / 2**20:.2f} MiB | {r['n_params'] / 1e6:.2f} M "
                     f"| {r['backend']} | {r['threads']} | {t['test']} "
                     f"| {t['tps_mean']:.2f} ± {t['tps_sd']:.2f} |")
+    for t in r["results"]:
+        e = t.get("experts")
+        if e:
+            rows.append(f"{t['test']}: expert hit rate {e['hit_rate_bytes']:.1%} of bytes, "
+                        f"{e['bytes_read_per_token'] / 2**20:.1f} MiB read/token, "
+                        f"{e['read_hidden']:.0%} of read time hidden, prediction precision "
+                        f"{e['prediction_precision']:.2f} recall {e['prediction_recall']:.2f}")
+    if "policy" in r:
+        plan = r["memory_plan"]
+        rows.append(f"memory budget {plan['budget'] / 2**20:.0f} MiB: {plan['n_slots']} of "
+                    f"{plan['n_experts']} experts cached ({r['policy']}, routing "
+                    f"{r['routing']}, {'O_DIRECT' if r['direct_io'] else 'buffered'} reads)")
     rows.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, load {r['load_s']:.2f} s")
     return "\n".join(rows)

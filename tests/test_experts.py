@@ -1,0 +1,145 @@
+"""Experts streamed from disk: the store reads the file's bytes, the cache never changes a
+number whatever its size or policy, the budget planner refuses what cannot fit."""
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from models import load_model
+from runtime import moe
+from runtime.budget import MemoryBudgetError, parse_size, plan
+from runtime.experts import POLICIES, ExpertCache, ExpertStore
+from runtime.gguf import open_gguf
+from runtime.generate import prefill
+
+
+@pytest.fixture(scope="module")
+def tiny(smallthinker_tiny_path):
+    g = open_gguf(smallthinker_tiny_path)
+    yield g, load_model(g)
+    g.close()
+
+
+def _run(model, ids, n_prefill):
+    """Logits of a chunked prefill then one decode step per remaining token."""
+    cache = model.new_cache(len(ids), 8)
+    rows = [prefill(model, cache, ids[:n_prefill], 8, n_logits=n_prefill)]
+    for t in ids[n_prefill:]:
+        pos = np.array([cache.n_past], dtype=np.int64)
+        rows.append(model.forward(np.array([t], dtype=np.int64), pos, cache))
+        cache.n_past += 1
+    return np.concatenate(rows)
+
+
+IDS = [int(i) for i in np.random.default_rng(5).integers(100, 40000, size=28)]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_store_reads_the_files_expert_bytes(tiny, direct):
+    g, model = tiny
+    store = ExpertStore.from_gguf(g, direct=direct)
+    resident = moe.ResidentExperts(
+        [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in model.w.blk])
+    buf = mmap.mmap(-1, store.slot_bytes)   # page-aligned, as O_DIRECT needs
+    try:
+        for layer in store.layers:
+            for e in range(store.n_expert[layer]):
+                starts = store.read(layer, e, memoryview(buf))
+                want = resident.get(layer, e)
+                for plane, start, mat in zip(store.layers[layer], starts,
+                                             (want.gate, want.up, want.down)):
+                    got = np.frombuffer(buf, np.uint8, plane.nbytes, start)
+                    assert np.array_equal(got, mat.data.reshape(-1))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("n_slots", [1, 5, 32])
+def test_streaming_never_changes_a_number(tiny, policy, n_slots):
+    g, model = tiny
+    resident = model.experts
+    ref = _run(model, IDS, 20)
+    trace = []
+    if policy == "oracle":
+        model.on_route = lambda layer, ids: trace.append((layer, np.unique(ids)))
+        _run(model, IDS, 20)
+        model.on_route = None
+    cache = ExpertCache(ExpertStore.from_gguf(g), n_slots, policy, trace=trace or None)
+    try:
+        model.experts = cache
+        got = _run(model, IDS, 20)
+        stats = cache.snapshot()
+    finally:
+        model.experts = resident
+        cache.close()
+    assert np.array_equal(got, ref)
+    assert stats.bytes_read > 0
+    if n_slots == 32:   # everything fits: each expert is read at most once
+        assert stats.evictions == 0 and stats.reads <= 32
+
+
+def test_oracle_misses_no_more_than_lru(tiny):
+    g, model = tiny
+    resident, trace = model.experts, []
+    model.on_route = lambda layer, ids: trace.append((layer, np.unique(ids)))
+    _run(model, IDS, 4)
+    model.on_route = None
+    misses = {}
+    for policy in ("lru", "oracle"):
+        # without speculative reads, misses are the policy's alone
+        cache = ExpertCache(ExpertStore.from_gguf(g), 6, policy, trace=trace,
+                            speculate=False)
+        try:
+            model.experts = cache
+            _run(model, IDS, 4)
+            misses[policy] = cache.snapshot().miss_bytes
+        finally:
+            model.experts = resident
+            cache.close()
+    assert misses["oracle"] <= misses["lru"]
+
+
+def test_read_error_reaches_the_caller(tiny):
+    g, model = tiny
+    store = ExpertStore.from_gguf(g)
+    cache = ExpertCache(store, 4)
+    os.close(store.fd)   # every read now fails
+    store.fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="ends early"):
+            for _ in cache.each(0, np.array([[1, 2]])):
+                pass
+    finally:
+        cache.close()
+
+
+def test_parse_size():
+    assert parse_size("1GiB") == 1 << 30
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("800M") == 800 << 20
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size(4096) == 4096
+    for bad in ("", "lots", "1XB", "-1G", "0"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_size(bad)
+
+
+def test_budget_plan(tiny):
+    g, model = tiny
+    store = ExpertStore.from_gguf(g)
+    try:
+        base = 100 << 20
+        with pytest.raises(MemoryBudgetError, match="needs at least"):
+            plan(model, g, store, 256, 64, 101 << 20, baseline=base)
+        p = plan(model, g, store, 256, 64, 1 << 30, baseline=base)
+        assert p.n_slots == p.n_experts == 32           # everything fits
+        small = plan(model, g, store, 256, 64, p.minimum, baseline=base)
+        assert small.n_slots == 2 * model.args.n_expert_used
+        assert small.minimum == p.minimum
+        # the parts add up to what the budget must cover
+        assert small.baseline + small.resident + small.kv_cache + small.scratch + \
+            small.arena <= small.budget
+    finally:
+        store.close()
