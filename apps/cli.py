@@ -156,6 +156,17 @@ def add_model_flags(s: argparse.ArgumentParser):
     s.add_argument("--verbose", action="store_true",
                    help="print load time, prompt and generation tok/s and peak memory")
     add_sparse_flag(s)
+    add_budget_flags(s)
+
+
+def add_budget_flags(s: argparse.ArgumentParser, policies=("lru", "lfu", "predictive")):
+    s.add_argument("--memory-budget", default=_env("MEMORY_BUDGET", None), metavar="SIZE",
+                   help="cap the whole process's memory (e.g. 1GiB, 1.5G, 800M); MoE experts "
+                        "then stream from disk; unset = no cap, all experts mapped "
+                        "[POCKETLM_MEMORY_BUDGET]")
+    s.add_argument("--cache-policy", choices=policies, default=_env("CACHE_POLICY", "lru"),
+                   help="expert cache eviction under --memory-budget (default lru) "
+                        "[POCKETLM_CACHE_POLICY]")
 
 
 def add_sparse_flag(s: argparse.ArgumentParser):
@@ -203,9 +214,12 @@ def _settings(args) -> dict:
 
 def _load(args):
     from runtime import LLM
+    # the oracle policy is set up by the benchmark from a traced first pass
+    policy = "lru" if args.cache_policy == "oracle" else args.cache_policy
     return LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
                     progress=_progress_printer(args.model),
-                    sparse_attention=args.sparse_attention)
+                    sparse_attention=args.sparse_attention,
+                    memory_budget=args.memory_budget, expert_policy=policy)
 
 
 def _print_stats(t):
@@ -278,9 +292,22 @@ def cmd_bench(args):
         return bench_kernels_main(argv)
     if not args.model:
         raise CLIError("give a MODEL to benchmark, or --kernels")
-    from tools.bench import bench_model, format_table
+    from tools.bench import bench_model, drop_page_cache, format_table
+    text_ids = None
+    if args.routing == "text" and not args.text:
+        raise CLIError("--routing text needs --text FILE")
+    if args.cold:
+        from runtime import store
+        drop_page_cache(store.resolve(args.model, pull_missing=False))
+    if args.ctx_size is None:   # llama-bench sizes the context to the test
+        args.ctx_size = max(args.n_prompt, args.depth + args.n_gen + 1)
     with _load(args) as llm:
-        r = bench_model(llm, args.n_prompt, args.n_gen, args.depth, args.repetitions)
+        if args.routing == "text":
+            with open(args.text, encoding="utf-8") as f:
+                text_ids = llm.tokenize(f.read())
+        r = bench_model(llm, args.n_prompt, args.n_gen, args.depth, args.repetitions,
+                        routing=args.routing, text_ids=text_ids,
+                        oracle=args.cache_policy == "oracle")
     print(json.dumps(r, indent=2) if args.json else format_table(r))
 
 
@@ -391,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--ctx-size", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     add_sparse_flag(s)
+    add_budget_flags(s, ("lru", "lfu", "predictive", "oracle"))
+    s.add_argument("--cold", action="store_true",
+                   help="drop the model file from the page cache before loading")
+    s.add_argument("--routing", choices=("model", "text", "uniform"), default="model",
+                   help="MoE expert choice: model = the router on random prompts (default), "
+                        "text = the router on --text fed token by token, uniform = uniform "
+                        "random experts (the worst case for a cache)")
+    s.add_argument("--text", metavar="FILE", help="UTF-8 text for --routing text")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_bench)
     return p

@@ -5,6 +5,7 @@ attention over a realistic cache. Each test runs ``reps`` times after one warm-u
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -12,6 +13,15 @@ import numpy as np
 
 from runtime import kernels
 from runtime.generate import peak_rss, prefill
+
+
+def drop_page_cache(path: str):
+    """Ask the kernel to forget the file's cached pages (a cold start, as after a reboot)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _random_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
@@ -60,14 +70,14 @@ def _tests(n_prompt: int, n_gen: int) -> list[tuple[str, int]]:
 
 def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, reps: int = 5,
                 progress=None, routing: str = "model", text_ids: list[int] | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, oracle: bool = False) -> dict:
     """Prefill and decode speed of a loaded ``runtime.LLM``; a JSON-friendly dict.
 
     For MoE models ``routing`` chooses the experts: "model" (the router; random prompts,
     greedy decoding), "text" (the router, fed ``text_ids`` by teacher forcing, so tokens are
     a real text's) or "uniform" (uniform random experts). With experts streamed under a
-    memory budget each test also reports the cache's figures, and the "oracle" policy is
-    given the run's routing trace from a first pass of the same runs.
+    memory budget each test also reports the cache's figures; ``oracle`` runs everything
+    once to trace the routing, then again with Belady's policy on that trace.
     """
     model = llm.model
     experts = getattr(model, "experts", None)
@@ -82,6 +92,8 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             raise ValueError(f"text routing needs a text of at least {need} tokens")
         tokens = text_ids
     streamed = hasattr(experts, "stats")
+    if oracle and not streamed:
+        raise ValueError("the oracle policy needs a memory budget (experts streamed)")
     tests = _tests(n_prompt, n_gen)
 
     def runs():
@@ -103,7 +115,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         model.route_override = None
         return out
 
-    if streamed and experts.policy_name == "oracle":
+    if oracle:
         trace = []
         model.on_route, prev = (lambda layer, ids: trace.append((layer, ids))), model.on_route
         experts.set_policy("lru")
