@@ -114,7 +114,7 @@ class Model:
             self.layers.append(SimpleNamespace(
                 norm=_vector(b.attn_norm, d, f"blk.{i}.attn_norm"),
                 q=_linear(b, "attn_q", d, d), o=_linear(b, "attn_output", d, d),
-                conv=np.ascontiguousarray(conv, F),
+                conv_t=np.ascontiguousarray(conv.T, F),                     # (K, C)
                 conv_b=_vector(b.conv_b, a.n_inner, f"blk.{i}.conv.bias"),
                 conv_out=_linear(b, "conv_out", d, a.n_inner),
                 # mixing weights are constants of the checkpoint: computed once, in f64
@@ -171,6 +171,6 @@ class Model:
             else:
                 att = np.zeros((n_q, a.n_embd), F)
             a1 = self._lin(L.o, att)                                        # (n_q, d)
-            a2 = self._lin(L.conv_out, o.conv_silu(z, L.conv, L.conv_b, n_q))   # (n_q, d)
+            a2 = self._lin(L.conv_out, o.conv_silu(z, L.conv_t, L.conv_b, n_q))   # (n_q, d)
             x = L.lam1 * a1 - L.lam2 * a2
         return self._lin(self.head, x[:1])[0]

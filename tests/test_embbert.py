@@ -139,7 +139,7 @@ def test_conv_silu_matches_loop_reference(backend, fe, n_out):
     x = rng.standard_normal((13, 6)).astype(np.float32)
     w = rng.standard_normal((6 * fe, 5)).astype(np.float32)
     b = rng.standard_normal(6 * fe).astype(np.float32)
-    got = K.ops(backend).conv_silu(x, w, b, n_out)
+    got = K.ops(backend).conv_silu(x, np.ascontiguousarray(w.T), b, n_out)
     np.testing.assert_allclose(got, _conv_ref(x, w, b, n_out), rtol=1e-5, atol=1e-5)
 
 

@@ -22,20 +22,27 @@ BACKENDS = ("numba", "numpy")
 
 # ------------------------------------------------------------------------- Numba kernels
 @njit(**SER)
-def dwconv_silu_rows(x, w, b, n_out, out):
-    """x (T, d); w (d*fe, K); b (d*fe,); out (>= n_out, d*fe): rows 0..n_out-1 of
-    silu(b + sum_k w[ch, k] * x[j-K+1+k, ch // fe]), x taken as 0 before row 0."""
+def dwconv_silu_rows(x, wt, b, n_out, out):
+    """x (T, d); wt (K, d*fe) taps-major; b (d*fe,); out (>= n_out, d*fe): rows 0..n_out-1 of
+    silu(b + sum_k wt[k, ch] * x[j-K+1+k, ch // fe]), x taken as 0 before row 0.
+    Channels innermost: contiguous rows of x and wt, so the loop vectorizes."""
     T, d = x.shape
-    C, K = w.shape
+    K, C = wt.shape
     fe = C // d
+    acc = np.empty(C, np.float32)   # (C,) one output row
     for j in range(n_out):
-        k0 = max(0, K - 1 - j)          # taps that reach before row 0 read zeros
+        acc[:] = b
+        for k in range(max(0, K - 1 - j), K):   # taps before row 0 read zeros: skipped
+            xr = x[j - K + 1 + k]
+            wr = wt[k]
+            if fe == 1:
+                for ch in range(C):
+                    acc[ch] += wr[ch] * xr[ch]
+            else:
+                for ch in range(C):
+                    acc[ch] += wr[ch] * xr[ch // fe]
         for ch in range(C):
-            src = ch // fe
-            acc = b[ch]
-            for k in range(k0, K):
-                acc += w[ch, k] * x[j - K + 1 + k, src]
-            out[j, ch] = acc / (F(1.0) + np.exp(-acc))
+            out[j, ch] = acc[ch] / (F(1.0) + np.exp(-acc[ch]))
 
 
 @njit(**SER)
@@ -86,14 +93,14 @@ def np_linear_i8(x, wq, ws, b, out=None):
     return out
 
 
-def np_dwconv_silu(x, w, b, n_out, out=None):
+def np_dwconv_silu(x, wt, b, n_out, out=None):
     """numpy twin of ``dwconv_silu_rows``."""
     T, d = x.shape
-    C, K = w.shape
+    K, C = wt.shape
     xs = np.repeat(x[:n_out], C // d, axis=1) if C != d else x[:n_out]   # (n_out, C)
     pad = np.concatenate([np.zeros((K - 1, C), F), xs])                 # (K-1+n_out, C)
     win = np.lib.stride_tricks.sliding_window_view(pad, K, axis=0)      # (n_out, C, K)
-    c = np.einsum("jck,ck->jc", win, w, dtype=F) + b
+    c = np.einsum("jck,kc->jc", win, wt, dtype=F) + b
     res = (c / (F(1.0) + np.exp(-c))).astype(F)
     if out is None:
         return res
@@ -137,10 +144,11 @@ class Ops:
         else:
             self.rms_norm, self.softmax = np_rms_norm, np_softmax
 
-    def conv_silu(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, n_out: int) -> np.ndarray:
-        """Causal depthwise conv + SiLU of x (T, d) for the first ``n_out`` rows -> (n_out, C)."""
-        out = np.empty((n_out, w.shape[0]), F)
-        self._conv(np.ascontiguousarray(x, F), w, b, n_out, out)
+    def conv_silu(self, x: np.ndarray, wt: np.ndarray, b: np.ndarray, n_out: int) -> np.ndarray:
+        """Causal depthwise conv + SiLU of x (T, d) for the first ``n_out`` rows -> (n_out, C);
+        wt (K, C) holds the taps of each output channel in a column."""
+        out = np.empty((n_out, wt.shape[1]), F)
+        self._conv(np.ascontiguousarray(x, F), wt, b, n_out, out)
         return out
 
     def linear_i8(self, x: np.ndarray, wq: np.ndarray, ws: np.ndarray, b: np.ndarray) -> np.ndarray:
