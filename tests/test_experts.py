@@ -143,3 +143,21 @@ def test_budget_plan(tiny):
             small.arena <= small.budget
     finally:
         store.close()
+
+
+def test_memcap_enforces_a_real_limit():
+    """tools.memcap (used to verify budgets) really caps a process: an allocation above the
+    cap is killed, one below it runs."""
+    import subprocess
+    import sys
+    from tools.memcap import run_capped
+    alloc = "import numpy as np; a = np.ones({} << 20, np.uint8); print(a.sum())"
+    try:
+        rc, report = run_capped(300 << 20, [sys.executable, "-c", alloc.format(50)])
+    except OSError as e:
+        pytest.skip(f"no memory cgroup here: {e}")
+    assert rc == 0 and report["oom_kills"] == 0 and report["peak_bytes"] > 50 << 20
+    rc, report = run_capped(300 << 20, [sys.executable, "-c", alloc.format(600)])
+    assert rc != 0 and report["oom_kills"] >= 1
+    assert subprocess.run([sys.executable, "-m", "tools.memcap", "nonsense", "--", "true"],
+                          capture_output=True).returncode == 1
