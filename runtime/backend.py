@@ -8,7 +8,6 @@ on its activations are device arrays and ``runtime.nn``'s building blocks dispat
 from __future__ import annotations
 
 import importlib.util
-import re
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -58,16 +57,7 @@ def place(model, device: str, gpu_budget: int | None = None):
         if gpu_budget is not None:
             raise ValueError("a GPU budget needs device 'cuda'")
         return model
+    if getattr(model, "is_encoder", False) or not hasattr(model, "new_cache"):
+        raise ValueError("only decoder models run on the CUDA backend; use device 'cpu'")
     from runtime.cuda.model import upload
     return upload(model, gpu_budget)
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "1073741824", "512M", "1.5GiB", "2GB" (binary units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"size {text!r}: expected a number of bytes such as 512M or 2G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -37,6 +37,7 @@ class LLM:
         # encoders (getattr(model, "is_encoder")) run whole sequences: no KV cache
         self.cache = None if getattr(model, "is_encoder", False) else model.new_cache(n_ctx, chunk)
         self.max_memory: int | None = None
+        self.device, self.device_note = "cpu", None   # set by load: where the model runs, why
         self._lock = FairLock()
         self._active: threading.Event | None = None  # cancel event of the running generation
 
@@ -45,7 +46,8 @@ class LLM:
              chunk: int = 512, chat_template: str | None = None, pull: bool = True,
              memory_budget: int | str | None = None, expert_policy: str = "lru",
              progress: ProgressFn | None = None, sparse_attention: str = "auto",
-             backend: str | None = None, max_memory: int | str | None = None) -> "LLM":
+             backend: str | None = None, max_memory: int | str | None = None,
+             device: str = "cpu", gpu_budget: int | str | None = None) -> "LLM":
         """Load a model by store name (pulled on first use) or ``.gguf`` path.
 
         ``n_ctx`` defaults to the model's training context capped at 4096; ``threads`` to all
@@ -59,7 +61,12 @@ class LLM:
         ``backend`` "numpy" runs models that offer it (tiny encoders) without any JIT;
         ``max_memory`` (bytes, or a size such as "781kB") refuses inputs whose weights plus
         activations would exceed it (models with memory accounting, see docs/embbert.md).
+        ``device`` "cpu", "cuda" or "auto" (the GPU when one is usable, else the CPU, with the
+        reason in ``llm.device_note``); ``gpu_budget`` (bytes or a size) caps the GPU memory of
+        mixture-of-experts weights, which then stream from host memory (docs/cuda.md).
         """
+        from runtime import backend as devices
+        device, device_note = devices.resolve(device)
         if sparse_attention not in ("auto", "on", "off"):
             raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
         from models import load_model
@@ -102,8 +109,13 @@ class LLM:
                 m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
             elif sparse_attention == "on":
                 raise ValueError(f"{g.arch} models have no sparse attention")
+            if device != "cpu" or gpu_budget is not None:
+                from runtime.budget import parse_size
+                budget = None if gpu_budget is None else parse_size(gpu_budget)
+                m = devices.place(m, device, budget)
             llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
             llm.memory_plan = memory_plan
+            llm.device, llm.device_note = device, device_note
             if max_memory is not None:
                 llm.set_memory_limit(max_memory)
         except Exception:
