@@ -157,6 +157,18 @@ def add_model_flags(s: argparse.ArgumentParser):
                    help="print load time, prompt and generation tok/s and peak memory")
     add_sparse_flag(s)
     add_budget_flags(s)
+    add_device_flags(s)
+
+
+def add_device_flags(s: argparse.ArgumentParser):
+    s.add_argument("--device", choices=("cpu", "cuda", "auto"), default=_env("DEVICE", "cpu"),
+                   help="where the model runs: cpu, cuda (an NVIDIA GPU through numba-cuda, "
+                        "pip install 'pocketlm[cuda]') or auto (the GPU if usable, else the "
+                        "CPU) [POCKETLM_DEVICE]")
+    s.add_argument("--gpu-budget", default=_env("GPU_BUDGET", None), metavar="SIZE",
+                   help="with --device cuda: GPU memory for MoE experts (e.g. 2G); the rest "
+                        "stream from host memory; unset = all experts on the GPU "
+                        "[POCKETLM_GPU_BUDGET]")
 
 
 def add_budget_flags(s: argparse.ArgumentParser, policies=("lru", "lfu", "predictive")):
@@ -216,10 +228,14 @@ def _load(args):
     from runtime import LLM
     # the oracle policy is set up by the benchmark from a traced first pass
     policy = "lru" if args.cache_policy == "oracle" else args.cache_policy
-    return LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
-                    progress=_progress_printer(args.model),
-                    sparse_attention=args.sparse_attention,
-                    memory_budget=args.memory_budget, expert_policy=policy)
+    llm = LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
+                   progress=_progress_printer(args.model),
+                   sparse_attention=args.sparse_attention,
+                   memory_budget=args.memory_budget, expert_policy=policy,
+                   device=args.device, gpu_budget=args.gpu_budget)
+    if llm.device_note:
+        print(f"pocketlm: {llm.device_note}", file=sys.stderr)
+    return llm
 
 
 def _print_stats(t):
@@ -419,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     add_sparse_flag(s)
     add_budget_flags(s, ("lru", "lfu", "predictive", "oracle"))
+    add_device_flags(s)
     s.add_argument("--cold", action="store_true",
                    help="drop the model file from the page cache before loading")
     s.add_argument("--routing", choices=("model", "text", "uniform"), default="model",

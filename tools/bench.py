@@ -141,7 +141,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         "arch": g.arch,
         "size_bytes": g.file_size,
         "n_params": sum(t.n_elements for t in g.tensors.values()),
-        "backend": "cpu",
+        "backend": llm.device,
         "threads": kernels.get_threads(),
         "load_s": llm.load_s,
         "peak_rss_bytes": peak_rss(),
