@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime import nn
+from runtime import kernels, nn
 from runtime.tensor import QTensor
 
 GATING_SOFTMAX = 1
@@ -95,6 +95,39 @@ class ResidentExperts:
             yield int(e), self.get(layer, int(e))
 
 
+class NeuronStats:
+    """Counts of ReLU-gated neurons that were active (gate > 0) in decode steps."""
+
+    def __init__(self):
+        self.active = 0
+        self.total = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.active / self.total if self.total else 0.0
+
+
+relu_stats = NeuronStats()
+
+
+def _expert(ex: Expert, xe: np.ndarray, act: str) -> np.ndarray:
+    """One expert on its tokens xe (m, n_embd) -> (m, n_embd)."""
+    g = nn.linear(ex.gate, xe)                                           # (m, n_ff)
+    if act == "relu" and len(xe) == 1:
+        # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
+        # rows of up are computed (exact: each is the same dot product as in the full matvec)
+        active = np.flatnonzero(g[0] > 0)
+        relu_stats.active += len(active)
+        relu_stats.total += g.shape[1]
+        u = kernels.matvec_rows(ex.up, xe[0], active)[None, :]
+    else:
+        u = nn.linear(ex.up, xe)
+    h = nn.glu(g, u, act)                                                # (m, n_ff)
+    if ex.down_t:
+        return h @ ex.down.dequantize()
+    return nn.linear(ex.down, h)
+
+
 def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts, layer: int,
             act: str) -> np.ndarray:
     """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd); tokens are grouped by expert so each
@@ -105,13 +138,7 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts, layer:
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
     for e, ex in experts.each(layer, ids):
         tok, slot = np.nonzero(ids == e)
-        xe = x[tok]
-        h = nn.glu(nn.linear(ex.gate, xe), nn.linear(ex.up, xe), act)    # (m, n_ff)
-        if ex.down_t:
-            y = h @ ex.down.dequantize()
-        else:
-            y = nn.linear(ex.down, h)
-        parts[tok, slot] = weights[tok, slot][:, None] * y
+        parts[tok, slot] = weights[tok, slot][:, None] * _expert(ex, x[tok], act)
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]

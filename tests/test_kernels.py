@@ -7,7 +7,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
+import quant
 import runtime.kernels as K
+from runtime.tensor import QTensor
 from runtime.gguf import GGUFFile
 
 RNG = np.random.default_rng(0)
@@ -300,3 +302,19 @@ def test_shape_errors():
         K.matvec_raw("Q4_K", data, 512, np.zeros(256, np.float32))
     with pytest.raises(NotImplementedError):
         K.matvec_raw("IQ4_NL", data, 512, np.zeros(512, np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_matvec_rows_equals_matvec_on_selected_rows(qtype):
+    """The row-selecting matvec (ReGLU sparsity) gives exactly matvec's values on the chosen
+    rows and leaves the others zero; both agree with float64 numpy on dequantized weights."""
+    rng = np.random.default_rng(11)
+    w32 = rng.standard_normal((80, 256)).astype(np.float32)
+    w = QTensor(qtype, (80, 256), quant.quantize(qtype, w32).reshape(80, -1))
+    x = rng.standard_normal(256).astype(np.float32)
+    rows = np.flatnonzero(rng.random(80) < 0.4)
+    got = K.matvec_rows(w, x, rows)
+    assert np.array_equal(got[rows], K.matvec(w, x)[rows])
+    assert not np.any(np.delete(got, rows))
+    ref = w.dequantize().astype(np.float64)[rows] @ x.astype(np.float64)
+    np.testing.assert_allclose(got[rows], ref, rtol=1e-4, atol=1e-3)

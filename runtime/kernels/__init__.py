@@ -68,6 +68,9 @@ _NO_SCALES = np.zeros((0, 0), np.float32)
 # Float-activation drivers over the same prepared scales (numerics "exact").
 _PREP_F = {"Q4_0": _quant.mvf_q4_0, "Q4_1": _quant.mvf_q4_1, "Q8_0": _quant.mvf_q8_0}
 _mvf: dict = {}
+_PREP_ROWS = {"Q4_0": _quant.mvf_rows_q4_0, "Q4_1": _quant.mvf_rows_q4_1,
+              "Q8_0": _quant.mvf_rows_q8_0}
+_mvr: dict = {}
 # Small batches of prepared weights run the matvec drivers row by row up to this many rows;
 # above it dequantize + BLAS amortizes its fixed cost (crossover measured on SmolLM2).
 PREPARED_MAX_ROWS = 128
@@ -285,6 +288,30 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         raise ValueError(f"x has {x.shape[0]} elements, weight has {cols} columns")
     if not _prepared_call(w, x.reshape(1, cols), out.reshape(1, -1)):
         return matvec_raw(w.qtype, data, cols, x, out)
+    return out
+
+
+def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``matvec`` for the given rows only: out[rows] as ``matvec`` would compute them (bit for
+    bit); other entries are left as they were (zero in a new ``out``). Weights without a
+    row-selecting kernel, or under "llama" numerics, compute all rows."""
+    if out is None:
+        out = np.zeros(w.data.shape[0], np.float32)
+    if w.qtype not in _PREP_ROWS or _numerics[0] != "exact":
+        return matvec(w, x, out)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape != (w.shape[-1],):
+        raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
+    sc = _prepared(w)
+    fn = _mvr.get(w.qtype)
+    if fn is None:
+        with block_codegen():
+            _PREP_ROWS[w.qtype].compile(_MV_SIG[:4] + (types.Array(types.int64, 1, "C",
+                                                                  readonly=True),
+                                                      types.Array(types.float32, 1, "C")))
+        _PREP_ROWS[w.qtype].disable_compile()
+        fn = _mvr[w.qtype] = _PREP_ROWS[w.qtype]
+    fn(w.data, sc[0], sc[1], x.reshape(1, -1), np.ascontiguousarray(rows, np.int64), out)
     return out
 
 

@@ -1033,3 +1033,32 @@ def mvf_q8_0(w2, d, m, x, out):
         r1 = min(rows, r0 + ROW_TILE)
         for t in range(n):
             _rows_q8_0_f(w, rb, r0, r1, cols // 32, d, x[t], xs[t], out[t])
+
+
+# Selected rows only (ReLU-gated FFNs skip the rows whose gate is zero). Each row is computed
+# exactly as the full drivers compute it, so the selected outputs are bit-identical.
+@njit(**PAR)
+def mvf_rows_q4_0(w2, d, m, x, idx, out):
+    rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
+    xs = _block_sums(x)
+    for i in prange(idx.shape[0]):
+        r = idx[i]
+        _rows_q4_0_f(w, rb, r, r + 1, cols // 32, d, x[0], xs[0], out)
+
+
+@njit(**PAR)
+def mvf_rows_q4_1(w2, d, m, x, idx, out):
+    rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
+    xs = _block_sums(x)
+    for i in prange(idx.shape[0]):
+        r = idx[i]
+        _rows_q4_1_f(w, rb, r, r + 1, cols // 32, d, m, x[0], xs[0], out)
+
+
+@njit(**PAR)
+def mvf_rows_q8_0(w2, d, m, x, idx, out):
+    rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
+    xs = _block_sums(x)
+    for i in prange(idx.shape[0]):
+        r = idx[i]
+        _rows_q8_0_f(w, rb, r, r + 1, cols // 32, d, x[0], xs[0], out)
