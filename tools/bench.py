@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from runtime import kernels
+from runtime import kernels, moe
 from runtime.generate import peak_rss, prefill
 
 
@@ -101,17 +101,21 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             model.route_override = _uniform_router(model.args.n_expert, seed)
         out = []
         for kind, n in tests:
-            samples, stats = [], []
+            samples, stats, active = [], [], []
             for r in range(reps + 1):  # the first run warms caches and JIT
                 before = experts.snapshot() if streamed else None
+                neurons = (moe.relu_stats.active, moe.relu_stats.total)
                 dt = _run(llm, kind, n, depth, r, tokens)
                 if r > 0:
                     samples.append(n / dt)
                     if streamed:
                         stats.append(experts.snapshot().minus(before).as_dict(n))
+                    total = moe.relu_stats.total - neurons[1]
+                    if total:
+                        active.append((moe.relu_stats.active - neurons[0]) / total)
                 if progress:
                     progress(f"{kind}{n}", r, reps)
-            out.append((kind, n, samples, stats))
+            out.append((kind, n, samples, stats, active))
         model.route_override = None
         return out
 
@@ -124,7 +128,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         experts.reset()
         experts.set_policy("oracle", trace=_steps(trace))
     results = []
-    for kind, n, samples, stats in runs():
+    for kind, n, samples, stats, active in runs():
         name = f"{kind}{n}" + (f" @ d{depth}" if kind == "tg" and depth else "")
         row = {
             "test": name, "n_tokens": n, "depth": depth if kind == "tg" else 0,
@@ -132,6 +136,8 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             "tps_sd": statistics.stdev(samples) if len(samples) > 1 else 0.0,
             "samples": samples,
         }
+        if active:   # ReGLU experts in decode
+            row["active_neurons"] = statistics.mean(active)
         if stats:
             row["experts"] = {k: statistics.mean(s[k] for s in stats) for k in stats[0]}
         results.append(row)
@@ -172,6 +178,9 @@ def format_table(r: dict) -> str:
                     f"| {r['backend']} | {r['threads']} | {t['test']} "
                     f"| {t['tps_mean']:.2f} ± {t['tps_sd']:.2f} |")
     for t in r["results"]:
+        if "active_neurons" in t:
+            rows.append(f"{t['test']}: {t['active_neurons']:.1%} of expert neurons active "
+                        f"(ReGLU rows computed)")
         e = t.get("experts")
         if e:
             rows.append(f"{t['test']}: expert hit rate {e['hit_rate_bytes']:.1%} of bytes, "
