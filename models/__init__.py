@@ -8,6 +8,7 @@ ARCHITECTURES = {
     "gemma3": "models.gemma3",
     "smallthinker": "models.smallthinker",
     "embbert": "models.embbert",
+    "bert": "models.bert",
     "minicpm": "models.minicpm",
 }
 

