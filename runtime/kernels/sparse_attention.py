@@ -58,7 +58,8 @@ class CompressedKeys:
     def __init__(self, n_kv_heads: int, head_dim: int, n_ctx: int, cfg: SparseConfig):
         self.cfg = cfg
         n_max = max(0, (n_ctx - cfg.kernel_size) // cfg.kernel_stride + 1)
-        self.c = np.zeros((n_kv_heads, n_max, head_dim), np.float32)  # (KVH, NC, D)
+        # transposed like the key cache, so scoring runs over contiguous kernels
+        self.c = np.zeros((n_kv_heads, head_dim, n_max), np.float32)  # (KVH, D, NC)
         self.n = 0   # kernels [0, n) are valid
 
     def _count(self, n_tokens: int) -> int:
@@ -69,7 +70,7 @@ class CompressedKeys:
     def update(self, kt: np.ndarray, first: int, last: int):
         """Positions [first, last] were just written to kt (KVH, D, S), slot = position."""
         self.n = min(self.n, self._count(first))
-        want = min(self._count(last + 1), self.c.shape[1])
+        want = min(self._count(last + 1), self.c.shape[2])
         if want > self.n:
             _compress(kt, self.n, want, self.cfg.kernel_size, self.cfg.kernel_stride, self.c)
             self.n = want
@@ -87,7 +88,7 @@ def _compress(kt, j0, j1, p, s, c):
             row = kt[kh, d]
             for t in range(j * s, j * s + p):
                 acc += row[t]
-            c[kh, j, d] = acc * inv
+            c[kh, d, j] = acc * inv
 
 
 @njit(**OPTS)
@@ -107,13 +108,14 @@ def _select(q, c, n_c, p, kh, scale, ks, kst, B, init_blocks, local_blocks, topk
     S = np.zeros(max(nv, 1), np.float32)                           # (nv,) group scores
     sc = np.empty(max(nv, 1), np.float32)                          # (nv,) one head's scores
     for hh in range(g):
+        sc[:] = 0.0
+        for d in range(D):
+            qd = q[kh * g + hh, d] * scale
+            crow = c[kh, d]
+            for j in range(nv):
+                sc[j] += qd * crow[j]
         m = -_BIG
         for j in range(nv):
-            acc = np.float32(0.0)
-            crow = c[kh, j]
-            for d in range(D):
-                acc += q[kh * g + hh, d] * crow[d]
-            sc[j] = acc * scale
             m = max(m, sc[j])
         total = np.float32(0.0)
         for j in range(nv):
@@ -150,47 +152,59 @@ def _attend_one(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out, t, 
     sel = np.empty(p // B + 1, np.int64)
     k = _select(q[t], c, n_c, p, kh, scale, ks, kst, B, init_blocks, local_blocks, topk,
                 dense_len, sel)
-    n_tok = 0
+    start = np.empty(k + 1, np.int64)       # (k+1,) offsets of the kept blocks' runs
+    start[0] = 0
     for i in range(k):
-        n_tok += min(B, n_slots - sel[i] * B) if sel[i] * B < n_slots else 0
-    slots = np.empty(n_tok, np.int64)                              # (T,) gathered slots
-    n_tok = 0
-    for i in range(k):
-        for s in range(sel[i] * B, min((sel[i] + 1) * B, n_slots)):
-            slots[n_tok] = s
-            n_tok += 1
+        s0 = sel[i] * B
+        start[i + 1] = start[i] + max(0, min(s0 + B, n_slots) - s0)
+    n_tok = start[k]
     sc = np.zeros((g, n_tok), np.float32)                          # (g, T) scores, weights
+    # each kept block is a contiguous run of slots, so these loops vectorize like dense ones
     for hh in range(g):
         row = sc[hh]
         for d in range(D):
             qd = q[t, kh * g + hh, d] * scale
             krow = kt[kh, d]
-            for i in range(n_tok):
-                row[i] += qd * krow[slots[i]]
-    acc = np.zeros((g, D), np.float32)                             # (g, D) weighted values
-    for hh in range(g):
-        row = sc[hh]
-        m = -_BIG
-        for i in range(n_tok):
-            sp = slot_pos[slots[i]]
+            for i in range(k):
+                # views with loop indices from range(): no wraparound checks, so SIMD
+                kb = krow[sel[i] * B:]
+                rb = row[start[i]:start[i + 1]]
+                for j in range(rb.shape[0]):
+                    rb[j] += qd * kb[j]
+    seen = False
+    for i in range(k):
+        s0, o = sel[i] * B, start[i]
+        for j in range(start[i + 1] - o):
+            sp = slot_pos[s0 + j]
             if sp < 0 or sp > p:
-                row[i] = -_BIG
-            m = max(m, row[i])
-        if m <= -_BIG:
-            continue
-        total = np.float32(0.0)
-        for i in range(n_tok):
-            w = np.exp(row[i] - m) if row[i] > -_BIG else np.float32(0.0)
-            row[i] = w
-            total += w
-        inv = np.float32(1.0) / total
-        arow = acc[hh]
-        for i in range(n_tok):
-            w = row[i] * inv
-            if w != 0.0:
-                vrow = v[slots[i], kh]
-                for d in range(D):
-                    arow[d] += w * vrow[d]
+                for hh in range(g):
+                    sc[hh, o + j] = -_BIG
+            else:
+                seen = True
+    acc = np.zeros((g, D), np.float32)                             # (g, D) weighted values
+    if seen:
+        for hh in range(g):
+            row = sc[hh]
+            m = -_BIG
+            for i in range(n_tok):
+                m = max(m, row[i])
+            total = np.float32(0.0)
+            for i in range(n_tok):
+                w = np.exp(row[i] - m) if row[i] > -_BIG else np.float32(0.0)
+                row[i] = w
+                total += w
+            inv = np.float32(1.0) / total
+            for i in range(n_tok):
+                row[i] *= inv
+        for i in range(k):
+            s0, o = sel[i] * B, start[i]
+            for j in range(start[i + 1] - o):
+                vrow = v[s0 + j, kh]
+                for hh in range(g):
+                    w = sc[hh, o + j]
+                    arow = acc[hh]
+                    for d in range(D):
+                        arow[d] += w * vrow[d]
     for hh in range(g):
         for d in range(D):
             out[t, kh * g + hh, d] = acc[hh, d]
