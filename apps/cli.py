@@ -122,7 +122,28 @@ def cmd_classify(args):
         print(f"{lab}\t{p.max():.4f}\t{x}")
 
 
+def cmd_embed(args):
+    from runtime import LLM
+    with LLM.load(args.model, threads=args.threads, backend=args.backend,
+                  progress=_progress_printer(args.model)) as llm:
+        vecs = llm.embed(args.texts, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([v.tolist() for v in vecs]))
+        return
+    for v, x in zip(vecs, args.texts):
+        print(" ".join(f"{a:.6f}" for a in v[:8]) + f" ... ({len(v)} dims)\t{x}")
+
+
 # -- quantization ------------------------------------------------------------------------------
+def cmd_convert(args):
+    from quant.convert import convert
+    report = _progress_printer("convert")
+    info = convert(args.hf_dir, args.output, args.type,
+                   progress=lambda d, t: report("tensors", d, t))
+    print(f"wrote {info['path']}: {info['qtype']}, {info['size_bytes'] / 2**20:.1f} MiB, "
+          f"{info['n_tensors']} tensors")
+
+
 def cmd_quantize(args):
     from quant.requantize import requantize
     from runtime import store
@@ -308,6 +329,18 @@ def cmd_bench(args):
         return bench_kernels_main(argv)
     if not args.model:
         raise CLIError("give a MODEL to benchmark, or --kernels")
+    if args.embed:
+        from runtime import LLM
+        from tools.bench_embed import bench_embed, format_embed_table
+        try:
+            sizes = [int(b) for b in args.batch_sizes.split(",")]
+        except ValueError:
+            raise CLIError(f"--batch-sizes {args.batch_sizes!r}: expected e.g. 1,32") from None
+        with LLM.load(args.model, threads=args.threads, backend=args.backend,
+                      progress=_progress_printer(args.model)) as llm:
+            r = bench_embed(llm, sizes, args.embed_tokens, args.repetitions)
+        print(json.dumps(r, indent=2) if args.json else format_embed_table(r))
+        return
     from tools.bench import bench_model, drop_page_cache, format_table
     text_ids = None
     if args.routing == "text" and not args.text:
@@ -374,6 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_max_memory_flag(s)
     s.set_defaults(func=cmd_classify)
 
+    s = sub.add_parser("embed", help="sentence embeddings with an encoder (all-minilm-l6-v2)")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("texts", nargs="+", metavar="TEXT")
+    s.add_argument("-b", "--batch-size", type=int, default=32, help="sequences per batch")
+    s.add_argument("--backend", choices=("numba", "numpy"), default=_env("BACKEND", None),
+                   help="numpy runs without any JIT compilation (default: numba) "
+                        "[POCKETLM_BACKEND]")
+    s.add_argument("-t", "--threads", type=int, default=_env("THREADS", None, int),
+                   help="CPU threads (default: all cores) [POCKETLM_THREADS]")
+    s.add_argument("--json", action="store_true", help="print the vectors as JSON")
+    s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("convert", help="convert a Hugging Face BERT checkpoint to GGUF")
+    s.add_argument("hf_dir", metavar="HF_DIR",
+                   help="folder with config.json, *.safetensors, tokenizer.json or vocab.txt")
+    s.add_argument("output", metavar="OUT", help="output .gguf path")
+    s.add_argument("--type", default="f16", type=str.lower,
+                   choices=("f32", "f16", "q8_0", "q4_0"), help="weight type (default: f16)")
+    s.set_defaults(func=cmd_convert)
+
     s = sub.add_parser("quantize", help="convert a GGUF to another quantization type")
     s.add_argument("input", metavar="IN", help="model name or input .gguf")
     s.add_argument("output", metavar="OUT", help="output .gguf path")
@@ -431,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test")
     s.add_argument("--kernels", action="store_true",
                    help="benchmark the quantized matvec/matmul kernels instead of a model")
+    s.add_argument("--embed", action="store_true",
+                   help="sentence embeddings/s of an encoder instead of pp/tg")
+    s.add_argument("--batch-sizes", default="1,32", help="--embed: batch sizes (default 1,32)")
+    s.add_argument("--embed-tokens", type=int, default=128,
+                   help="--embed: tokens per sentence, [CLS]/[SEP] included (default 128)")
+    s.add_argument("--backend", choices=("numba", "numpy"), default=_env("BACKEND", None),
+                   help="--embed: numpy runs without any JIT (default: numba) [POCKETLM_BACKEND]")
     s.add_argument("-c", "--ctx-size", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     add_sparse_flag(s)
