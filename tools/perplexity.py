@@ -64,6 +64,10 @@ def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk")
     ap.add_argument("--chunks", type=int, default=16, help="chunks to score (0: all)")
     ap.add_argument("--threads", "-t", type=int, default=None)
+    ap.add_argument("--memory-budget", default=None, metavar="SIZE",
+                    help="cap the process's memory (e.g. 1GiB); MoE experts stream from disk")
+    ap.add_argument("--cache-policy", choices=("lru", "lfu", "predictive"), default="lru",
+                    help="expert cache eviction under --memory-budget")
     ap.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -71,7 +75,8 @@ def run(args) -> int:
     from runtime import LLM
     with open(args.file, "rb") as f:
         text = f.read().decode("utf-8")
-    with LLM.load(args.model, threads=args.threads, n_ctx=args.ctx_size) as llm:
+    with LLM.load(args.model, threads=args.threads, n_ctx=args.ctx_size,
+                  memory_budget=args.memory_budget, expert_policy=args.cache_policy) as llm:
         r = perplexity(llm, text, args.ctx_size, args.chunks)
     if args.json:
         print(json.dumps(r, indent=2))
