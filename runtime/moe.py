@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime import kernels, nn
+from runtime.backend import OnDevice
 from runtime.tensor import QTensor
 
 GATING_SOFTMAX = 1
@@ -112,6 +113,8 @@ relu_stats = NeuronStats()
 
 def _expert(ex: Expert, xe: np.ndarray, act: str) -> np.ndarray:
     """One expert on its tokens xe (m, n_embd) -> (m, n_embd)."""
+    if isinstance(xe, OnDevice):   # a model on a GPU: its backend runs the whole expert
+        return xe.ops.expert(ex, xe, act)
     g = nn.linear(ex.gate, xe)                                           # (m, n_ff)
     if act == "relu" and len(xe) == 1:
         # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
