@@ -136,12 +136,27 @@ def cmd_embed(args):
 
 # -- quantization ------------------------------------------------------------------------------
 def cmd_convert(args):
+    if args.arch == "embbert":
+        return _convert_embbert(args)
+    if args.type == "int8" or args.labels or args.tokenizer or args.cls_prefix:
+        raise CLIError("--type int8, --labels, --tokenizer and --cls-prefix need --arch embbert")
     from quant.convert import convert
     report = _progress_printer("convert")
     info = convert(args.hf_dir, args.output, args.type,
                    progress=lambda d, t: report("tensors", d, t))
     print(f"wrote {info['path']}: {info['qtype']}, {info['size_bytes'] / 2**20:.1f} MiB, "
           f"{info['n_tensors']} tensors")
+
+
+def _convert_embbert(args):
+    from tools.convert_embbert import convert
+    if args.type not in ("f32", "f16", "int8"):
+        raise CLIError(f"--arch embbert converts to f32, f16 or int8, not {args.type}")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    info = convert(args.hf_dir, args.output, args.type, labels=labels, tokenizer=args.tokenizer,
+                   cls_prefix=args.cls_prefix)
+    print(f"wrote {info['path']}: embbert {info['type']}, {info['n_params']:,} parameters, "
+          f"{info['n_layer']} layers, {info['n_labels']} labels")
 
 
 def cmd_quantize(args):
@@ -424,7 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with config.json, *.safetensors, tokenizer.json or vocab.txt")
     s.add_argument("output", metavar="OUT", help="output .gguf path")
     s.add_argument("--type", default="f16", type=str.lower,
-                   choices=("f32", "f16", "q8_0", "q4_0"), help="weight type (default: f16)")
+                   choices=("f32", "f16", "q8_0", "q4_0", "int8"),
+                   help="weight type (default: f16); embbert: f32, f16 or int8")
+    s.add_argument("--arch", choices=("bert", "embbert"), default="bert",
+                   help="bert (Hugging Face BERT) or embbert (EmbBERT-Q in the authors' layout: "
+                        "HF_DIR is model.safetensors or a folder with it, see docs/embbert.md)")
+    s.add_argument("--labels", default=None,
+                   help="embbert: comma-separated class names, one per classifier output")
+    s.add_argument("--tokenizer", default=None,
+                   help="embbert: HF tokenizers JSON to embed (default: HF_DIR/tokenizer.json)")
+    s.add_argument("--cls-prefix", action="store_true",
+                   help="embbert: prefix text inputs with [CLS]")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("quantize", help="convert a GGUF to another quantization type")
