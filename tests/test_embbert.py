@@ -297,6 +297,9 @@ def test_converter_round_trip(tmp_path):
     outs = {t: tmp_path / f"m-{t}.gguf" for t in C.TYPES}
     for t, out in outs.items():
         C.convert(src, out, t, labels=labels, cls_prefix=True)
+    assert main(["convert", "--arch", "embbert", str(src), str(tmp_path / "cli.gguf"), "--type",
+                 "int8", "--labels", "neg,neu,pos", "--cls-prefix"]) == 0
+    assert (tmp_path / "cli.gguf").read_bytes() == outs["int8"].read_bytes()
     with open_gguf(outs["f32"]) as g:
         assert g.arch == "embbert"
         assert g.get("embbert.context_length") == 48 and g.get("embbert.block_count") == 2

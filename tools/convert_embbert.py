@@ -1,5 +1,6 @@
 """EmbBERT-Q checkpoints in the authors' layout (safetensors of their HF ``SequenceClassifier``)
-to GGUF arch ``embbert`` (docs/embbert-gguf.md), as f32, f16 or int8.
+to GGUF arch ``embbert`` (docs/embbert-gguf.md), as f32, f16 or int8
+(``pocketlm convert --arch embbert SRC OUT --type int8``).
 
 int8 is the spec's deployment target: every linear layer (expanders, query, att_output,
 contract, classifier) as I8 rows with one F32 scale per output row (W ≈ q · scale,
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
+
+from quant.convert import read_safetensors
 
 ARCH = "embbert"
 TYPES = ("f32", "f16", "int8")
@@ -40,46 +42,6 @@ _LAYER = {"norms.{i}.weight": "attn_norm.weight",
 # weights that become int8 (nn.Linear in the authors' model)
 LINEARS = re.compile(r"(token_embd_proj|position_embd_proj|blk\.\d+\.(attn_q|attn_output|conv_out)"
                      r"|cls)\.weight$")
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as float32 arrays (the format: u64 header length,
-    JSON header of dtype/shape/data_offsets, then the data)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    if len(raw) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
-    (n,) = struct.unpack_from("<Q", raw)
-    if n > len(raw) - 8:
-        raise ValueError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: broken safetensors header ({e})") from None
-    data = memoryview(raw)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = _ST_DTYPES.get(info.get("dtype"))
-        if dt is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        b, e = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        if not 0 <= b <= e <= len(data) or e - b != int(np.prod(shape)) * np.dtype(dt).itemsize:
-            raise ValueError(f"{path}: tensor {name} data does not match its shape {shape}")
-        a = np.frombuffer(data[b:e], dtype=dt).reshape(shape)
-        if info["dtype"] == "BF16":
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        out[name] = a.astype(np.float32)
-    return out
-
 
 def authors_name(gguf_name: str) -> str:
     """The authors' state-dict key of a GGUF tensor name (the inverse of the conversion)."""
@@ -221,45 +183,3 @@ def convert(src: str | Path, out: str | Path, qtype: str = "f32", *,
                          tokenizer_json=tok_json, cls_prefix=cls_prefix, eps=eps,
                          name=src.stem if not src.is_dir() else src.name)
 
-
-def add_arguments(p) -> None:
-    """The converter's command-line arguments (``python -m tools.convert_embbert``)."""
-    p.add_argument("src", metavar="SRC",
-                   help="model.safetensors, or a folder with it (and tokenizer.json)")
-    p.add_argument("out", metavar="OUT", help="output .gguf path")
-    p.add_argument("--type", default="f32", choices=TYPES,
-                   help="f32, f16, or int8 (per-row I8 linear weights, F16 elsewhere)")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated class names, one per classifier output")
-    p.add_argument("--tokenizer", default=None,
-                   help="HF tokenizers JSON to embed (default: SRC/tokenizer.json if present)")
-    p.add_argument("--cls-prefix", action="store_true",
-                   help="prefix text inputs with [CLS] (tokenizer.ggml.add_bos_token)")
-    p.add_argument("--eps", type=float, default=F32_EPS,
-                   help="RMSNorm epsilon (default: float32 machine epsilon, as trained)")
-
-
-def run(args) -> dict:
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    return convert(args.src, args.out, args.type, labels=labels, tokenizer=args.tokenizer,
-                   cls_prefix=args.cls_prefix, eps=args.eps)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-    p = argparse.ArgumentParser(prog="python -m tools.convert_embbert",
-                                description="EmbBERT-Q safetensors (authors' layout) -> GGUF")
-    add_arguments(p)
-    try:
-        info = run(p.parse_args(argv))
-    except (ValueError, OSError) as e:
-        print(f"convert_embbert: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {info['path']}: {info['type']}, {info['n_params']:,} parameters, "
-          f"{info['n_layer']} layers, {info['n_labels']} labels")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
