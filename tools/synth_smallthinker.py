@@ -25,21 +25,18 @@ PRESETS = {
 STD = 0.02
 
 
-def recipe_stds(recipe: str, c: dict) -> dict[str, float]:
-    """Standard deviation of each weight role.
+def attn_out_std(recipe: str, n_layer: int) -> float:
+    """Standard deviation of ``attn_output``; every other matrix is N(0, 0.02).
 
-    ``plain``: N(0, 0.02) everywhere. ``routed``: the matrices that write into the residual
-    stream (attention output, expert down) are scaled by 1/sqrt(2 n_layer), GPT-2's init for
-    residual projections. Without it a layer's attention output, an average of values over the
-    context and so nearly the same for neighbouring tokens, outweighs the token's own embedding
-    many times over; every router then sees the same input and picks the same experts.
+    ``plain``: 0.02 (the shared tiny model). ``routed``: 0.02/sqrt(2 n_layer), GPT-2's init for
+    residual projections. With random weights attention averages values over the context, so
+    its output is nearly the same for every token; at full scale it swamps the token's own state
+    in the residual stream and every router picks the same experts. The experts' outputs are
+    functions of the token, so they keep token identity and stay at full scale.
     """
-    if recipe == "plain":
-        return dict(embd=STD, attn=STD, attn_out=STD, router=STD, exp=STD, exp_down=STD)
-    if recipe == "routed":
-        out = STD / math.sqrt(2 * c["n_layer"])
-        return dict(embd=STD, attn=STD, attn_out=out, router=STD, exp=STD, exp_down=out)
-    raise ValueError(f"unknown init recipe {recipe!r} (choose from plain, routed)")
+    if recipe not in ("plain", "routed"):
+        raise ValueError(f"unknown init recipe {recipe!r} (choose from plain, routed)")
+    return STD / math.sqrt(2 * n_layer) if recipe == "routed" else STD
 
 
 def build(c: dict, opts, n_vocab: int) -> SynthModel:
@@ -48,7 +45,7 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
     if c["n_expert_used"] > c["n_expert"]:
         raise ValueError(f"{c['n_expert_used']} experts per token but only {c['n_expert']}")
     swa = c["swa"] if opts.sliding_window is None else opts.sliding_window
-    std = recipe_stds(opts.recipe, c)
+    w, w_out = normal(STD), normal(attn_out_std(opts.recipe, c["n_layer"]))
     d, hd, E, ff = c["n_embd"], c["head_dim"], c["n_expert"], c["n_ff_exp"]
     p = f"{ARCH}."
     meta = [
@@ -75,23 +72,22 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
 
     q, f32 = opts.qtype, "F32"
     ones = constant(1.0)
-    tensors = [TensorSpec("token_embd.weight", (n_vocab, d), q, normal(std["embd"]))]
+    tensors = [TensorSpec("token_embd.weight", (n_vocab, d), q, w)]
     for i in range(c["n_layer"]):
         b = f"blk.{i}."
         down_shape = (E, ff, d) if opts.down_transposed else (E, d, ff)
         tensors += [
             TensorSpec(b + "attn_norm.weight", (d,), f32, ones),
-            TensorSpec(b + "attn_q.weight", (c["n_head"] * hd, d), q, normal(std["attn"])),
-            TensorSpec(b + "attn_k.weight", (c["n_head_kv"] * hd, d), q, normal(std["attn"])),
-            TensorSpec(b + "attn_v.weight", (c["n_head_kv"] * hd, d), q, normal(std["attn"])),
-            TensorSpec(b + "attn_output.weight", (d, c["n_head"] * hd), q,
-                       normal(std["attn_out"])),
+            TensorSpec(b + "attn_q.weight", (c["n_head"] * hd, d), q, w),
+            TensorSpec(b + "attn_k.weight", (c["n_head_kv"] * hd, d), q, w),
+            TensorSpec(b + "attn_v.weight", (c["n_head_kv"] * hd, d), q, w),
+            TensorSpec(b + "attn_output.weight", (d, c["n_head"] * hd), q, w_out),
             TensorSpec(b + "ffn_norm.weight", (d,), f32, ones),
-            TensorSpec(b + "ffn_gate_inp.weight", (E, d), f32, normal(std["router"])),
-            TensorSpec(b + "ffn_gate_exps.weight", (E, ff, d), q, normal(std["exp"])),
-            TensorSpec(b + "ffn_down_exps.weight", down_shape, q, normal(std["exp_down"]),
+            TensorSpec(b + "ffn_gate_inp.weight", (E, d), f32, w),
+            TensorSpec(b + "ffn_gate_exps.weight", (E, ff, d), q, w),
+            TensorSpec(b + "ffn_down_exps.weight", down_shape, q, w,
                        transposed=opts.down_transposed),
-            TensorSpec(b + "ffn_up_exps.weight", (E, ff, d), q, normal(std["exp"])),
+            TensorSpec(b + "ffn_up_exps.weight", (E, ff, d), q, w),
         ]
     tensors.append(TensorSpec("output_norm.weight", (d,), f32, ones))
     return SynthModel(ARCH, meta, tensors)
