@@ -1,0 +1,195 @@
+"""Putting a model on the GPU: weights uploaded once, KV cache on the device, experts streamed
+into a budgeted set of device slots.
+
+Expert streaming (mixture-of-experts models under ``gpu_budget``): every expert is a slot-sized
+set of gate/up/down planes. A model with a pre-attention router calls the expert source's
+``request(layer, ids)`` before attention; the device source then starts the host→device copies
+of the missing experts on a copy stream (through pinned staging buffers), so they travel while
+attention runs on the compute stream. ``each`` makes the compute stream wait for a copy on the
+GPU (an event), not the host. Slots are evicted least-recently-used, never one the current
+layer still needs.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+from numba import cuda
+
+from runtime.kvcache import KVCache, LayerCache
+from runtime.moe import Expert
+from runtime.tensor import QTensor
+
+from . import kernels as K
+from . import ops
+from .ops import DeviceTensor
+
+
+def upload(model, gpu_budget: int | None = None):
+    """Move ``model``'s weights to the GPU in place (see module doc); returns the model."""
+    memo: dict[int, object] = {}
+
+    def to_device(name, v):
+        key = id(v)
+        if key not in memo:
+            if isinstance(v, QTensor) and len(v.shape) == 2:
+                memo[key] = DeviceTensor.from_host(v, name)
+            elif isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype == np.float32:
+                memo[key] = ops.upload(v)
+            else:  # 3-D expert tensors stay on the host: the expert source streams them
+                memo[key] = v
+        return memo[key]
+
+    W = model.w
+    for prefix, ns in [("", W)] + [(f"blk.{i}.", L) for i, L in enumerate(W.blk)]:
+        for name, v in list(vars(ns).items()):
+            if name != "blk":
+                setattr(ns, name, to_device(prefix + name, v))
+    model.output = to_device("output", model.output).head()
+    if getattr(model, "experts", None) is not None:
+        model.experts = DeviceExperts(model.experts, model.args, gpu_budget)
+    elif gpu_budget is not None:
+        raise ValueError("a GPU budget applies to mixture-of-experts models only")
+    host_new_cache = model.new_cache
+    # np.zeros pages are never touched, so the host cache made here costs no memory
+    model.new_cache = lambda n_ctx, chunk=512: KVCache(
+        [DeviceLayerCache(c) for c in host_new_cache(n_ctx, chunk).layers], n_ctx)
+    model.device = "cuda"
+    return model
+
+
+class DeviceLayerCache(LayerCache):
+    """A LayerCache whose keys and values live on the device; slot bookkeeping stays on the
+    host (``slot_pos``) and is mirrored to ``d_slot_pos`` for the attention kernel."""
+
+    def __init__(self, host: LayerCache):
+        self.window, self.capacity = host.window, host.capacity
+        kvh, d, s = host.kt.shape
+        st = ops.stream()
+        self.kt = cuda.device_array((kvh, d, s), np.float32, stream=st)   # (KVH, D, S)
+        self.v = cuda.device_array((s, kvh, d), np.float32, stream=st)    # (S, KVH, D)
+        self.slot_pos = host.slot_pos                                     # (S,) host
+        self.d_slot_pos = ops.upload(self.slot_pos)                       # (S,) device
+        self.n_slots = 0
+
+    def store(self, k, v, positions: np.ndarray):
+        """Write device k, v (n, KVH, D) for ``positions`` (n,)."""
+        positions = np.asarray(positions, np.int64)
+        slots = self.claim(positions)
+        K.kv_store[len(slots), k.shape[1], ops.stream()](
+            k.a, v.a, ops.upload(slots), ops.upload(positions), self.kt, self.v,
+            self.d_slot_pos)
+
+    def truncate(self, n: int) -> bool:
+        ok = super().truncate(n)
+        self.d_slot_pos.copy_to_device(self.slot_pos, stream=ops.stream())
+        return ok
+
+    def clear(self):
+        super().clear()
+        self.d_slot_pos.copy_to_device(self.slot_pos, stream=ops.stream())
+
+
+class DeviceExperts:
+    """An expert source on the GPU over a host one (the ``runtime.moe`` expert-source interface:
+    ``request``, ``hint``, ``each``).
+
+    ``budget``: bytes of device memory for expert slots (None: one slot per expert, so each is
+    copied once). At least ``n_expert_used`` slots are needed. Experts of a host source with
+    ``get`` (memory-mapped, always ready) are copied as soon as they are requested; those of a
+    streaming host source as it yields them.
+    """
+
+    def __init__(self, host_source, args, budget: int | None = None):
+        self.host = host_source
+        self.wants_hints = getattr(host_source, "wants_hints", False)
+        gen = host_source.each(0, np.zeros((1, 1), np.int64))
+        _, probe = next(gen)
+        gen.close()
+        self.slot_bytes = sum(t.nbytes for t in (probe.gate, probe.up, probe.down))
+        total = args.n_layer * args.n_expert
+        n_slots = total if budget is None else min(total, budget // self.slot_bytes)
+        need = getattr(args, "n_expert_used", 1)
+        if n_slots < need:
+            raise ValueError(f"GPU budget of {budget} bytes holds {n_slots} experts; at least "
+                             f"{need * self.slot_bytes} bytes ({need} experts) are needed")
+        for t, name in ((probe.gate, "expert gate"), (probe.up, "expert up"),
+                        (probe.down, "expert down")):
+            ops.check_supported(t.qtype, t.shape, name)
+        self.slots = [Expert(DeviceTensor.empty_like(probe.gate), DeviceTensor.empty_like(probe.up),
+                             DeviceTensor.empty_like(probe.down), probe.down_t)
+                      for _ in range(n_slots)]
+        self.ready = [None] * n_slots            # event: the slot's copy has landed
+        self.where: OrderedDict = OrderedDict()  # (layer, e) -> slot, least recent first
+        self.protected: set = set()              # requested for the current layer, not yet used
+        self.copy_stream = cuda.stream()
+        # pinned staging: a copy from pageable (memory-mapped) memory would not be async
+        self.staging = [cuda.pinned_array(self.slot_bytes, np.uint8) for _ in range(2 * need)]
+        self.staged = [None] * len(self.staging)  # event: the staging buffer may be reused
+        self.next_stage = 0
+        self.copies = 0                           # expert copies made (bytes = copies*slot_bytes)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def request(self, layer: int, ids):
+        """The experts ``layer`` needs (pre-attention router): start their copies."""
+        self.host.request(layer, ids)
+        wanted = [int(e) for e in np.unique(ids)][: self.n_slots]
+        self.protected = {(layer, e) for e in wanted}
+        if hasattr(self.host, "get"):
+            for e in wanted:
+                if (layer, e) not in self.where:
+                    self._load((layer, e), self.host.get(layer, e))
+
+    def hint(self, layer: int, ids):
+        self.host.hint(layer, ids)
+
+    def each(self, layer: int, ids):
+        """Yield (expert id, Expert on the device) for the unique ``ids``: resident ones first,
+        then the others as the host source delivers them."""
+        todo = [int(e) for e in np.unique(ids)]
+        for e in [e for e in todo if (layer, e) in self.where]:
+            yield e, self._use((layer, e))
+        missing = [e for e in todo if (layer, e) not in self.where]
+        if missing:
+            for e, ex in self.host.each(layer, np.array(missing, np.int64)):
+                if (layer, e) not in self.where:
+                    self._load((layer, e), ex)
+                yield e, self._use((layer, e))
+
+    def _use(self, key) -> Expert:
+        s = self.where[key]
+        self.where.move_to_end(key)
+        self.protected.discard(key)
+        if self.ready[s] is not None:
+            self.ready[s].wait(ops.stream())     # the compute stream waits on the GPU
+            self.ready[s] = None
+        return self.slots[s]
+
+    def _load(self, key, ex: Expert):
+        if len(self.where) < self.n_slots:
+            s = len(self.where)
+        else:
+            victim = next((k for k in self.where if k not in self.protected), None)
+            s = self.where.pop(victim if victim is not None else next(iter(self.where)))
+            # kernels still queued may read the slot: let them finish before it is overwritten
+            ops.stream().synchronize()
+        i = self.next_stage
+        self.next_stage = (i + 1) % len(self.staging)
+        if self.staged[i] is not None:
+            self.staged[i].synchronize()
+        buf, at = self.staging[i], 0
+        dst = self.slots[s]
+        for src, d in ((ex.gate, dst.gate), (ex.up, dst.up), (ex.down, dst.down)):
+            part = buf[at:at + src.nbytes].reshape(d.w.shape)
+            part[...] = src.data.reshape(d.w.shape)
+            d.w.copy_to_device(part, stream=self.copy_stream)
+            d.host = src
+            at += src.nbytes
+        ev = cuda.event()
+        ev.record(self.copy_stream)
+        self.ready[s] = self.staged[i] = ev
+        self.where[key] = s
+        self.copies += 1
