@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import OPTS
+from .attention import _PARALLEL_MIN_WORK
 
 _BIG = np.float32(1e30)   # finite stand-ins for ±inf: fastmath assumes no infinities
 
@@ -76,19 +77,19 @@ class CompressedKeys:
             self.n = want
 
 
-@njit(parallel=True, **OPTS)
+@njit(**OPTS)
 def _compress(kt, j0, j1, p, s, c):
+    # serial: a decode step adds one kernel at most; switching to sparse adds T/16 once
     KVH, D = kt.shape[0], kt.shape[1]
     inv = np.float32(1.0) / np.float32(p)
-    for idx in prange((j1 - j0) * KVH):
-        j = j0 + idx // KVH
-        kh = idx % KVH
+    for kh in range(KVH):
         for d in range(D):
-            acc = np.float32(0.0)
             row = kt[kh, d]
-            for t in range(j * s, j * s + p):
-                acc += row[t]
-            c[kh, d, j] = acc * inv
+            for j in range(j0, j1):
+                acc = np.float32(0.0)
+                for t in range(j * s, j * s + p):
+                    acc += row[t]
+                c[kh, d, j] = acc * inv
 
 
 @njit(**OPTS)
@@ -211,12 +212,19 @@ def _attend_one(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out, t, 
 
 
 @njit(parallel=True, **OPTS)
-def _attend(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out):
+def _attend_parallel(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out):
     KVH = kt.shape[0]
     for idx in prange(q.shape[0] * KVH):
         t = idx // KVH
         _attend_one(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out, t,
                     idx - t * KVH)
+
+
+@njit(**OPTS)
+def _attend_serial(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out):
+    for t in range(q.shape[0]):
+        for kh in range(kt.shape[0]):
+            _attend_one(q, kt, v, slot_pos, n_slots, c, n_c, q_pos, scale, cfg, out, t, kh)
 
 
 @njit(parallel=True, **OPTS)
@@ -263,6 +271,10 @@ def attend_sparse(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.nda
     (``CompressedKeys.update``). Returns (n, H, D)."""
     if out is None:
         out = np.empty(q.shape, np.float32)
-    _attend(q, kt, v, slot_pos, n_slots, keys.c, keys.n, np.asarray(q_pos, np.int64),
-            np.float32(scale), _cfg_tuple(keys.cfg), out)
+    n, H, D = q.shape
+    span = min(n_slots, keys.cfg.topk * keys.cfg.block_size)    # tokens a query reads, at most
+    serial = n * H * span * D < _PARALLEL_MIN_WORK or n * kt.shape[0] == 1
+    (_attend_serial if serial else _attend_parallel)(
+        q, kt, v, slot_pos, n_slots, keys.c, keys.n, np.asarray(q_pos, np.int64),
+        np.float32(scale), _cfg_tuple(keys.cfg), out)
     return out
