@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.base import meta_get
-from runtime import encoder
+from runtime import encoder, nn
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ class Model:
         a, be = self.args, self.backend
         B, T = ids.shape
         H, D = a.n_head, a.n_embd // a.n_head
-        from runtime.nn import embed
-        x = embed(self.tok, ids.reshape(-1)).reshape(B, T, a.n_embd)
+        x = nn.embed(self.tok, ids.reshape(-1)).reshape(B, T, a.n_embd)
         x += self.pos[:T] + self.type0
         x = be.layer_norm(x.reshape(B * T, a.n_embd), *self.embd_norm, a.norm_eps)  # (B*T, d)
         for L in self.layers:
