@@ -240,3 +240,11 @@ def test_clean_spaces_on_decode(llama_cpp_src):
     assert tok.clean_spaces
     ids = tok.encode("a , b ' c 's d 't e 're f 'll !", add_special=False)
     assert tok.decode(ids) == "a, b'c's d 't e're f 'll!"
+
+
+def test_wordpiece_adds_cls_and_sep(llama_cpp_src):
+    """bert vocabs are WordPiece: [CLS] ... [SEP] around the pieces, text lowercased."""
+    tok = Tokenizer.load(llama_cpp_src / "models" / "ggml-vocab-bert-bge.gguf")
+    assert tok.model == "bert"
+    assert tok.encode("Hello World!") == [101, 7592, 2088, 999, 102]
+    assert tok.encode("Hello World!", add_special=False) == [7592, 2088, 999]
