@@ -2,7 +2,15 @@
 only processes the new messages."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+
+try:  # line editing and history for input() where the platform has it
+    import readline  # noqa: F401
+except ImportError:
+    pass
 
 HELP = """commands:
   /help               this text
@@ -11,7 +19,8 @@ HELP = """commands:
   /clear              forget the conversation
   /stats              speed and memory of the last answer
   /bye                leave (also Ctrl+D)
-End a line with \\ to continue typing on the next line. Ctrl+C stops an answer."""
+Multi-line input: end a line with \\ to continue on the next, or wrap lines in \"\"\" … \"\"\".
+Ctrl+C stops an answer (press it twice to break out of a long prompt evaluation)."""
 
 _SETTABLE = {"temp": ("temperature", float), "temperature": ("temperature", float),
              "top_k": ("top_k", int), "top_p": ("top_p", float), "min_p": ("min_p", float),
@@ -19,18 +28,53 @@ _SETTABLE = {"temp": ("temperature", float), "temperature": ("temperature", floa
              "repeat_penalty": ("repeat_penalty", float)}
 
 
+_BLOCK = '"""'
+
+
 def _read_message(prompt: str) -> str | None:
+    """One message: a line, lines joined by a trailing backslash, or a \"\"\" block."""
     lines = []
+    block = False
     while True:
         try:
-            line = input(prompt if not lines else "... ")
+            line = input(prompt if not lines and not block else "... ")
         except EOFError:
             return None
+        if not lines and not block and line.startswith(_BLOCK):
+            block, line = True, line[len(_BLOCK):]
+            if not line:
+                continue
+        if block:
+            if line.endswith(_BLOCK):
+                lines.append(line[:-len(_BLOCK)])
+                return "\n".join(lines)
+            lines.append(line)
+            continue
         if line.endswith("\\"):
             lines.append(line[:-1])
             continue
         lines.append(line)
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(cancel: threading.Event):
+    """While generating, Ctrl+C asks the generation to stop (it ends at the next decode step or
+    prompt chunk, leaving the cache consistent); a second Ctrl+C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def chat_repl(llm, settings: dict, system: str | None = None, verbose: bool = False):
@@ -75,11 +119,12 @@ def chat_repl(llm, settings: dict, system: str | None = None, verbose: bool = Fa
                     continue
                 key, cast = _SETTABLE[name]
                 try:
-                    settings[key] = cast(value)
-                    llm.defaults.replace(**{k: v for k, v in settings.items()})
+                    changed = {**settings, key: cast(value)}
+                    llm.defaults.replace(**changed)
                 except (ValueError, TypeError) as e:
                     print(f"invalid value: {e}")
                     continue
+                settings[key] = changed[key]
                 print(f"({key} = {settings[key]})")
             else:
                 print(f"unknown command {cmd}; /help lists them")
@@ -87,15 +132,19 @@ def chat_repl(llm, settings: dict, system: str | None = None, verbose: bool = Fa
         history.append({"role": "user", "content": text})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
         answer = []
+        cancel = threading.Event()
         try:
-            for chunk in llm.chat(msgs, stream=True, **settings):
-                if chunk.text:
-                    answer.append(chunk.text)
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
-                last = chunk
+            with _ctrl_c_sets(cancel):
+                for chunk in llm.chat(msgs, stream=True, cancel=cancel, **settings):
+                    if chunk.text:
+                        answer.append(chunk.text)
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                    last = chunk
+            if last.finish_reason == "cancelled":
+                print("\n(stopped)", end="")
         except KeyboardInterrupt:
-            print("\n(stopped)")
+            print("\n(stopped)", end="")
         except ValueError as e:  # e.g. the conversation no longer fits the context
             print(f"\nerror: {e}")
             history.pop()

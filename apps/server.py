@@ -279,13 +279,15 @@ async def _collect(chunks):
 
 
 async def _logged(chunks, log: Callable[[str], None], kind: str):
-    async for c in chunks:
-        if c.timings is not None:
-            t = c.timings
-            log(f"{kind}: {c.finish_reason} | prompt {t.prompt_tokens} tok, "
-                f"{t.prompt_tps:.1f} tok/s | generation {t.generated_tokens} tok, "
-                f"{t.generation_tps:.1f} tok/s | peak RSS {t.peak_rss_bytes / 2**20:.0f} MiB")
-        yield c
+    async with contextlib.aclosing(chunks):  # closing this stream closes the generation's
+        async for c in chunks:
+            if c.timings is not None:
+                t = c.timings
+                log(f"{kind}: {c.finish_reason} | prompt {t.prompt_tokens} tok, "
+                    f"{t.prompt_tps:.1f} tok/s | generation {t.generated_tokens} tok, "
+                    f"{t.generation_tps:.1f} tok/s | peak RSS "
+                    f"{t.peak_rss_bytes / 2**20:.0f} MiB")
+            yield c
 
 
 def _event(obj: dict) -> str:
@@ -329,6 +331,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
+        sock.listen(2048)  # clients queue from now on, even before the loop runs
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

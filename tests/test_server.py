@@ -1,0 +1,360 @@
+"""`pocketlm serve` on loopback, driven by the official `openai` client: chat and completions,
+streaming and not, stop sequences, max_tokens, disconnects (running and queued), OpenAI error
+bodies, and a bounded load test (32 clients x 4 requests) with the server's RSS checked."""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import psutil
+import pytest
+
+COUNT = "1, 2, 3, 4, 5,"  # SmolLM2 keeps counting greedily: long answers on demand
+
+
+def _http(port: int, method: str, path: str, body: bytes | None = None, headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    """`pocketlm serve` in a subprocess on a free loopback port; its log is shown at the end."""
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "apps", "serve", str(smollm2_path),
+                                 "--port", "0", "-c", "2048", "--verbose"],
+                                stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        deadline = time.monotonic() + 240
+        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+        while _http(port, "GET", "/health")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        raise
+    yield port, proc
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=30)
+    text = log.read_text()
+    print("\n-- server log (tail) --\n" + "\n".join(text.splitlines()[-15:]))
+    assert code == 0 and "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="unused",
+                         max_retries=0, timeout=120)
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def _pending(port: int) -> int:
+    return json.loads(_http(port, "GET", "/health")[2])["pending"]
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["SmolLM2-135M-Instruct.Q4_1"]
+    status, _, body = _http(server[0], "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_chat_stream_and_blocking_agree(client):
+    msgs = [{"role": "user", "content": "What is 2+2? Answer with a number."}]
+    r = client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=16,
+                                       temperature=0)
+    text = r.choices[0].message.content
+    assert "4" in text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens > 10 and \
+        r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    parts, finish, roles, usage = [], None, [], None
+    for ev in client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=16,
+                                             temperature=0, stream=True,
+                                             stream_options={"include_usage": True}):
+        if ev.usage is not None:
+            usage = ev.usage
+        for ch in ev.choices:
+            roles.append(ch.delta.role)
+            parts.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(parts) == text and finish == r.choices[0].finish_reason
+    assert roles[0] == "assistant" and len(parts) > 2  # streamed, not sent in one piece
+    assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completion_max_tokens_and_stop(client):
+    model = _model(client)
+    r = client.completions.create(model=model, prompt=COUNT, max_tokens=10, temperature=0)
+    full = r.choices[0].text
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=COUNT, max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == full
+    stop = full.split(",")[2] + ","  # e.g. " 8," : a stop string spanning tokens
+    r = client.completions.create(model=model, prompt=COUNT, max_tokens=10, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].text and full.startswith(r.choices[0].text)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=COUNT, max_tokens=10, temperature=0, stop=stop, stream=True)
+        if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_sse_wire_format(server):
+    body = json.dumps({"prompt": COUNT, "max_tokens": 3, "stream": True}).encode()
+    status, headers, raw = _http(server[0], "POST", "/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
+
+
+def test_errors_are_openai_shaped(server, client):
+    port, model = server[0], _model(client)
+    status, _, body = _http(port, "POST", "/v1/chat/completions", b'{"messages": [',
+                            {"Content-Type": "application/json"})
+    err = json.loads(body)["error"]
+    assert status == 400 and "malformed JSON" in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+    status, _, body = _http(port, "POST", "/v1/completions", b'[1, 2]')
+    assert status == 400 and "JSON object" in json.loads(body)["error"]["message"]
+    status, _, body = _http(port, "GET", "/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found" and "gpt-4o" in e.value.body["message"]
+    bad = [dict(temperature=-1), dict(top_p=0), dict(n=2), dict(max_tokens=0),
+           dict(max_tokens="ten"), dict(logprobs=True), dict(stop=[""])]
+    for kwargs in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt="Hi", **kwargs)
+        assert e.value.body["param"] == next(iter(kwargs)), kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "x"}])
+    assert e.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="word " * 2100, max_tokens=1, stream=True)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert "do not fit the context of 2048" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=model, input=["a sentence"])
+    assert e.value.status_code == 400 and e.value.body["code"] == "embeddings_not_supported"
+    # after all that, it still answers
+    assert client.completions.create(model=model, prompt="Hi", max_tokens=1).choices[0].text
+
+
+def test_disconnect_mid_stream_cancels_generation(server, client):
+    port, model = server[0], _model(client)
+    stream = client.completions.create(model=model, prompt=COUNT, max_tokens=1900,
+                                       temperature=0, stream=True)
+    got = 0
+    for c in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()
+    # 1900 tokens would keep the model busy for many seconds; a cancelled one frees it at once
+    deadline = time.monotonic() + 5
+    while _pending(port) != 0:
+        assert time.monotonic() < deadline, "the generation went on after the disconnect"
+        time.sleep(0.05)
+    r = client.completions.create(model=model, prompt=COUNT, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_disconnect_while_queued_cancels_only_that_request(server, client):
+    port, model = server[0], _model(client)
+    first = threading.Event()
+    out = {}
+
+    def long_running():
+        text, finish, usage = [], None, None
+        for c in client.completions.create(model=model, prompt=COUNT, max_tokens=64,
+                                           temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+            first.set()
+            if c.usage is not None:
+                usage = c.usage
+            for ch in c.choices:
+                text.append(ch.text)
+                finish = ch.finish_reason or finish
+        out.update(text="".join(text), finish=finish, usage=usage)
+
+    t = threading.Thread(target=long_running)
+    t.start()
+    assert first.wait(60)
+    impatient = client.with_options(timeout=0.25)
+    with pytest.raises(openai.APITimeoutError):  # queued behind the long one, then gives up
+        impatient.completions.create(model=model, prompt="Hello", max_tokens=50)
+    t.join()
+    assert out["finish"] == "length" and out["usage"].completion_tokens == 64
+    deadline = time.monotonic() + 5
+    while _pending(port) != 0:  # the abandoned request ends as soon as its turn comes
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_load_32_clients_x_4_requests(server, client):
+    port, model = server[0], _model(client)
+    client = client.with_options(timeout=600)  # the last of 128 queued requests waits long
+    proc = psutil.Process(server[1].pid)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+
+    def one(i: int) -> tuple[float, bool]:
+        t0 = time.perf_counter()
+        kw = dict(model=model, max_tokens=3, temperature=0.7, seed=i)
+        if i % 4 == 3:
+            r = client.completions.create(prompt="Colours: red,", **kw)
+            ok = r.choices[0].finish_reason in ("stop", "length") and \
+                r.usage.completion_tokens <= 3
+        elif i % 2:
+            r = client.chat.completions.create(messages=msgs, **kw)
+            ok = r.choices[0].finish_reason in ("stop", "length") and \
+                r.choices[0].message.content is not None
+        else:
+            finishes = [ch.finish_reason for ev in client.chat.completions.create(
+                messages=msgs, stream=True, **kw) for ch in ev.choices if ch.finish_reason]
+            ok = finishes in (["stop"], ["length"])
+        return time.perf_counter() - t0, ok
+
+    for i in range(4):  # warm up: buffers, connection pool
+        one(i)
+    rss_before = proc.memory_info().rss
+    results, errors = [], []
+    start = threading.Barrier(32)
+
+    def worker(k: int):
+        start.wait()
+        for j in range(4):
+            try:
+                results.append(one(4 * k + j))
+            except Exception as e:  # collected: the test reports every failure
+                errors.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    wall = time.perf_counter() - t0
+    rss_after = proc.memory_info().rss
+    lat = sorted(r[0] for r in results)
+    print(f"\nload: {len(results)} requests in {wall:.1f} s, {len(errors)} errors, "
+          f"p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[int(len(lat) * 0.99)]:.2f} s, "
+          f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
+    assert errors == [] and len(results) == 128 and all(ok for _, ok in results)
+    assert rss_after - rss_before < 32 * 2**20
+    assert _pending(port) == 0
+
+
+# -- in-process server: loading state, CORS, the async API --------------------------------------
+@pytest.fixture(scope="module")
+def gated(smallthinker_tiny_path):
+    """The app on uvicorn in a thread; the model loads once the test opens the gate."""
+    import uvicorn
+    from apps.server import create_app
+    from runtime import LLM
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return LLM.load(str(smallthinker_tiny_path), n_ctx=256)
+
+    app = create_app(load, "tiny", cors=["http://app.example"])
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http="h11",
+                                        loop="asyncio", log_level="warning", lifespan="on"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield port, gate
+    gate.set()
+    srv.should_exit = True
+    t.join(30)
+
+
+def test_health_is_503_until_loaded(gated):
+    port, gate = gated
+    status, _, body = _http(port, "GET", "/health")
+    assert status == 503 and json.loads(body) == {"status": "loading"}
+    status, _, body = _http(port, "POST", "/v1/completions", b'{"prompt": "Hi"}')
+    assert status == 503 and json.loads(body)["error"]["code"] == "model_not_ready"
+    gate.set()
+    deadline = time.monotonic() + 60
+    while _http(port, "GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_cors_only_for_the_given_origin(gated):
+    port, gate = gated
+    gate.set()
+    _, headers, _ = _http(port, "GET", "/v1/models", headers={"Origin": "http://app.example"})
+    assert headers.get("access-control-allow-origin") == "http://app.example"
+    _, headers, _ = _http(port, "GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in headers
+
+
+def test_async_client_streams_concurrently(gated):
+    port, gate = gated
+    gate.set()
+    while _http(port, "GET", "/health")[0] != 200:
+        time.sleep(0.05)
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0)
+
+        async def one(i):
+            s = await c.completions.create(model="tiny", prompt=f"Hello {i}", max_tokens=5,
+                                           temperature=0, stream=True)
+            return [ch.choices[0].finish_reason async for ch in s if ch.choices]
+
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    for finishes in asyncio.run(main()):
+        assert finishes[-1] in ("stop", "length")
+
+
+def test_cli_refuses_a_busy_port(smollm2_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "apps", "serve", str(smollm2_path),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120,
+                           )
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("pocketlm: error: cannot listen on 127.0.0.1:")
+    assert r.stderr.strip().count("\n") == 0
