@@ -23,6 +23,7 @@ def _progress_printer(label: str):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    label = os.path.basename(label)  # a model path shows as its file name
     live: dict = {}  # "bars": the running Progress, stage -> task id
 
     def report(stage: str, done: int, total: int):
@@ -260,15 +261,19 @@ def _settings(args) -> dict:
                 seed=args.seed, stop=args.stop or [])
 
 
-def _load(args):
-    from runtime import LLM
+def _load_kwargs(args) -> dict:
+    """``LLM.load`` keyword arguments from the model flags."""
     # the oracle policy is set up by the benchmark from a traced first pass
     policy = "lru" if args.cache_policy == "oracle" else args.cache_policy
-    llm = LLM.load(args.model, n_ctx=args.ctx_size, threads=args.threads,
-                   progress=_progress_printer(args.model),
-                   sparse_attention=args.sparse_attention,
-                   memory_budget=args.memory_budget, expert_policy=policy,
-                   device=args.device, gpu_budget=args.gpu_budget)
+    return dict(n_ctx=args.ctx_size, threads=args.threads,
+                progress=_progress_printer(args.model), sparse_attention=args.sparse_attention,
+                memory_budget=args.memory_budget, expert_policy=policy, device=args.device,
+                gpu_budget=args.gpu_budget)
+
+
+def _load(args):
+    from runtime import LLM
+    llm = LLM.load(args.model, **_load_kwargs(args))
     if llm.device_note:
         print(f"pocketlm: {llm.device_note}", file=sys.stderr)
     return llm
@@ -316,9 +321,8 @@ def cmd_serve(args):
     from runtime.generate import GenerationConfig
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
-    load = dict(n_ctx=args.ctx_size, threads=args.threads,
-                progress=_progress_printer(args.model), sparse_attention=args.sparse_attention)
-    return serve(args.model, host=args.host, port=args.port, cors=args.cors, load_kwargs=load,
+    return serve(args.model, host=args.host, port=args.port, cors=args.cors,
+                 load_kwargs=_load_kwargs(args),
                  settings=settings, system=args.system, verbose=args.verbose,
                  announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
 
