@@ -161,3 +161,28 @@ def test_memcap_enforces_a_real_limit():
     assert rc != 0 and report["oom_kills"] >= 1
     assert subprocess.run([sys.executable, "-m", "tools.memcap", "nonsense", "--", "true"],
                           capture_output=True).returncode == 1
+
+
+@pytest.mark.parametrize("preset,overrides,opts", [
+    # MiniCPM-MoE: routed after attention (no prefetch), SwiGLU experts, softmax gating
+    ("minicpm-moe", dict(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128, n_ctx=256,
+                         dim_model_base=32), {}),
+    # SmallThinker's 21B layout (NoPE global + sliding-window layers) with softmax gating
+    ("tiny", dict(n_layer=5), dict(sliding_window=True, gating="softmax")),
+])
+def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset, overrides,
+                                                  opts):
+    from runtime import LLM
+    from tools.synth import Options, synthesize
+    path = tmp_path / "m.gguf"
+    synthesize(preset, path, Options(overrides=overrides, **opts), tokenizer=smollm2_path)
+    ids = IDS[:12]
+    with LLM.load(str(path), n_ctx=64) as llm:
+        ref = llm.eval(ids)
+    with LLM.load(str(path), n_ctx=64, memory_budget="2GiB") as llm:
+        llm.model.experts.close()
+        n_slots = llm.memory_plan.n_experts // 3     # force evictions: a third fits
+        llm.model.experts = ExpertCache(ExpertStore.from_gguf(llm.gguf), n_slots, "lfu")
+        got = llm.eval(ids)
+        assert llm.model.experts.snapshot().evictions > 0
+    assert np.array_equal(got, ref)
