@@ -98,7 +98,7 @@ class GenerationChunk:
     text: str
     token: int | None
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" on the last chunk
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0             # the whole prompt; timings.prompt_tokens: evaluated
     completion_tokens: int = 0
     timings: Timings | None = None
 
@@ -199,7 +199,7 @@ def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: Ge
 
     def done(text: str, reason: str, token=None) -> GenerationChunk:
         timings.peak_rss_bytes = peak_rss()
-        return GenerationChunk(text, token, reason, timings.prompt_tokens, n_gen, timings)
+        return GenerationChunk(text, token, reason, len(prompt), n_gen, timings)
 
     if cfg.max_tokens == 0:
         yield done("", "length")
@@ -218,7 +218,7 @@ def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: Ge
                 tail, _ = stopper.feed(decoder.flush())
                 yield done(text + tail + stopper.flush(), "length", tok)
                 return
-            yield GenerationChunk(text, tok, None, timings.prompt_tokens, n_gen)
+            yield GenerationChunk(text, tok, None, len(prompt), n_gen)
     except Cancelled:
         yield done("", "cancelled")
         return

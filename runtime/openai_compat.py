@@ -175,9 +175,19 @@ def completion_prompt(body: dict) -> str | list[int]:
 
 
 # -- responses ---------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, evaluated: int | None = None) -> dict:
+    """OpenAI's usage object; prompt tokens served from the KV cache (the whole prompt minus
+    the ``evaluated`` ones) are reported as ``prompt_tokens_details.cached_tokens``."""
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if evaluated is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": prompt_tokens - evaluated}
+    return u
+
+
+def _usage_of(r) -> dict:
+    return usage(r.prompt_tokens, r.completion_tokens,
+                 r.timings.prompt_tokens if r.timings is not None else None)
 
 
 def _new_id(prefix: str) -> str:
@@ -190,7 +200,7 @@ def chat_completion(result: GenerationResult, model: str) -> dict:
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage(result.prompt_tokens, result.completion_tokens)}
+            "usage": _usage_of(result)}
 
 
 def text_completion(result: GenerationResult, model: str) -> dict:
@@ -199,7 +209,7 @@ def text_completion(result: GenerationResult, model: str) -> dict:
             "model": model,
             "choices": [{"index": 0, "text": result.text, "logprobs": None,
                          "finish_reason": result.finish_reason}],
-            "usage": usage(result.prompt_tokens, result.completion_tokens)}
+            "usage": _usage_of(result)}
 
 
 class StreamAdapter:
@@ -243,7 +253,7 @@ class StreamAdapter:
             out.append(self._obj([self._choice(chunk.text or None, chunk.finish_reason)]))
             if self.include_usage:
                 last = self._obj([])
-                last["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
+                last["usage"] = _usage_of(chunk)
                 out.append(last)
         elif chunk.text:
             out.append(self._obj([self._choice(chunk.text, None)]))
