@@ -16,6 +16,7 @@ in ``$POCKETLM_SHARED``/data/models (``../shared`` by default).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -84,14 +85,13 @@ def main(argv: list[str]) -> int:
     wheels = os.environ.get("POCKETLM_WHEELS")
     if wheels:
         pip += ["--no-index", "--find-links", wheels]
-    try:
-        import numba_cuda  # noqa: F401
+    if importlib.util.find_spec("numba_cuda"):
         steps.append(_run("install", pip + ["--no-deps", "-e", "."], out, 120))
-        missing = [m for m in ("gguf", "jinja2", "psutil", "sentencepiece")
-                   if subprocess.run([sys.executable, "-c", f"import {m}"]).returncode]
+        missing = [m for m in ("gguf", "jinja2", "psutil", "sentencepiece", "pytest")
+                   if importlib.util.find_spec(m) is None]
         if missing:
             steps.append(_run("install_deps", pip + missing, out, 120))
-    except ImportError:
+    else:
         steps.append(_run("install", pip + ["-e", ".[cuda,test]"], out, 300))
     from runtime import backend
     info["cuda_problem"] = backend.cuda_problem()
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     probes = []
     if smollm2:
         steps.append(_bench("bench_smollm2_cuda", smollm2, out, ["-p", "512", "-n", "128",
-                                                                   "-d", "512", "-r", "3"], 150))
+                                                                   "-d", "512", "-r", "2"], 150))
         probes.append((smollm2, None))
     synth = Path(tempfile.gettempdir()) / f"smallthinker-{SYNTH_PRESET}-synthetic-Q4_0.gguf"
     if (ROOT / "tools" / "synth.py").exists():
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
             with open_gguf(synth) as g:
                 expert_bytes = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
             quarter = str(expert_bytes // 4)
-            args = ["-p", "128", "-n", "64", "-d", "128", "-r", "2"]
+            args = ["-p", "128", "-n", "32", "-d", "128", "-r", "1"]
             steps.append(_bench("bench_smallthinker_cuda", synth, out, args, 150))
             steps.append(_bench("bench_smallthinker_cuda_budget", synth, out,
                                 args + ["--gpu-budget", quarter], 150))

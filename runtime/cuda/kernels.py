@@ -112,7 +112,8 @@ def deq_q6_k(w, h, r, c, buf):
             sc -= 256
         ds = d * F32(sc)
         for l in range(half * 16, half * 16 + 16):
-            q = ((I32(w[r, lo_at + l]) >> lo_shift) & 15) | (((I32(w[r, hi_at + l]) >> (2 * k)) & 3) << 4)
+            lo = (I32(w[r, lo_at + l]) >> lo_shift) & 15
+            q = lo | (((I32(w[r, hi_at + l]) >> (2 * k)) & 3) << 4)
             buf[l] = ds * F32(q - 32)
 
 
@@ -181,9 +182,9 @@ EMBED = {q: _make_embed(f) for q, f in DEQUANTIZERS.items()}
 
 def matmul_geometry(rows: int, n_chunks: int, n_tokens: int):
     """(grid, block) of a matmul launch: lanes per row grow with the row length (each lane
-    takes at least 8 chunks), rows fill the rest of a THREADS-thread block."""
+    takes at least 16 chunks), rows fill the rest of a THREADS-thread block."""
     lanes = 1
-    while lanes < 32 and lanes * 8 < n_chunks:
+    while lanes < 32 and lanes * 16 < n_chunks:
         lanes *= 2
     per_block = THREADS // lanes
     return ((rows + per_block - 1) // per_block, (n_tokens + TT - 1) // TT), (lanes, per_block)
@@ -357,7 +358,8 @@ def glu(g, u, act, out):
         if act == ACT_SILU:
             y = x / (F32(1.0) + math.exp(-x))
         elif act == ACT_GELU:
-            y = F32(0.5) * x * (F32(1.0) + math.tanh(SQRT_2_OVER_PI * x * (F32(1.0) + GELU_COEF_A * x * x)))
+            inner = SQRT_2_OVER_PI * x * (F32(1.0) + GELU_COEF_A * x * x)
+            y = F32(0.5) * x * (F32(1.0) + math.tanh(inner))
         else:
             y = max(x, F32(0.0))
         out[i] = y * u[i]

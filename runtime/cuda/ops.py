@@ -27,6 +27,15 @@ def stream():
     return _streams[0]
 
 
+def _pow2_threads(work: int) -> int:
+    """Threads for a reduction over ``work`` items: a power of two, at most 32 (no idle lanes
+    on short rows; the simulator runs each one as a Python thread)."""
+    t = 1
+    while t < 32 and t < work:
+        t *= 2
+    return t
+
+
 def empty(shape) -> "DArray":
     return DArray(cuda.device_array(shape, np.float32, stream=stream()))
 
@@ -196,7 +205,8 @@ def embed(table: DeviceTensor, ids: np.ndarray) -> DArray:
     if len(ids) and (ids.min() < 0 or ids.max() >= table.rows):
         raise ValueError(f"token id out of range [0, {table.rows})")
     out = empty((len(ids), table.cols))
-    K.EMBED[table.qtype][len(ids), min(32, table.cols // K.CHUNK), stream()](table.w, table.h, upload(ids), out.a)
+    threads = min(32, table.cols // K.CHUNK)
+    K.EMBED[table.qtype][len(ids), threads, stream()](table.w, table.h, upload(ids), out.a)
     return out
 
 
@@ -204,8 +214,9 @@ def rms_norm(x: DArray, weight, eps: float) -> DArray:
     """RMSNorm over the last axis of x (..., d) times weight (d,) (a device array)."""
     x2 = x.a.reshape(-1, x.shape[-1])
     out = empty(x.shape)
-    K.rms_norm[x2.shape[0], 32, stream()](x2, weight, np.float32(eps),
-                                           out.a.reshape(x2.shape))
+    threads = _pow2_threads(x2.shape[1] // 8)
+    K.rms_norm[x2.shape[0], threads, stream()](x2, weight, np.float32(eps),
+                                               out.a.reshape(x2.shape))
     return out
 
 
@@ -239,9 +250,9 @@ def attention(q: DArray, k: DArray, v: DArray, cache, positions: np.ndarray, sca
     S = cache.n_slots
     out = empty((n, H, D))
     scratch = cuda.device_array((n, H, max(S, 1)), np.float32, stream=stream())  # (n, H, S)
-    K.attention[(n, H), 32, stream()](q.a, cache.kt, cache.v, cache.d_slot_pos, S,
-                                      upload(np.asarray(positions, np.int64)), np.float32(scale),
-                                      cache.window, np.float32(softcap), scratch, out.a)
+    K.attention[(n, H), _pow2_threads(S), stream()](
+        q.a, cache.kt, cache.v, cache.d_slot_pos, S, upload(np.asarray(positions, np.int64)),
+        np.float32(scale), cache.window, np.float32(softcap), scratch, out.a)
     return out.reshape(n, H * D)
 
 
