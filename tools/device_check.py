@@ -11,8 +11,9 @@ six files: summary.json (machine, each step's outcome, memory), tests.xml, one J
 and logs.txt. Sized for about 8 minutes; a step that fails is recorded and the next one runs.
 
 Models come from the store (``$POCKETLM_HOME``): SmolLM2 is pulled if missing, which needs a
-network; the synthetic model takes its tokenizer from SmolLM2, else from the tiny SmallThinker
-in ``$POCKETLM_SHARED``/data/models (``../shared`` by default).
+network; the tests also read the tiny SmallThinker from ``$POCKETLM_SHARED``/data/models
+(``../shared`` by default), and the synthetic model takes its tokenizer from SmolLM2, else
+from that tiny model.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run as a script: the checkout, not an older install
 SYNTH_PRESET = "4b-a0.6b"
 
 
@@ -76,9 +78,12 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else os.environ.get("OUT", "device_check_out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     steps = []
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                          "--format=csv,noheader"], capture_output=True, text=True)
-    info = {"nvidia_smi": smi.stdout.strip() or smi.stderr.strip(), "python": sys.version}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout
+    except OSError as e:
+        smi = str(e)
+    info = {"nvidia_smi": smi.strip(), "python": sys.version}
 
     # 1. install: deps the machine has are kept; the cuda extra only where numba-cuda is missing
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation"]
