@@ -82,9 +82,9 @@ def test_embeddings_match_sentence_transformers(which, min_cos, request, referen
 
 
 def test_batch_equals_single(f32_llm, reference):
-    texts = [reference["sentences"][i]["text"] for i in (4, 13, 54, 6, 39)]
+    texts = [reference["sentences"][i]["text"] for i in (4, 13, 61, 6, 39)]
     one = np.concatenate([f32_llm.embed([t]) for t in texts])
-    together = f32_llm.embed(texts, batch_size=len(texts))   # padded to 146 tokens
+    together = f32_llm.embed(texts, batch_size=len(texts))   # padded to 46 tokens
     assert np.abs(one - together).max() < 1e-5
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
 
