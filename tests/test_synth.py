@@ -163,7 +163,7 @@ def test_down_transposed_gives_the_same_logits(tmp_path, small_vocab):
     assert np.allclose(logits[True], logits[False], rtol=0, atol=1e-5 * np.abs(logits[False]).max())
 
 
-def test_bad_requests_are_one_line_errors(tmp_path, capsys):
+def test_bad_requests_are_one_line_errors(tmp_path, capsys, smollm2_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a model")
     bad = [
@@ -174,6 +174,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--set", "layers=2"], "FIELD"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--tokenizer", str(junk)], "not a GGUF"),
         (["synth", "stats", str(tmp_path / "x.gguf")], "x.gguf"),
+        (["synth", "stats", str(smollm2_path), "--tokens", "8"], "no expert routing"),
     ]
     for argv, words in bad:
         assert main(argv) == 1, argv

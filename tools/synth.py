@@ -105,6 +105,8 @@ def presets() -> dict[str, object]:
     for name in ARCH_MODULES:
         mod = import_module(name)
         for p in mod.PRESETS:
+            if p in out:
+                raise ValueError(f"preset {p!r} is defined by {out[p].__name__} and {name}")
             out[p] = mod
     return out
 
@@ -120,7 +122,7 @@ def default_tokenizer() -> Path:
     from runtime import store
     try:
         return store.resolve("smollm2-135m", pull_missing=False)
-    except Exception:
+    except store.StoreError:
         raise ValueError("no tokenizer: pass --tokenizer GGUF (e.g. llama.cpp's "
                          "ggml-vocab-qwen2.gguf), or `pocketlm pull smollm2-135m` first") from None
 
@@ -165,30 +167,27 @@ def _check(model: SynthModel):
                              f"{t.qtype} block size {bs}; choose another --type")
 
 
-def write_gguf(model: SynthModel, out: str | os.PathLike, tokenizer: str | os.PathLike,
+def write_gguf(model: SynthModel, out: str | os.PathLike, tokenizer_kv: list[bytes],
                seed: int, qtype: str, name: str, description: str,
                progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``model`` to ``out`` with the tokenizer keys of the GGUF ``tokenizer``.
+    """Write ``model`` to ``out``; ``tokenizer_kv`` are encoded metadata pairs copied as they are.
 
     The file appears under its final name only when complete. ``progress(done, total)`` is
     called after each tensor.
     """
     from gguf import GGMLQuantizationType
 
-    from quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION, _raw_kv
-    from runtime.gguf import open_gguf
+    from quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION
     _check(model)
     out = Path(out)
     if not out.parent.is_dir():
         raise ValueError(f"cannot write {out}: directory {out.parent} does not exist")
-    with open_gguf(tokenizer) as tok:
-        tok_kv = [b for k, b in _raw_kv(tok) if k.startswith("tokenizer.")]
     kv = [_kv("general.architecture", model.arch, "str"), _kv("general.type", "model", "str"),
           _kv("general.name", name, "str"), _kv("general.description", description, "str"),
           _kv("general.file_type", FTYPES[qtype], "u32"),
           _kv("general.quantization_version", GGML_QNT_VERSION, "u32")]
     kv += [_kv(k, v, t) for k, v, t in model.metadata]
-    kv += tok_kv
+    kv += tokenizer_kv
     header = bytearray(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(model.tensors), len(kv)))
     header += b"".join(kv)
     offset = 0
@@ -225,6 +224,7 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied (vocab-only files work);
     default: SmolLM2's from the model store.
     """
+    from quant.requantize import _raw_kv
     from runtime.gguf import open_gguf
     mods = presets()
     if preset not in mods:
@@ -239,12 +239,17 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
         if tokens is None:
             raise ValueError(f"{tokenizer}: has no tokenizer.ggml.tokens to copy")
         n_vocab = len(tokens)
+        tokenizer_kv = [b for k, b in _raw_kv(tok) if k.startswith("tokenizer.")]
+    unknown = set(options.overrides) - set(mod.PRESETS[preset])
+    if unknown:
+        raise ValueError(f"unknown {preset} field(s) {', '.join(sorted(unknown))} (fields: "
+                         f"{', '.join(mod.PRESETS[preset])})")
     shape = {**mod.PRESETS[preset], **options.overrides}
     model = mod.build(shape, options, n_vocab)
     name = options.name or f"{mod.ARCH} {preset} synthetic (random weights)"
     description = options.description or (
         f"synthetic random weights, recipe {options.recipe}, seed {options.seed}")
-    path = write_gguf(model, out, tokenizer, options.seed, options.qtype, name, description,
+    path = write_gguf(model, out, tokenizer_kv, options.seed, options.qtype, name, description,
                       progress)
     return {"path": str(path), "preset": preset, "arch": mod.ARCH,
             "size_bytes": path.stat().st_size, "n_tensors": len(model.tensors),
