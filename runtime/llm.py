@@ -1,8 +1,10 @@
 """The public Python API: ``LLM.load(...)`` then tokenize / eval / generate / chat."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -305,6 +307,7 @@ class LLM:
                 self.gguf.close()
                 self.gguf = None
         gc.collect()
+        _trim_heap()
 
     def __enter__(self):
         return self
@@ -345,6 +348,16 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget, policy: str):
             store.close()
         raise
     return p
+
+
+def _trim_heap():
+    """Give freed heap pages back to the OS: glibc keeps the freed activation and cache
+    buffers otherwise, and RSS would not drop after close()."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
