@@ -15,14 +15,29 @@ BACKENDS = ("numba", "numpy")
 _NEG = F(-1e30)   # masked score: finite, because the Numba softmax assumes no infinities
 
 
-def _np_erf(x: np.ndarray) -> np.ndarray:
-    """erf in float64 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): numpy has no erf."""
-    s = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    y = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                       + t * 1.061405429))))
-    return s * (1.0 - y * np.exp(-a * a))
+# Abramowitz & Stegun 7.1.26: 1 - erf(z) = t*poly(t) * exp(-z^2), t = 1/(1 + p*z), z >= 0,
+# |error| < 1.5e-7 (numpy has no erf)
+_AS_P = F(0.3275911)
+_AS_A = tuple(F(a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+
+
+def _np_gelu(x: np.ndarray) -> np.ndarray:
+    """0.5 * x * (1 + erf(x / sqrt(2))) in float32, in place on temporaries."""
+    z = np.abs(x) * F(0.7071067811865476)
+    t = z * _AS_P
+    t += F(1)
+    np.reciprocal(t, out=t)
+    poly = t * _AS_A[0]
+    for a in _AS_A[1:]:
+        poly += a
+        poly *= t
+    np.square(z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    poly *= z                     # 1 - erf(|x|/sqrt(2))
+    poly *= F(0.5)
+    # x >= 0: x * (1 - poly/2); x < 0: x * poly/2
+    return x * np.where(x >= 0, F(1) - poly, poly)
 
 
 class NumpyBackend:
@@ -42,15 +57,15 @@ class NumpyBackend:
 
     @staticmethod
     def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-        x64 = x.astype(np.float64)
-        mean = x64.mean(axis=-1, keepdims=True)
-        var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)
-        return ((x64 - mean) / np.sqrt(var + eps) * w + b).astype(F)
+        """As the kernel: mean and variance summed in f64, the rest in f32."""
+        xc = x - x.mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
+        var = np.square(xc).mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
+        xc *= F(1) / np.sqrt(var + F(eps))
+        xc *= w
+        xc += b
+        return xc
 
-    @staticmethod
-    def gelu(x: np.ndarray) -> np.ndarray:
-        x64 = x.astype(np.float64)
-        return (0.5 * x64 * (1.0 + _np_erf(x64 * 0.7071067811865476))).astype(F)
+    gelu = staticmethod(_np_gelu)
 
     @staticmethod
     def softmax(x: np.ndarray) -> np.ndarray:
