@@ -69,7 +69,9 @@ class LLM:
         mixture-of-experts weights, which then stream from host memory (docs/cuda.md).
         """
         from runtime import backend as devices
-        device, device_note = devices.resolve(device)
+        if gpu_budget is not None and device == "cpu":
+            raise ValueError("a GPU budget needs device 'cuda' or 'auto'")
+        device, device_note = devices.resolve(device)   # auto without a GPU: the budget idles
         if sparse_attention not in ("auto", "on", "off"):
             raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
         from models import load_model
@@ -112,7 +114,7 @@ class LLM:
                 m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
             elif sparse_attention == "on":
                 raise ValueError(f"{g.arch} models have no sparse attention")
-            if device != "cpu" or gpu_budget is not None:
+            if device != "cpu":
                 from runtime.budget import parse_size
                 budget = None if gpu_budget is None else parse_size(gpu_budget)
                 m = devices.place(m, device, budget)
