@@ -70,11 +70,12 @@ class Model:
         if W.position_embd.shape[0] < args.max_seq_len:
             raise ValueError(f"position table has {W.position_embd.shape[0]} rows, "
                              f"fewer than the {args.max_seq_len} tokens allowed")
-        # small tables as float32 (numpy indexing); token type 0 is the only one used
+        # position and token-type tables as float32; single sentences only use token type 0
         self.tok = W.token_embd
         self.pos = W.position_embd.dequantize()                      # (n_ctx, n_embd)
         types = getattr(W, "token_types", None)
-        self.type0 = types.dequantize()[0] if types is not None else np.zeros(args.n_embd, np.float32)
+        self.type0 = (types.dequantize()[0] if types is not None
+                      else np.zeros(args.n_embd, np.float32))         # (n_embd,)
         self.embd_norm = (W.token_embd_norm, W.token_embd_norm_b)
         self.scale = 1.0 / np.sqrt(args.n_embd // args.n_head)
         self.set_backend(backend)

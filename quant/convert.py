@@ -164,7 +164,8 @@ def read_vocab(hf_dir: Path, n_vocab: int) -> tuple[list[str], list[int], dict, 
         if lines and lines[-1] == "":
             lines.pop()
         vocab = {t: i for i, t in enumerate(lines)}
-        for key, t in {**special_map, **{k: v for k, v in cfg.items() if k.endswith("_token")}}.items():
+        named = {**special_map, **{k: v for k, v in cfg.items() if k.endswith("_token")}}
+        for t in named.values():
             t = t.get("content") if isinstance(t, dict) else t
             if isinstance(t, str) and t in vocab:
                 added[t] = (vocab[t], True)
@@ -173,7 +174,8 @@ def read_vocab(hf_dir: Path, n_vocab: int) -> tuple[list[str], list[int], dict, 
     else:
         raise ConvertError(f"{hf_dir}: no tokenizer.json or vocab.txt")
     if max(vocab.values()) >= n_vocab:
-        raise ConvertError(f"{hf_dir}: token id {max(vocab.values())} is beyond vocab_size {n_vocab}")
+        raise ConvertError(f"{hf_dir}: token id {max(vocab.values())} is beyond vocab_size "
+                           f"{n_vocab}")
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
     for i in range(n_vocab):

@@ -74,7 +74,8 @@ def test_embeddings_match_sentence_transformers(which, min_cos, request, referen
     with LLM.load(str(path)) as llm:
         got = llm.embed(texts, batch_size=8)
     assert got.shape == ref_vectors.shape and got.dtype == np.float32
-    cos = np.einsum("ij,ij->i", got.astype(np.float64), ref_vectors) / np.linalg.norm(ref_vectors, axis=1)
+    cos = (np.einsum("ij,ij->i", got.astype(np.float64), ref_vectors)
+           / np.linalg.norm(ref_vectors, axis=1))
     assert cos.min() >= min_cos, f"sentence {int(cos.argmin())}: cosine {cos.min():.6f}"
     if which == "f32":
         # absolute: some dimensions are ~1e-32 for every input, so never relative
@@ -219,7 +220,8 @@ def test_layer_norm_and_gelu_kernels():
     b = rng.standard_normal(384).astype(np.float32)
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-12) * w + b
-    for got in (layernorm.layer_norm(x, w, b, 1e-12), encoder.NumpyBackend.layer_norm(x, w, b, 1e-12)):
+    for got in (layernorm.layer_norm(x, w, b, 1e-12),
+                encoder.NumpyBackend.layer_norm(x, w, b, 1e-12)):
         assert np.abs(got - ref).max() < 5e-6
     gref = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))(x64)
     for got in (layernorm.gelu_erf(x), encoder.NumpyBackend.gelu(x)):
