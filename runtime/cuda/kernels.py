@@ -59,6 +59,34 @@ def deq_q4_1(w, h, r, c, buf):
 
 
 @cuda.jit(device=True)
+def deq_q5_0(w, h, r, c, buf):
+    # 22 bytes: d f16, qh u32 (bit j: fifth bit of value j), 16 nibble bytes as Q4_0;
+    # value = d*(q - 16)
+    d = F32(h[r, c * 11])
+    o = c * 22
+    for j in range(16):
+        q = I32(w[r, o + 6 + j])
+        hi0 = (I32(w[r, o + 2 + j // 8]) >> (j % 8)) & 1
+        hi1 = (I32(w[r, o + 4 + j // 8]) >> (j % 8)) & 1
+        buf[j] = d * F32(((q & 15) | (hi0 << 4)) - 16)
+        buf[j + 16] = d * F32(((q >> 4) | (hi1 << 4)) - 16)
+
+
+@cuda.jit(device=True)
+def deq_q5_1(w, h, r, c, buf):
+    # 24 bytes: d f16, m f16, qh u32, 16 nibble bytes; value = d*q + m
+    d = F32(h[r, c * 12])
+    m = F32(h[r, c * 12 + 1])
+    o = c * 24
+    for j in range(16):
+        q = I32(w[r, o + 8 + j])
+        hi0 = (I32(w[r, o + 4 + j // 8]) >> (j % 8)) & 1
+        hi1 = (I32(w[r, o + 6 + j // 8]) >> (j % 8)) & 1
+        buf[j] = d * F32((q & 15) | (hi0 << 4)) + m
+        buf[j + 16] = d * F32((q >> 4) | (hi1 << 4)) + m
+
+
+@cuda.jit(device=True)
 def deq_q8_0(w, h, r, c, buf):
     # 34 bytes: d f16, 32 int8
     d = F32(h[r, c * 17])
@@ -173,8 +201,8 @@ def _make_embed(deq):
 
 
 DEQUANTIZERS = {
-    "F32": deq_f32, "F16": deq_f32, "Q4_0": deq_q4_0, "Q4_1": deq_q4_1, "Q8_0": deq_q8_0,
-    "Q4_K": deq_q4_k, "Q6_K": deq_q6_k,
+    "F32": deq_f32, "F16": deq_f32, "Q4_0": deq_q4_0, "Q4_1": deq_q4_1, "Q5_0": deq_q5_0,
+    "Q5_1": deq_q5_1, "Q8_0": deq_q8_0, "Q4_K": deq_q4_k, "Q6_K": deq_q6_k,
 }
 MATMUL = {q: _make_matmul(f) for q, f in DEQUANTIZERS.items()}
 EMBED = {q: _make_embed(f) for q, f in DEQUANTIZERS.items()}
