@@ -135,9 +135,11 @@ class DeviceExperts:
 
     def request(self, layer: int, ids):
         """The experts ``layer`` needs (pre-attention router): start their copies."""
-        self.host.request(layer, ids)
         wanted = [int(e) for e in np.unique(ids)][: self.n_slots]
         self.protected = {(layer, e) for e in wanted}
+        missing = [e for e in np.unique(ids).tolist() if (layer, e) not in self.where]
+        if missing:   # a streaming host source reads only what the GPU lacks
+            self.host.request(layer, np.array(missing, np.int64))
         if hasattr(self.host, "get"):
             for e in wanted:
                 if (layer, e) not in self.where:
