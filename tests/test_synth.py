@@ -115,6 +115,23 @@ def test_tiny_loads_and_generates(tiny):
         assert np.isfinite(logits).all()
 
 
+def test_attn_scale_sets_the_attention_output_std(tmp_path, small_vocab):
+    """--attn-scale 1 turns the routed recipe into the plain one; 0.5 halves attn_output."""
+    files = {}
+    for label, opts in (("plain", Options(recipe="plain")),
+                        ("one", Options(recipe="routed", attn_scale=1.0)),
+                        ("half", Options(qtype="F32", attn_scale=0.5)),
+                        ("f32", Options(qtype="F32", recipe="plain"))):
+        files[label] = tmp_path / f"{label}.gguf"
+        synthesize("tiny", files[label], opts, tokenizer=small_vocab)
+    with open_gguf(files["plain"]) as a, open_gguf(files["one"]) as b:
+        assert all(np.array_equal(a.raw(n), b.raw(n)) for n in a.tensors)
+    with open_gguf(files["f32"]) as a, open_gguf(files["half"]) as b:
+        for n in a.tensors:
+            x, y = a.raw(n).view(np.float32), b.raw(n).view(np.float32)
+            assert np.array_equal(y, x * np.float32(0.5) if "attn_output" in n else x), n
+
+
 def test_options_write_their_keys(tmp_path, small_vocab):
     cases = {"softmax": (Options(gating="softmax", sliding_window=True), 1, 4096),
              "none": (Options(gating="none"), None, None)}
@@ -171,6 +188,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys, smollm2_path):
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--set", "n_expert_used=9"], "experts"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--set", "n_embd=100"], "block size"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--type", "Q4_K"], "weight type"),
+        (["synth", "tiny", str(tmp_path / "x.gguf"), "--attn-scale", "0"], "positive"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--set", "layers=2"], "FIELD"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--tokenizer", str(junk)], "not a GGUF"),
         (["synth", "stats", str(tmp_path / "x.gguf")], "x.gguf"),

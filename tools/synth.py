@@ -91,6 +91,7 @@ class Options:
     seed: int = 1234
     qtype: str = "Q4_0"              # type of the weight matrices (norms and routers stay F32)
     recipe: str = "routed"           # init recipe: "routed" (benchmarks) or "plain" N(0, 0.02)
+    attn_scale: float | None = None  # attention output std / 0.02 (None: the recipe's)
     gating: str = "sigmoid"          # sigmoid | softmax | none (no gating key written)
     sliding_window: bool | None = None  # None: the preset's layout
     down_transposed: bool = False    # PowerInfer's layout of ffn_down_exps
@@ -358,6 +359,9 @@ def add_arguments(ap):
         s.add_argument("--recipe", default=Options.recipe, choices=("routed", "plain"),
                        help="init: routed (default; routing varies per token) or plain "
                             "N(0, 0.02)")
+        s.add_argument("--attn-scale", type=float, default=None, metavar="S",
+                       help="attention output init std = 0.02 x S (default: the recipe's; "
+                            "larger S, more locality in routing)")
         s.add_argument("--gating", default=Options.gating,
                        choices=("sigmoid", "softmax", "none"),
                        help="router gating function; none: no gating key (PowerInfer's files)")
@@ -401,7 +405,7 @@ def run(args, progress=None) -> int:
         return 0
     shape = presets()[args.preset].PRESETS[args.preset]
     opts = Options(seed=args.seed, qtype=args.type.upper(), recipe=args.recipe,
-                   gating=args.gating, sliding_window=args.sliding_window,
+                   attn_scale=args.attn_scale, gating=args.gating, sliding_window=args.sliding_window,
                    down_transposed=args.down_transposed,
                    overrides=_overrides(args.set, shape))
     r = synthesize(args.preset, args.output, opts, args.tokenizer, progress)

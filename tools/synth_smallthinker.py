@@ -25,17 +25,23 @@ PRESETS = {
 STD = 0.02
 
 
-def attn_out_std(recipe: str, n_layer: int) -> float:
+def attn_out_std(recipe: str, n_layer: int, scale: float | None = None) -> float:
     """Standard deviation of ``attn_output``; every other matrix is N(0, 0.02).
 
     ``plain``: 0.02 (the shared tiny model). ``routed``: 0.02/sqrt(2 n_layer), GPT-2's init for
     residual projections. With random weights attention averages values over the context, so
     its output is nearly the same for every token; at full scale it swamps the token's own state
     in the residual stream and every router picks the same experts. The experts' outputs are
-    functions of the token, so they keep token identity and stay at full scale.
+    functions of the token, so they keep token identity and stay at full scale. ``scale``
+    (0.02 x scale) overrides the recipe: between the two it sets how much routing follows the
+    context rather than the token.
     """
     if recipe not in ("plain", "routed"):
         raise ValueError(f"unknown init recipe {recipe!r} (choose from plain, routed)")
+    if scale is not None:
+        if not scale > 0:
+            raise ValueError(f"attention scale must be positive, got {scale}")
+        return STD * scale
     return STD / math.sqrt(2 * n_layer) if recipe == "routed" else STD
 
 
@@ -45,7 +51,7 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
     if c["n_expert_used"] > c["n_expert"]:
         raise ValueError(f"{c['n_expert_used']} experts per token but only {c['n_expert']}")
     swa = c["swa"] if opts.sliding_window is None else opts.sliding_window
-    w, w_out = normal(STD), normal(attn_out_std(opts.recipe, c["n_layer"]))
+    w, w_out = normal(STD), normal(attn_out_std(opts.recipe, c["n_layer"], opts.attn_scale))
     d, hd, E, ff = c["n_embd"], c["head_dim"], c["n_expert"], c["n_ff_exp"]
     p = f"{ARCH}."
     meta = [
