@@ -22,8 +22,8 @@ An architecture is a module listed in ``ARCH_MODULES`` that defines
   ``n_vocab`` the size of the copied vocabulary.
 
 ``SynthModel`` holds the architecture's own metadata, ``(key, value, type)`` in file order
-with type one of ``"u32"``, ``"i32"``, ``"f32"``, ``"bool"``, ``"str"`` (the writer adds ``general.*`` before and the tokenizer after), and its ``TensorSpec``
-list in file order. A ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last),
+with type one of ``"u32"``, ``"i32"``, ``"f32"``, ``"bool"``, ``"str"`` (the writer adds
+``general.*`` before and the tokenizer after), and its ``TensorSpec`` list in file order. A ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last),
 its type and its init recipe: ``normal(std)`` or ``constant(value)``, or any
 ``init(rng, shape) -> float32 array`` that draws values in C order (so slabs drawn one after
 another equal one big draw). ``transposed=True`` stores each 2-D plane transposed: values are
@@ -134,7 +134,8 @@ def _string(s: str) -> bytes:
 
 
 # metadata value types: GGUF type number and struct format
-_VTYPES = {"u32": (4, "<I"), "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"), "str": (8, None)}
+_VTYPES = {"u32": (4, "<I"), "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"),
+           "str": (8, None)}
 
 
 def _kv(key: str, value, vtype: str) -> bytes:
@@ -405,8 +406,8 @@ def run(args, progress=None) -> int:
         return 0
     shape = presets()[args.preset].PRESETS[args.preset]
     opts = Options(seed=args.seed, qtype=args.type.upper(), recipe=args.recipe,
-                   attn_scale=args.attn_scale, gating=args.gating, sliding_window=args.sliding_window,
-                   down_transposed=args.down_transposed,
+                   attn_scale=args.attn_scale, gating=args.gating,
+                   sliding_window=args.sliding_window, down_transposed=args.down_transposed,
                    overrides=_overrides(args.set, shape))
     r = synthesize(args.preset, args.output, opts, args.tokenizer, progress)
     print(f"wrote {r['path']}: {r['arch']} {r['preset']}, {r['type']}, recipe {r['recipe']}, "
