@@ -7,7 +7,7 @@ byte) is copied from another GGUF, and whose weights are drawn from one
 (byte-exact with llama.cpp). Only one slab (an expert plane, or a few MiB of rows) is in memory
 at a time, so a multi-GB model needs little RAM. The same inputs give the same bytes.
 
-``routing_stats(model, text)`` measures how an MoE model routes a real text: expert-usage
+``model_routing(model, text)`` measures how an MoE model routes a real text: expert-usage
 entropy, consecutive-token overlap of the chosen expert sets and the share of experts used.
 
 Plugging in an architecture
@@ -26,9 +26,10 @@ with type one of ``"u32"``, ``"i32"``, ``"f32"``, ``"bool"``, ``"str"`` (the wri
 ``general.*`` before and the tokenizer after), and its ``TensorSpec`` list in file order. A
 ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last), its type and its init
 recipe: ``normal(std)`` or ``constant(value)``, or any ``init(rng, shape) -> float32 array``
-that draws values in C order (so slabs drawn one after another equal one big draw). ``transposed=True`` stores each 2-D plane transposed: values are
-drawn in the plane's logical shape ``shape[-1], shape[-2]`` and written as its transpose, so
-both layouts hold the same numbers for the same seed.
+that draws values in C order (so slabs drawn one after another equal one big draw).
+``transposed=True`` stores each 2-D plane transposed: values are drawn in the plane's logical
+shape ``shape[-1], shape[-2]`` and written as its transpose, so both layouts hold the same
+numbers for the same seed.
 """
 from __future__ import annotations
 
