@@ -15,6 +15,7 @@ import pytest
 
 from runtime import LLM, kernels
 from runtime.generate import prefill
+from runtime.gguf import open_gguf
 from runtime.kernels.sparse_attention import SparseConfig
 from tools import minicpm_reference as ref
 
@@ -62,11 +63,11 @@ class Float64MiniCPM:
 
     def __init__(self, path, n_ctx):
         r = gguf.GGUFReader(str(path))
-        f = r.fields
+        with open_gguf(path) as g:
+            meta = dict(g.metadata)
 
         def val(key, default=None):
-            fld = f.get(f"minicpm.{key}")
-            return default if fld is None else fld.contents()
+            return meta.get(f"minicpm.{key}", default)
 
         self.t = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
                   .reshape([int(d) for d in reversed(t.shape)]) for t in r.tensors}
