@@ -14,6 +14,7 @@ import contextlib
 import json
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -62,7 +63,6 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
     ``on_load_error(message)`` is told when loading fails (the app then answers 503).
     ``log(line)`` gets one line of timings per finished generation.
     """
-    import time
     state = _State(model_id)
 
     async def load_in_background():

@@ -4,6 +4,7 @@ bodies, and a bounded load test (32 clients x 4 requests) with the server's RSS 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
@@ -274,20 +275,11 @@ def test_load_32_clients_x_4_requests(server, client):
     assert _pending(port) == 0
 
 
-# -- in-process server: loading state, CORS, the async API --------------------------------------
-@pytest.fixture(scope="module")
-def gated(smallthinker_tiny_path):
-    """The app on uvicorn in a thread; the model loads once the test opens the gate."""
+# -- in-process servers: loading state, CORS, the async client, embeddings ---------------------
+@contextlib.contextmanager
+def _in_thread(app):
+    """The app on uvicorn in a thread, on a free loopback port."""
     import uvicorn
-    from apps.server import create_app
-    from runtime import LLM
-    gate = threading.Event()
-
-    def load():
-        gate.wait(60)
-        return LLM.load(str(smallthinker_tiny_path), n_ctx=256)
-
-    app = create_app(load, "tiny", cors=["http://app.example"])
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http="h11",
                                         loop="asyncio", log_level="warning", lifespan="on"))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -296,11 +288,34 @@ def gated(smallthinker_tiny_path):
     while not srv.started:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield port, gate
-    gate.set()
-    srv.should_exit = True
-    t.join(30)
+    try:
+        yield srv.servers[0].sockets[0].getsockname()[1]
+    finally:
+        srv.should_exit = True
+        t.join(30)
+
+
+def _wait_ready(port: int):
+    deadline = time.monotonic() + 120
+    while _http(port, "GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def gated(smallthinker_tiny_path):
+    """The tiny SmallThinker served in-process; it loads once the test opens the gate."""
+    from apps.server import create_app
+    from runtime import LLM
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return LLM.load(str(smallthinker_tiny_path), n_ctx=256)
+
+    with _in_thread(create_app(load, "tiny", cors=["http://app.example"])) as port:
+        yield port, gate
+        gate.set()
 
 
 def test_health_is_503_until_loaded(gated):
@@ -310,10 +325,7 @@ def test_health_is_503_until_loaded(gated):
     status, _, body = _http(port, "POST", "/v1/completions", b'{"prompt": "Hi"}')
     assert status == 503 and json.loads(body)["error"]["code"] == "model_not_ready"
     gate.set()
-    deadline = time.monotonic() + 60
-    while _http(port, "GET", "/health")[0] != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_ready(port)
 
 
 def test_cors_only_for_the_given_origin(gated):
@@ -328,8 +340,7 @@ def test_cors_only_for_the_given_origin(gated):
 def test_async_client_streams_concurrently(gated):
     port, gate = gated
     gate.set()
-    while _http(port, "GET", "/health")[0] != 200:
-        time.sleep(0.05)
+    _wait_ready(port)
 
     async def main():
         c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
@@ -344,6 +355,29 @@ def test_async_client_streams_concurrently(gated):
 
     for finishes in asyncio.run(main()):
         assert finishes[-1] in ("stop", "length")
+
+
+def test_embeddings_of_an_encoder(minilm_path):
+    import numpy as np
+    from apps.server import create_app
+    from runtime import LLM
+    texts = ["A cat sits on the mat.", "Stock markets fell sharply today."]
+    with LLM.load(str(minilm_path)) as llm:
+        want = llm.embed(texts)
+    with _in_thread(create_app(lambda: LLM.load(str(minilm_path)), "minilm")) as port:
+        _wait_ready(port)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0)
+        r = client.embeddings.create(model="minilm", input=texts)  # base64 on the wire
+        got = np.array([d.embedding for d in r.data], dtype=np.float32)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-6
+        r = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
+        assert np.abs(np.array(r.data[0].embedding) - want[0]).max() < 1e-6
+        assert r.usage.prompt_tokens > 5
+        with pytest.raises(openai.BadRequestError) as e:  # an encoder does not chat
+            client.chat.completions.create(model="minilm",
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert "encoder" in e.value.body["message"]
 
 
 def test_cli_refuses_a_busy_port(smollm2_path):
