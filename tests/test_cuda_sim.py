@@ -294,12 +294,33 @@ def _check_llm(out: dict, smollm2: str):
         out["smollm2 logits"] = _metric(gpu.eval(ids), cpu.eval(ids))
 
 
+def _simulator_shared_fix():
+    """The simulator finds a block's shared array by its source line with a look-up then an
+    insert, unlocked: two threads can each make their own, and a reduction then reads another
+    thread's copy. The same look-up (static shared arrays only), under a lock."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+    kernelapi.FakeCUDAShared.array = array
+
+
 def main(smallthinker: str, smollm2: str):
     import time
 
     from runtime.gguf import open_gguf
-    if not REAL:   # the simulator's block manager polls threads: hand the GIL over sooner
-        sys.setswitchinterval(1e-4)
+    if not REAL:
+        _simulator_shared_fix()
+        sys.setswitchinterval(1e-4)   # the block manager polls threads: hand the GIL over sooner
     rng = np.random.default_rng(1234)
     out: dict = {}
     with open_gguf(smallthinker) as g:
