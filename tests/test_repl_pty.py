@@ -3,6 +3,7 @@ loads, a streamed answer, Ctrl+C stopping a long answer without leaving, multi-l
 /bye."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pexpect
@@ -11,7 +12,8 @@ import pexpect
 def test_chat_in_a_terminal(smollm2_path):
     child = pexpect.spawn(sys.executable, ["-m", "apps", "chat", str(smollm2_path), "-c", "1024",
                                            "--temp", "0", "-n", "400"],
-                          encoding="utf-8", timeout=300, dimensions=(40, 120))
+                          encoding="utf-8", timeout=300, dimensions=(40, 120),
+                          env={**os.environ, "TERM": "xterm"})  # CI may have no TERM
     try:
         child.expect("load")  # rich draws the loading bar on the terminal's stderr
         child.expect(">>> ")
