@@ -27,8 +27,15 @@ import numba
 import numpy as np
 from numba import types
 
+from threadpoolctl import threadpool_limits
+
 from . import _float, _ops, _quant
 from ._base import block_codegen
+
+# numpy's BLAS runs on one thread: its worker threads spin between calls and starve the
+# kernels' threads (measured on 2 cores: an expert's dequantize + BLAS matmul 25x slower,
+# prefill of SmolLM2 102 -> 133 tok/s once BLAS stops competing).
+threadpool_limits(1, user_api="blas")
 
 # qtype -> (driver, dequantizer, elements per block, bytes per block, uses block codegen)
 _TABLE = {
@@ -72,8 +79,9 @@ _PREP_ROWS = {"Q4_0": _quant.mvf_rows_q4_0, "Q4_1": _quant.mvf_rows_q4_1,
               "Q8_0": _quant.mvf_rows_q8_0}
 _mvr: dict = {}
 # Small batches of prepared weights run the matvec drivers row by row up to this many rows;
-# above it dequantize + BLAS amortizes its fixed cost (crossover measured on SmolLM2).
-PREPARED_MAX_ROWS = 128
+# above it dequantize + BLAS amortizes its fixed cost (crossover measured at 16 rows on
+# 576x576 .. 1536x1536 Q4_0 matrices, with BLAS single-threaded as below).
+PREPARED_MAX_ROWS = 16
 _numerics = ["exact"]
 
 _mm: dict = {}    # qtype -> compiled driver
@@ -126,7 +134,8 @@ def set_numerics(mode: str) -> None:
     """How Q4_0/Q4_1/Q8_0 weights meet activations in ``matvec`` and small ``matmul`` calls.
 
     "exact" (default): activations stay float32, weights are dequantized in registers, so
-    results sit within float32 rounding of exact math, the same in decode and in batches.
+    results sit within float32 rounding of exact math, the same in decode and in batches
+    below ``PREPARED_MAX_ROWS`` (larger batches multiply dequantized weights with BLAS).
     "llama": activations are quantized to 8 bits per block with integer block sums, as
     llama.cpp's CPU backend does (a little faster; about 0.2-0.4 logits from exact math).
     Other weight types always use the 8-bit path in matvec.
