@@ -256,7 +256,7 @@ class ExpertCache:
     wants_hints = True
 
     def __init__(self, store: ExpertStore, n_slots: int, policy: str = "lru",
-                 io_threads: int = 2, trace=None, min_precision: float = 0.5,
+                 io_threads: int = 6, trace=None, min_precision: float = 0.5,
                  speculate: bool = True):
         if n_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
@@ -289,6 +289,7 @@ class ExpertCache:
         # speculative reads: allowed at all, and on now (off while predictions miss)
         self.min_precision = min_precision
         self.may_speculate = self.speculate = speculate
+        self.recent_precision = 1.0
         self.stats = CacheStats()
         self._closed = False
         self.threads = [threading.Thread(target=self._worker, daemon=True,
@@ -317,6 +318,7 @@ class ExpertCache:
             self.expert = [None] * self.n_slots
             self.wanted, self.predicted, self.step = set(), {}, 0
             self.speculate = self.may_speculate
+            self.recent_precision = 1.0
             self.stats = CacheStats()
 
     def snapshot(self) -> "CacheStats":
@@ -419,8 +421,10 @@ class ExpertCache:
         st.pred_tp += hit
         st.pred_fp += len(pred) - hit
         st.pred_fn += len(actual) - hit
-        if st.pred_n >= 32 and self.may_speculate:
-            p = st.precision
+        # recent precision decides (prefill chunks predict far better than decode steps)
+        self.recent_precision += 0.1 * (hit / max(len(pred), 1) - self.recent_precision)
+        if st.pred_n >= 16 and self.may_speculate:
+            p = self.recent_precision
             # speculative reads that mostly miss cost bandwidth the urgent reads need
             if self.speculate and p < self.min_precision:
                 self.speculate = False
