@@ -454,25 +454,26 @@ def _rows_q8_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
         out[r] = acc
 
 
+@njit(inline="always", **OPTS)
+def _row_scales(row, bsz, off, dst_row):
+    for b in range(dst_row.shape[0]):
+        o = U(b * bsz + off)
+        dst_row[b] = h2f(row[o], row[o + U(1)])
+
+
 @njit(**OPTS)
 def block_scales_serial(w2, bsz, off, dst):
     """``block_scales`` on the calling thread only: for I/O threads preparing freshly read
     experts while the main thread's parallel kernels run."""
     for r in range(dst.shape[0]):
-        row = w2[r]
-        for b in range(dst.shape[1]):
-            o = U(b * bsz + off)
-            dst[r, b] = h2f(row[o], row[o + U(1)])
+        _row_scales(w2[r], bsz, off, dst[r])
 
 
 @njit(**PAR)
 def block_scales(w2, bsz, off, dst):
     """f16 field at byte ``off`` of every ``bsz``-byte block of w2 -> dst (rows, nb) float32."""
     for r in prange(dst.shape[0]):
-        row = w2[r]
-        for b in range(dst.shape[1]):
-            o = U(b * bsz + off)
-            dst[r, b] = h2f(row[o], row[o + U(1)])
+        _row_scales(w2[r], bsz, off, dst[r])
 
 
 @njit(**PAR)
