@@ -121,26 +121,26 @@ def plan(model, g, store, n_ctx: int, chunk: int, budget: int,
     """How ``model`` fits ``budget`` bytes; raises MemoryBudgetError if it cannot."""
     if baseline is None:
         baseline = psutil.Process().memory_info().rss
-    fixed = (baseline + resident_bytes(g) + kv_cache_bytes(model, n_ctx, chunk)
-             + scratch_bytes(model, n_ctx, chunk))
-    if store is None:
-        n_slots = n_experts = per_slot = 0
-        minimum = fixed
-    else:
+    resident = resident_bytes(g)
+    kv = kv_cache_bytes(model, n_ctx, chunk)
+    scratch = scratch_bytes(model, n_ctx, chunk)
+    fixed = baseline + resident + kv + scratch
+    n_slots = n_experts = per_slot = min_slots = 0
+    if store is not None:
         per_slot = slot_bytes(store)
         n_experts = sum(store.n_expert.values())
         # the running layer's experts plus as many again for the next layer's reads
         min_slots = 2 * model.args.n_expert_used
-        minimum = fixed + min_slots * per_slot
         n_slots = min(n_experts, max(0, (budget - fixed) // per_slot))
-    p = MemoryPlan(budget, baseline, resident_bytes(g), kv_cache_bytes(model, n_ctx, chunk),
-                   scratch_bytes(model, n_ctx, chunk), per_slot, n_slots, n_experts, minimum)
+    minimum = fixed + min_slots * per_slot
+    p = MemoryPlan(budget, baseline, resident, kv, scratch, per_slot, n_slots, n_experts,
+                   minimum)
     if budget < minimum:
         raise MemoryBudgetError(
             f"memory budget {format_size(budget)} is too small for {g.path} at context "
             f"{n_ctx}: it needs at least {format_size(minimum)} (process {format_size(baseline)}, "
-            f"weights {format_size(p.resident)}, KV cache {format_size(p.kv_cache)}, "
-            f"activations {format_size(p.scratch)}"
-            + (f", {2 * model.args.n_expert_used} expert slots of {format_size(per_slot)})"
+            f"weights {format_size(resident)}, KV cache {format_size(kv)}, "
+            f"activations {format_size(scratch)}"
+            + (f", {min_slots} expert slots of {format_size(per_slot)})"
                if store is not None else ")"))
     return p

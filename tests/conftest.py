@@ -91,13 +91,19 @@ def llama_cpp_src() -> Path:
     return root / "vendor" / "llama.cpp"
 
 
+def _made_once(name: str, make) -> Path:
+    """A file in the test cache, made by ``make(path)`` (which writes atomically) if absent."""
+    out = _test_cache() / name
+    if not out.exists():
+        make(out)
+    return out
+
+
 def _requantized(smollm2_path: Path, qtype: str) -> Path:
     """SmolLM2 requantized by our own quantizer (its bytes are checked in test_requantize)."""
     from quant.requantize import requantize
-    out = _test_cache() / f"SmolLM2-135M-Instruct.requant-{qtype}.gguf"
-    if not out.exists():
-        requantize(smollm2_path, out, qtype)
-    return out
+    return _made_once(f"SmolLM2-135M-Instruct.requant-{qtype}.gguf",
+                      lambda out: requantize(smollm2_path, out, qtype))
 
 
 @pytest.fixture(scope="session")
@@ -130,10 +136,7 @@ def minilm_hf_dir() -> Path:
 
 def _minilm_converted(hf_dir: Path, qtype: str) -> Path:
     from quant.convert import convert
-    out = _test_cache() / f"all-MiniLM-L6-v2.{qtype}.gguf"
-    if not out.exists():
-        convert(hf_dir, out, qtype)
-    return out
+    return _made_once(f"all-MiniLM-L6-v2.{qtype}.gguf", lambda out: convert(hf_dir, out, qtype))
 
 
 @pytest.fixture(scope="session")
