@@ -29,7 +29,8 @@ from numba import types
 
 from threadpoolctl import threadpool_limits
 
-from . import _float, _ops, _quant
+from . import _base, _float, _ops, _quant
+from ._pool import parallel_for
 from ._base import block_codegen
 
 # numpy's BLAS runs on one thread: its worker threads spin between calls and starve the
@@ -87,7 +88,8 @@ _numerics = ["exact"]
 _mm: dict = {}    # qtype -> compiled driver
 _mv: dict = {}    # qtype -> compiled prepared-decode driver
 _scales: dict = {}   # id(w.data) -> (weakref to w.data, d, m); dropped when the data dies
-_deq: dict = {}   # qtype -> compiled dequantizer
+_deq: dict = {}   # qtype -> compiled dequantizer (parallel)
+_deq1: dict = {}  # qtype -> compiled dequantizer (serial: one per BLAS worker thread)
 
 # Prefill: below this many activation rows the integer path wins over dequantize + BLAS.
 BLAS_MIN_ROWS = 8
@@ -102,10 +104,12 @@ def _compile(qtype: str):
     else:
         driver.compile(_MM_SIG)
     deq.compile(_DEQ_SIG)
+    deq1 = numba.njit(**_base.OPTS)(deq.py_func)
+    deq1.compile(_DEQ_SIG)
     # A stray signature compiled later would miss the codegen settings; refuse it instead.
-    driver.disable_compile()
-    deq.disable_compile()
-    _mm[qtype], _deq[qtype] = driver, deq
+    for fn in (driver, deq, deq1):
+        fn.disable_compile()
+    _mm[qtype], _deq[qtype], _deq1[qtype] = driver, deq, deq1
     return driver
 
 
@@ -251,14 +255,20 @@ def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.n
     if method == "blas" or (method == "auto" and n >= BLAS_MIN_ROWS):
         _check(qtype, data, cols)
         _driver(qtype)
-        deq = _deq[qtype]
+        deq = _deq1[qtype]
         tile = max(16, min(rows, _TILE_BYTES // (4 * cols)))
-        buf = np.empty((tile, cols), np.float32)   # (tile_rows, cols) dequantized weights
-        for r0 in range(0, rows, tile):
-            r1 = min(rows, r0 + tile)
-            wt = buf[: r1 - r0]
-            deq(data, r0, r1, wt)
-            np.matmul(x, wt.T, out=out[:, r0:r1])
+        n_parts = max(1, min(get_threads(), rows // 64))
+
+        def part(i):
+            # each worker thread dequantizes and multiplies its own contiguous rows
+            p0, p1 = rows * i // n_parts, rows * (i + 1) // n_parts
+            buf = np.empty((min(tile, p1 - p0), cols), np.float32)  # dequantized weight rows
+            for r0 in range(p0, p1, tile):
+                r1 = min(p1, r0 + tile)
+                wt = buf[: r1 - r0]
+                deq(data, r0, r1, wt)
+                np.matmul(x, wt.T, out=out[:, r0:r1])
+        parallel_for(n_parts, part)
         return out
     _check(qtype, data, cols)
     _driver(qtype)(data, x, out)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._base import OPTS
+from ._base import OPTS, exp_f32
 
 F = np.float32
 # Serial on purpose: these ops touch a few KB per token, less than a parallel region costs.
@@ -69,7 +69,7 @@ def softmax_rows(x, out):
             m = max(m, x[t, i])
         s = F(0)
         for i in range(d):
-            e = np.exp(x[t, i] - m)
+            e = exp_f32(x[t, i] - m)
             out[t, i] = e
             s += e
         inv = F(1) / s
@@ -81,14 +81,17 @@ def softmax_rows(x, out):
 def silu_mul_flat(g, u, out):
     for i in range(g.shape[0]):
         v = g[i]
-        out[i] = v / (F(1) + np.exp(-v)) * u[i]
+        out[i] = v / (F(1) + exp_f32(-v)) * u[i]
 
 
 @njit(**SER)
 def gelu_tanh_mul_flat(g, u, out):
+    # 0.5 * (1 + tanh(y)) written as the sigmoid 1 / (1 + exp(-2y)): no cancellation where
+    # tanh(y) is near -1.
     for i in range(g.shape[0]):
         v = g[i]
-        out[i] = F(0.5) * v * (F(1) + np.tanh(SQRT_2_OVER_PI * v * (F(1) + GELU_COEF_A * v * v))) * u[i]
+        y = SQRT_2_OVER_PI * v * (F(1) + GELU_COEF_A * v * v)
+        out[i] = v / (F(1) + exp_f32(F(-2) * y)) * u[i]
 
 
 @njit(**SER)

@@ -11,109 +11,147 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._base import OPTS
+from ._base import OPTS, exp_f32, tanh_f32
+from ._pool import parallel_for
 
 # Below this many query tokens the Numba kernel beats setting up BLAS products.
 BLAS_MIN_QUERIES = 16
 # Below this much work (multiply-adds) a parallel region costs more than it saves.
-_PARALLEL_MIN_WORK = 1048576
+_PARALLEL_MIN_WORK = 131072
+# Prefill queries per BLAS task: causal tiles skip the keys after their last query.
+_QUERY_TILE = 64
 
 
 _NEG = np.float32(-1e30)  # masked score: finite, because fastmath assumes no infinities
 
 
 @njit(**OPTS)
-def _attend_heads(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, kh):
-    # One query token, the g query heads sharing KV head kh. Keys are stored transposed,
-    # kt (KVH, D, S), so each score update is a contiguous run over slots (vectorizes).
-    H, D = q.shape[1], q.shape[2]
-    g = H // kt.shape[0]
-    p = q_pos[t]
-    sc = np.zeros((g, n_slots), dtype=np.float32)           # (g, S) scores, then weights
-    for hh in range(g):
-        row = sc[hh]
-        for d in range(D):
-            qd = q[t, kh * g + hh, d] * scale
-            krow = kt[kh, d]
-            for s in range(n_slots):
-                row[s] += qd * krow[s]
-    any_seen = False
-    for s in range(n_slots):
-        sp = slot_pos[s]
-        if sp < 0 or sp > p or (window > 0 and p - sp >= window):
-            for hh in range(g):
-                sc[hh, s] = _NEG
-        else:
-            any_seen = True
-    acc = np.zeros((g, D), dtype=np.float32)                # (g, D) weighted values
-    if any_seen:
-        for hh in range(g):
-            row = sc[hh]
+def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
+    """Scores sc (m, S) -> attention weights in place. Row i belongs to a query at position
+    row_pos[i]; column s to the key held at slot_pos[s] (-1: empty). Rows that see no key
+    become zeros."""
+    m_rows, S = sc.shape
+    for i in range(m_rows):
+        p = row_pos[i]
+        row = sc[i]
+        mx = _NEG
+        for s in range(S):
+            sp = slot_pos[s]
+            x = row[s] * scale
             if softcap > 0.0:
-                for s in range(n_slots):
-                    if row[s] > _NEG:
-                        row[s] = softcap * np.tanh(row[s] / softcap)
-            m = row[0]
-            for s in range(1, n_slots):
-                m = max(m, row[s])
-            total = np.float32(0.0)
-            for s in range(n_slots):
-                w = np.exp(row[s] - m) if row[s] > _NEG else np.float32(0.0)
-                row[s] = w
-                total += w
-            inv = np.float32(1.0) / total
-            for s in range(n_slots):
-                row[s] *= inv
+                x = softcap * tanh_f32(x / softcap)
+            if sp < 0 or sp > p or (window > 0 and p - sp >= window):
+                x = _NEG
+            row[s] = x
+            mx = max(mx, x)
+        if mx <= _NEG:
+            for s in range(S):
+                row[s] = np.float32(0.0)
+            continue
+        total = np.float32(0.0)
+        for s in range(S):
+            w = exp_f32(row[s] - mx)   # masked: exp(-1e30) is 0
+            row[s] = w
+            total += w
+        inv = np.float32(1.0) / total
+        for s in range(S):
+            row[s] *= inv
+
+
+@njit(**OPTS)
+def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h, sc):
+    # One query token and head. Keys are stored transposed, kt (KVH, D, S), so each score
+    # update is a contiguous run over slots (vectorizes); four key rows per pass over the
+    # scores (and four value rows per pass over the output) keep loads and stores few.
+    D = q.shape[2]
+    kh = h // (q.shape[1] // kt.shape[0])
+    row = sc[0, :n_slots]
+    qh = q[t, h]
+    k0 = kt[kh, 0]
+    q0 = qh[0]
+    for s in range(n_slots):
+        row[s] = q0 * k0[s]
+    d = 1
+    while d + 4 <= D:
+        q0, q1, q2, q3 = qh[d], qh[d + 1], qh[d + 2], qh[d + 3]
+        k0, k1, k2, k3 = kt[kh, d], kt[kh, d + 1], kt[kh, d + 2], kt[kh, d + 3]
         for s in range(n_slots):
-            vrow = v[s, kh]
-            for hh in range(g):
-                w = sc[hh, s]
-                arow = acc[hh]
-                for d in range(D):
-                    arow[d] += w * vrow[d]
-    for hh in range(g):
+            row[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+        d += 4
+    while d < D:
+        q0 = qh[d]
+        k0 = kt[kh, d]
+        for s in range(n_slots):
+            row[s] += q0 * k0[s]
+        d += 1
+    _softmax_masked(sc[:, :n_slots], q_pos[t:t + 1], slot_pos, scale, window, softcap)
+    acc = out[t, h]
+    for d in range(D):
+        acc[d] = np.float32(0.0)
+    s = 0
+    while s + 4 <= n_slots:
+        w0, w1, w2, w3 = row[s], row[s + 1], row[s + 2], row[s + 3]
+        v0, v1, v2, v3 = v[s, kh], v[s + 1, kh], v[s + 2, kh], v[s + 3, kh]
         for d in range(D):
-            out[t, kh * g + hh, d] = acc[hh, d]
+            acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
+        s += 4
+    while s < n_slots:
+        w0 = row[s]
+        v0 = v[s, kh]
+        for d in range(D):
+            acc[d] += w0 * v0[d]
+        s += 1
 
 
 @njit(**OPTS)
 def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
+    sc = np.empty((1, n_slots), np.float32)
     for t in range(q.shape[0]):
-        for kh in range(kt.shape[0]):
-            _attend_heads(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, kh)
+        for h in range(q.shape[1]):
+            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h,
+                         sc)
 
 
 @njit(parallel=True, **OPTS)
 def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
-    KVH = kt.shape[0]
-    for idx in prange(q.shape[0] * KVH):
-        t = idx // KVH
-        _attend_heads(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t,
-                      idx - t * KVH)
+    H = q.shape[1]
+    for idx in prange(q.shape[0] * H):
+        sc = np.empty((1, n_slots), np.float32)
+        t = idx // H
+        _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t,
+                     idx - t * H, sc)
 
 
 def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
+    # Per KV head and tile of queries: scores by BLAS over the slots the tile can see, mask
+    # and softmax in a kernel, weighted values by BLAS. Tasks run on the worker threads.
     n, H, D = q.shape
     KVH = kt.shape[0]
     g = H // KVH
     sp = slot_pos[:n_slots]
-    visible = (sp[None, :] >= 0) & (sp[None, :] <= q_pos[:, None])      # (n, S)
-    if window > 0:
-        visible &= q_pos[:, None] - sp[None, :] < window
-    for kh in range(KVH):
-        vv = np.ascontiguousarray(v[:n_slots, kh])                        # (S, D)
-        qq = q[:, kh * g:(kh + 1) * g].reshape(n * g, D)                  # (n*g, D)
-        s = (qq @ kt[kh, :, :n_slots]).reshape(n, g, n_slots)             # (n, g, S)
-        s *= np.float32(scale)
-        if softcap > 0:
-            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
-        s = np.where(visible[:, None, :], s, np.float32(-np.inf))
-        m = s.max(axis=2, keepdims=True)
-        m[~np.isfinite(m)] = 0.0                                          # rows that see nothing
-        e = np.exp(s - m)
-        z = e.sum(axis=2, keepdims=True)
-        z[z == 0] = 1.0
-        out[:, kh * g:(kh + 1) * g] = ((e / z).reshape(n * g, n_slots) @ vv).reshape(n, g, D)
+    tiles = [(t0, min(n, t0 + _QUERY_TILE)) for t0 in range(0, n, _QUERY_TILE)]
+    spans = []
+    for t0, t1 in tiles:
+        p = q_pos[t0:t1]
+        seen = (sp >= 0) & (sp <= p.max())
+        if window > 0:
+            seen &= sp > p.min() - window
+        idx = np.flatnonzero(seen)
+        spans.append((int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0))
+    vv = [np.ascontiguousarray(v[:n_slots, kh]) for kh in range(KVH)]   # (S, D) each
+    row_pos = [np.repeat(q_pos[t0:t1], g) for t0, t1 in tiles]          # (tile*g,) each
+
+    def task(i):
+        kh, j = divmod(i, len(tiles))
+        (t0, t1), (lo, hi) = tiles[j], spans[j]
+        if hi == lo:
+            out[t0:t1, kh * g:(kh + 1) * g] = 0.0
+            return
+        qq = q[t0:t1, kh * g:(kh + 1) * g].reshape((t1 - t0) * g, D)
+        s = qq @ kt[kh, :, lo:hi]                                         # (tile*g, L)
+        _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap)
+        out[t0:t1, kh * g:(kh + 1) * g] = (s @ vv[kh][lo:hi]).reshape(t1 - t0, g, D)
+    parallel_for(KVH * len(tiles), task)
 
 
 def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n_slots: int,
@@ -122,9 +160,9 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     """softmax(q·kᵀ·scale + mask)·v for every query token and head.
 
     q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D); H a multiple
-    of KVH (grouped-query); only the first ``n_slots`` slots are read. A key at position sp is visible to a query at
-    position p when 0 <= sp <= p and, if ``window`` > 0, p - sp < window. A query that sees
-    no key gets zeros.
+    of KVH (grouped-query); only the first ``n_slots`` slots are read. A key at position sp
+    is visible to a query at position p when 0 <= sp <= p and, if ``window`` > 0,
+    p - sp < window. A query that sees no key gets zeros.
     """
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
@@ -133,7 +171,7 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
             out)
     if n >= BLAS_MIN_QUERIES:
         _attend_blas(*args)
-    elif n * H * n_slots * D < _PARALLEL_MIN_WORK or kt.shape[0] == 1:
+    elif n * H * n_slots * D < _PARALLEL_MIN_WORK:
         _attend_serial(*args)
     else:
         _attend_parallel(*args)
