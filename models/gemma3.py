@@ -70,9 +70,10 @@ class Model(BaseModel):
             swa = a.is_swa[i]
             base, fscale = (a.rope_base_swa, 1.0) if swa else (a.rope_base, a.rope_freq_scale)
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q = nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
-            k = nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)
-            v = nn.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
+            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            q = q.reshape(n, a.n_head, a.head_dim)
+            k = k.reshape(n, a.n_head_kv, a.head_dim)
+            v = v.reshape(n, a.n_head_kv, a.head_dim)
             q = nn.rope(nn.head_norm(q, L.attn_q_norm, a.rms_eps), positions, a.head_dim, base,
                         "neox", fscale)
             k = nn.rope(nn.head_norm(k, L.attn_k_norm, a.rms_eps), positions, a.head_dim, base,

@@ -55,9 +55,10 @@ class Model(BaseModel):
         x = nn.embed(W.token_embd, ids)  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q = nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
-            k = nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)
-            v = nn.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
+            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            q = q.reshape(n, a.n_head, a.head_dim)
+            k = k.reshape(n, a.n_head_kv, a.head_dim)
+            v = v.reshape(n, a.n_head_kv, a.head_dim)
             q = nn.rope(q, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
             k = nn.rope(k, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
             o = nn.attention(q, k, v, c, positions, self.scale)

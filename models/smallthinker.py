@@ -102,9 +102,10 @@ class Model(BaseModel):
                 nxt = self.w.blk[i + 1].ffn_gate_inp
                 ex.hint(i + 1, moe.route(nn.linear(nxt, x), a.n_expert_used, a.gating)[0])
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q = nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
-            k = nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)
-            v = nn.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
+            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            q = q.reshape(n, a.n_head, a.head_dim)
+            k = k.reshape(n, a.n_head_kv, a.head_dim)
+            v = v.reshape(n, a.n_head_kv, a.head_dim)
             if a.use_rope[i]:
                 base = a.rope_base_swa if a.is_swa[i] else a.rope_base
                 q = nn.rope(q, positions, a.head_dim, base, "neox")

@@ -28,12 +28,21 @@ class LayerCache:
         self.kt[:, :, slots] = k.transpose(1, 2, 0)
         self.v[slots] = v
 
-    def claim(self, positions: np.ndarray) -> np.ndarray:
-        """Tag the slots for ``positions`` (n,) and return them; the caller writes k and v
-        there (a device cache keeps its arrays elsewhere)."""
-        if len(positions) > self.capacity:
-            raise ValueError(f"chunk of {len(positions)} tokens exceeds the cache ring "
+    def claim(self, positions: np.ndarray):
+        """Tag the slots for ``positions`` (n,) and return them (an index array, or a slice
+        when they are one run); the caller writes k and v there (a device cache keeps its
+        arrays elsewhere)."""
+        n = len(positions)
+        if n > self.capacity:
+            raise ValueError(f"chunk of {n} tokens exceeds the cache ring "
                              f"({self.capacity} slots)")
+        first = int(positions[0]) % self.capacity
+        if first + n <= self.capacity and int(positions[-1]) - int(positions[0]) == n - 1 \
+                and (n < 3 or bool(np.all(np.diff(positions) == 1))):
+            slots = slice(first, first + n)
+            self.slot_pos[slots] = positions
+            self.n_slots = max(self.n_slots, first + n)
+            return slots
         slots = positions % self.capacity
         self.slot_pos[slots] = positions
         self.n_slots = max(self.n_slots, int(slots.max()) + 1)

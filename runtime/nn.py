@@ -44,6 +44,14 @@ def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
     return kernels.matmul(w, x)
 
 
+def linears(ws: list, x: np.ndarray) -> list[np.ndarray]:
+    """``[linear(w, x) for w in ws]`` for weights sharing the input (q/k/v, gate/up): in
+    decode one kernel call serves them all."""
+    if isinstance(x, OnDevice):
+        return [x.ops.linear(w, x) for w in ws]
+    return kernels.matmul_many(ws, x)
+
+
 def embed(table: QTensor, ids: np.ndarray) -> np.ndarray:
     """Rows of an embedding table (any qtype) as float32 (n, dim)."""
     if isinstance(table, OnDevice):
@@ -98,4 +106,5 @@ def glu(g: np.ndarray, u: np.ndarray, act: str) -> np.ndarray:
 
 def glu_ffn(x: np.ndarray, gate: QTensor, up: QTensor, down: QTensor, act: str) -> np.ndarray:
     """down(act(gate·x) * up·x) for x (n, dim)."""
-    return linear(down, glu(linear(gate, x), linear(up, x), act))
+    g, u = linears([gate, up], x)
+    return linear(down, glu(g, u, act))

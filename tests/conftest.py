@@ -21,6 +21,14 @@ def _need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def exact_numerics():
+    """Float activations for the test ("exact" numerics), the default restored after."""
+    from runtime import kernels
+    with kernels.numerics("exact"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return _need(SHARED)

@@ -321,6 +321,8 @@ def main(smallthinker: str, smollm2: str):
     if not REAL:
         _simulator_shared_fix()
         sys.setswitchinterval(1e-4)   # the block manager polls threads: hand the GIL over sooner
+    from runtime import kernels
+    kernels.set_numerics("exact")   # the device keeps activations float32, as "exact" does
     rng = np.random.default_rng(1234)
     out: dict = {}
     with open_gguf(smallthinker) as g:

@@ -152,12 +152,65 @@ def test_dequantize(qtype):
 
 
 @pytest.fixture
-def llama_numerics():
-    """The 8-bit-activation path for prepared weights, restored afterwards."""
+def llama_numerics(monkeypatch):
+    """The portable 8-bit-activation path for prepared weights (the AVX2 kernels switched
+    off, as on hosts without them), restored afterwards."""
     before = K.get_numerics()
     K.set_numerics("llama")
+    monkeypatch.setattr(K._simd, "AVAILABLE", False)
     yield
     K.set_numerics(before)
+
+
+SIMD_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+
+
+@pytest.mark.skipif(not K._simd.AVAILABLE, reason="host lacks AVX2/FMA/F16C")
+@pytest.mark.parametrize("qtype", SIMD_TYPES)
+def test_simd_matvec(qtype):
+    """The AVX2 kernels (default numerics) against the float64 emulation of llama.cpp's
+    8-bit path, for one row, small batches and selected rows."""
+    from runtime.tensor import QTensor
+    assert K.get_numerics() == "llama"
+    rows, cols = 37, 1536
+    data = random_weights(qtype, rows, cols)
+    data[3, :2] = 0          # a zero and a subnormal block scale
+    data[4, 0], data[4, 1] = 1, 0
+    w = QTensor(qtype, (rows, cols), data)
+    x = RNG.standard_normal((5, cols)).astype(np.float32)
+    x[1, :40] = 0            # all-zero activation blocks
+    for t in range(5):
+        got = K.matvec(w, x[t])
+        ref, scale = emulate(qtype, data, cols, x[t])
+        assert np.all(np.abs(got - ref) <= 2e-5 * scale + 1e-30), qtype
+    batch = K.matmul(w, x)
+    np.testing.assert_array_equal(batch[2], K.matvec(w, x[2]))
+    idx = np.array([0, 4, 17, 36])
+    sel = K.matvec_rows(w, x[0], idx)
+    np.testing.assert_allclose(sel[idx], K.matvec(w, x[0])[idx], rtol=1e-6, atol=1e-6)
+    assert not sel[np.setdiff1d(np.arange(rows), idx)].any()
+    with pytest.raises(ValueError):
+        K.matvec(w, x[0, :-32])
+
+
+@pytest.mark.skipif(not K._simd.AVAILABLE, reason="host lacks AVX2/FMA/F16C")
+def test_simd_real_tensors(smollm2_path, gemma3_path):
+    seen = set()
+    for path, name in [(smollm2_path, "blk.0.ffn_gate.weight"), (smollm2_path, "output.weight"),
+                       (gemma3_path, "blk.0.attn_q.weight"), (gemma3_path, "blk.0.attn_v.weight"),
+                       (gemma3_path, "blk.1.attn_v.weight"), (gemma3_path, "blk.0.attn_output.weight"),
+                       (gemma3_path, "blk.0.ffn_down.weight"), (gemma3_path, "blk.1.ffn_down.weight")]:
+        f = GGUFFile(path)
+        if name not in f.tensors:
+            name = "token_embd.weight"
+        w = f.tensor(name)
+        x = RNG.standard_normal(w.cols).astype(np.float32)
+        rows = slice(3, 70)
+        ref, scale = emulate(w.qtype, w.data[rows], w.cols, x)
+        got = K.matvec(w, x)[rows]
+        assert np.all(np.abs(got - ref) <= 2e-5 * scale + 1e-30), (name, w.qtype)
+        seen.add(w.qtype)
+    assert seen == set(SIMD_TYPES) - {"Q4_0"}
 
 
 def test_real_tensors(smollm2_path, gemma3_path, llama_numerics):
@@ -208,11 +261,10 @@ def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_exact_numerics(qtype):
-    """Default numerics: float activations, within f32 rounding of float64 math on the
+def test_exact_numerics(qtype, exact_numerics):
+    """"exact" numerics: float activations, within f32 rounding of float64 math on the
     dequantized weights, for one row (decode) and small batches alike."""
     from runtime.tensor import QTensor
-    assert K.get_numerics() == "exact"
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
     data[3, :2] = 0
@@ -305,9 +357,10 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_matvec_rows_equals_matvec_on_selected_rows(qtype):
-    """The row-selecting matvec (ReGLU sparsity) gives exactly matvec's values on the chosen
-    rows and leaves the others zero; both agree with float64 numpy on dequantized weights."""
+def test_matvec_rows_equals_matvec_on_selected_rows(qtype, exact_numerics):
+    """Under "exact" numerics the row-selecting matvec (ReGLU sparsity) gives exactly
+    matvec's values on the chosen rows and leaves the others zero; both agree with float64
+    numpy on dequantized weights."""
     rng = np.random.default_rng(11)
     w32 = rng.standard_normal((80, 256)).astype(np.float32)
     w = QTensor(qtype, (80, 256), quant.quantize(qtype, w32).reshape(80, -1))

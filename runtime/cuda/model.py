@@ -76,6 +76,8 @@ class DeviceLayerCache(LayerCache):
         """Write device k, v (n, KVH, D) for ``positions`` (n,)."""
         positions = np.asarray(positions, np.int64)
         slots = self.claim(positions)
+        if isinstance(slots, slice):
+            slots = np.arange(slots.start, slots.stop, dtype=np.int64)
         K.kv_store[len(slots), k.shape[1], ops.stream()](
             k.a, v.a, ops.upload(slots), ops.upload(positions), self.kt, self.v,
             self.d_slot_pos)

@@ -20,6 +20,7 @@ called from the current thread.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 
@@ -29,7 +30,7 @@ from numba import types
 
 from threadpoolctl import threadpool_limits
 
-from . import _base, _float, _ops, _quant
+from . import _base, _float, _ops, _quant, _simd
 from ._pool import parallel_for
 from ._base import block_codegen
 
@@ -83,7 +84,8 @@ _mvr: dict = {}
 # above it dequantize + BLAS amortizes its fixed cost (crossover measured at 16 rows on
 # 576x576 .. 1536x1536 Q4_0 matrices, with BLAS single-threaded as below).
 PREPARED_MAX_ROWS = 16
-_numerics = ["exact"]
+_numerics = ["llama"]
+_simd_compiled: set = set()   # AVX2 driver signatures compiled so far
 
 _mm: dict = {}    # qtype -> compiled driver
 _mv: dict = {}    # qtype -> compiled prepared-decode driver
@@ -135,13 +137,16 @@ def _mv_driver(qtype: str):
 
 
 def set_numerics(mode: str) -> None:
-    """How Q4_0/Q4_1/Q8_0 weights meet activations in ``matvec`` and small ``matmul`` calls.
+    """How Q4_0/Q4_1/Q5_0/Q8_0 weights meet activations in ``matvec`` and small ``matmul`` calls.
 
-    "exact" (default): activations stay float32, weights are dequantized in registers, so
-    results sit within float32 rounding of exact math, the same in decode and in batches
-    below ``PREPARED_MAX_ROWS`` (larger batches multiply dequantized weights with BLAS).
-    "llama": activations are quantized to 8 bits per block with integer block sums, as
-    llama.cpp's CPU backend does (a little faster; about 0.2-0.4 logits from exact math).
+    "llama" (default): activations are quantized to 8 bits per 32-block and block dots are
+    exact integer sums, as llama.cpp's CPU backend does; on AVX2 hosts by the hand-written
+    kernels of ``_simd`` (about 2x the portable ones), elsewhere by the portable Numba ones.
+    Results sit about 0.2-0.4 logits from exact math, as llama.cpp's do.
+    "exact": activations stay float32 and weights are dequantized in registers, so results
+    sit within float32 rounding of exact math, the same in decode and in batches below
+    ``PREPARED_MAX_ROWS`` (larger batches multiply dequantized weights with BLAS). Q5_0 has
+    no float-activation kernel and keeps the 8-bit path.
     Other weight types always use the 8-bit path in matvec.
     """
     if mode not in ("exact", "llama"):
@@ -149,8 +154,48 @@ def set_numerics(mode: str) -> None:
     _numerics[0] = mode
 
 
+def _simd_ready(qtype: str) -> bool:
+    """True when qtype runs on the AVX2 kernels (llama numerics on an AVX2 host)."""
+    return _simd.AVAILABLE and _numerics[0] == "llama" and qtype in _simd.KIND
+
+
+_SIMD_MV = types.Array(types.float32, 2, "C")
+
+
+def _simd_mv(ws, x2, out2):
+    """ws: tuple of QTensors of one simd qtype and x2's column count -> out2 (n, sum rows)."""
+    key = len(ws)
+    if key not in _simd_compiled:
+        with block_codegen():
+            _simd.mv.compile((types.int64, types.UniTuple(_W, key), _X, _SIMD_MV))
+        _simd_compiled.add(key)
+    _simd.mv(_simd.KIND[ws[0].qtype], tuple(w.data for w in ws), x2, out2)
+
+
+def _simd_rows(w, x2, idx, out):
+    if "rows" not in _simd_compiled:
+        with block_codegen():
+            _simd.mv_rows.compile((types.int64, _W, _X, types.Array(types.int64, 1, "C",
+                                                                    readonly=True),
+                                   types.Array(types.float32, 1, "C")))
+        _simd_compiled.add("rows")
+    _simd.mv_rows(_simd.KIND[w.qtype], w.data, x2, idx, out)
+
+
 def get_numerics() -> str:
     return _numerics[0]
+
+
+@contextlib.contextmanager
+def numerics(mode: str):
+    """``with kernels.numerics("exact"): ...`` runs the block under ``mode`` (see
+    ``set_numerics``) and restores the previous mode afterwards."""
+    before = _numerics[0]
+    set_numerics(mode)
+    try:
+        yield
+    finally:
+        _numerics[0] = before
 
 
 def _mvf_driver(qtype: str):
@@ -294,8 +339,17 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
 def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``w`` (QTensor, shape (..., cols)) times x (cols,) f32 -> (rows,) f32.
 
-    Q4_0/Q4_1/Q8_0 weights are prepared (see ``prepare``) on first use.
+    Q4_0/Q4_1/Q8_0 weights are prepared (see ``prepare``) on first use under "exact" numerics.
     """
+    if _simd_ready(w.qtype):
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
+        if x2.shape[1] != w.shape[-1]:
+            raise ValueError(f"x has {x2.shape[1]} elements, weight has {w.shape[-1]} columns")
+        _check(w.qtype, w.data, w.shape[-1])
+        if out is None:
+            out = np.empty(w.data.shape[0], np.float32)
+        _simd_mv((w,), x2, out.reshape(1, -1))
+        return out
     if w.qtype not in _PREP:
         return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
     data, cols = w.data, w.shape[-1]
@@ -316,6 +370,13 @@ def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = Non
     row-selecting kernel, or under "llama" numerics, compute all rows."""
     if out is None:
         out = np.zeros(w.data.shape[0], np.float32)
+    if _simd_ready(w.qtype):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape != (w.shape[-1],):
+            raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
+        _check(w.qtype, w.data, w.shape[-1])
+        _simd_rows(w, x.reshape(1, -1), np.ascontiguousarray(rows, np.int64), out)
+        return out
     if w.qtype not in _PREP_ROWS or _numerics[0] != "exact":
         return matvec(w, x, out)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -340,15 +401,45 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
     With method "auto", Q4_0/Q4_1/Q8_0 weights take their prepared matvec path for up to
     ``PREPARED_MAX_ROWS`` rows (numerics per ``set_numerics``), BLAS above.
     """
-    if method == "auto" and w.qtype in _PREP and x.shape[0] < PREPARED_MAX_ROWS:
+    if method == "auto" and x.shape[0] < PREPARED_MAX_ROWS and (
+            w.qtype in _PREP or _simd_ready(w.qtype)):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != w.shape[-1]:
             raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
         if out is None:
             out = np.empty((x.shape[0], w.data.shape[0]), np.float32)
+        if _simd_ready(w.qtype):
+            _check(w.qtype, w.data, w.shape[-1])
+            _simd_mv((w,), x, out)
+            return out
         if _prepared_call(w, x, out):
             return out
     return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method)
+
+
+def matmul_many(ws, x: np.ndarray) -> list[np.ndarray]:
+    """``[matmul(w, x) for w in ws]``, for weights that share the input x (n, cols). Small
+    batches of weights that run on the AVX2 kernels go through one call per weight type:
+    the activations are quantized once and all rows share one parallel loop (q/k/v, gate/up)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] >= PREPARED_MAX_ROWS:
+        return [matmul(w, x) for w in ws]
+    groups: dict = {}
+    for i, w in enumerate(ws):
+        if _simd_ready(w.qtype) and w.shape[-1] == x.shape[1]:
+            _check(w.qtype, w.data, w.shape[-1])
+            groups.setdefault(w.qtype, []).append(i)
+    res: list = [None] * len(ws)
+    for idx in groups.values():
+        sizes = [ws[i].data.shape[0] for i in idx]
+        out = np.empty((x.shape[0], sum(sizes)), np.float32)
+        _simd_mv(tuple(ws[i] for i in idx), x, out)
+        start = 0
+        for i, size in zip(idx, sizes):
+            part = out[:, start:start + size]   # one row: already contiguous
+            res[i] = part if x.shape[0] == 1 else np.ascontiguousarray(part)
+            start += size
+    return [r if r is not None else matmul(w, x) for r, w in zip(res, ws)]
 
 
 def dequantize_raw(qtype: str, data: np.ndarray, cols: int) -> np.ndarray:

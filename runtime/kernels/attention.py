@@ -29,19 +29,21 @@ _NEG = np.float32(-1e30)  # masked score: finite, because fastmath assumes no in
 def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
     """Scores sc (m, S) -> attention weights in place. Row i belongs to a query at position
     row_pos[i]; column s to the key held at slot_pos[s] (-1: empty). Rows that see no key
-    become zeros."""
+    become zeros. Each pass is branch-free so that it vectorizes."""
     m_rows, S = sc.shape
     for i in range(m_rows):
         p = row_pos[i]
         row = sc[i]
+        for s in range(S):
+            row[s] *= scale
+        if softcap > 0.0:
+            for s in range(S):
+                row[s] = softcap * tanh_f32(row[s] / softcap)
         mx = _NEG
         for s in range(S):
             sp = slot_pos[s]
-            x = row[s] * scale
-            if softcap > 0.0:
-                x = softcap * tanh_f32(x / softcap)
-            if sp < 0 or sp > p or (window > 0 and p - sp >= window):
-                x = _NEG
+            seen = (sp >= 0) & (sp <= p) & ((window <= 0) | (p - sp < window))
+            x = row[s] if seen else _NEG
             row[s] = x
             mx = max(mx, x)
         if mx <= _NEG:
@@ -65,7 +67,7 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
     # scores (and four value rows per pass over the output) keep loads and stores few.
     D = q.shape[2]
     kh = h // (q.shape[1] // kt.shape[0])
-    row = sc[0, :n_slots]
+    row = sc[0]
     qh = q[t, h]
     k0 = kt[kh, 0]
     q0 = qh[0]
@@ -84,7 +86,7 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
         for s in range(n_slots):
             row[s] += q0 * k0[s]
         d += 1
-    _softmax_masked(sc[:, :n_slots], q_pos[t:t + 1], slot_pos, scale, window, softcap)
+    _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap)
     acc = out[t, h]
     for d in range(D):
         acc[d] = np.float32(0.0)

@@ -1,0 +1,339 @@
+"""x86 AVX2 block dot products written directly in LLVM IR (through Numba intrinsics).
+
+LLVM does not derive ``vpmaddubsw`` (unsigned x signed byte products, summed in pairs) from
+scalar code, and Numba's auto-vectorized kernels reduce every 32-weight block to a scalar,
+which costs more than the block's arithmetic. Here each weight row runs one IR loop that
+llama.cpp's AVX2 path would recognise: per block, the weights are unpacked to 32 bytes, one
+``vpmaddubsw`` + ``vpmaddwd`` gives eight int32 partial sums against the row's 8-bit
+activations, which are converted and accumulated with the block scale in an 8-lane float
+register; lanes are summed once per row. Per-block constant terms (Q4_0's -8 and Q5_0's -16
+offsets, Q4_1's min) use the activation block sums and accumulate separately.
+
+Numerics are "llama" (``runtime.kernels.set_numerics``): activations quantized to Q8_0 (Q8_1
+for Q4_1) per 32-block as ggml does, exact integer block dots, float32 accumulation. Used only
+when the host has AVX2, FMA and F16C (``AVAILABLE``); otherwise the portable kernels run.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ._base import OPTS
+from ._quant import act_q8_0, act_q8_k
+
+_FEATURES = llvm.get_host_cpu_features()
+AVAILABLE = all(_FEATURES.get(f, False) for f in ("avx2", "fma", "f16c"))
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32, _F16 = ir.FloatType(), ir.HalfType()
+_V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
+_V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+
+# qtype -> (block bytes, offset of the quants, weight offset applied through block sums)
+LAYOUT = {"Q4_0": (18, 2, -8.0), "Q4_1": (20, 4, 0.0), "Q5_0": (22, 6, -16.0),
+          "Q8_0": (34, 2, 0.0)}
+
+
+def _declare(module, name, ret, args):
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+
+def _c64(v):
+    return ir.Constant(_I64, v)
+
+
+def _half_at(builder, ptr, offset):
+    p = builder.bitcast(builder.gep(ptr, [_c64(offset)]), _F16.as_pointer())
+    return builder.fpext(builder.load(p, align=1), _F32)
+
+
+def _weights(builder, qtype, blk):
+    """The block's 32 weights as <32 x i8>: unsigned 0..15 / 0..31 for Q4/Q5, signed for Q8."""
+    size, qoff, _ = LAYOUT[qtype]
+    if qtype == "Q8_0":
+        return builder.load(builder.bitcast(builder.gep(blk, [_c64(qoff)]), _V32I8.as_pointer()),
+                            align=1)
+    q = builder.load(builder.bitcast(builder.gep(blk, [_c64(qoff)]), _V16I8.as_pointer()), align=1)
+    lo = builder.and_(q, ir.Constant(_V16I8, [15] * 16))
+    hi = builder.lshr(q, ir.Constant(_V16I8, [4] * 16))
+    w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+    if qtype == "Q5_0":   # bit j of the 32-bit qh field is weight j's fifth bit
+        qh = builder.load(builder.bitcast(builder.gep(blk, [_c64(2)]), _I32.as_pointer()), align=1)
+        bits = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), _V32I8)
+        w = builder.or_(w, builder.shl(bits, ir.Constant(_V32I8, [4] * 32)))
+    return w
+
+
+class _Ops:
+    """The intrinsics one codegen uses, declared in its module."""
+
+    def __init__(self, builder):
+        mod = builder.module
+        self.b = builder
+        self.maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+        self.maddwd = _declare(mod, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+        self.psign = _declare(mod, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+        self.fma8 = _declare(mod, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+        # scalar products are fused explicitly: left as fmul + fadd, the backend may or may
+        # not contract them depending on the caller, and results would differ by call site
+        self.fma1 = _declare(mod, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
+
+    def splat(self, v, vtype):
+        b = self.b
+        one = b.insert_element(ir.Constant(vtype, ir.Undefined), v, _c64(0))
+        return b.shuffle_vector(one, ir.Constant(vtype, ir.Undefined),
+                                ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
+
+    def load(self, ptr, offset, ty):
+        b = self.b
+        return b.load(b.bitcast(b.gep(ptr, [offset if isinstance(offset, ir.Value)
+                                             else _c64(offset)]), ty.as_pointer()), align=1)
+
+    def dot32(self, w, x, weights16=None):
+        """<32 x u8> weights . <32 x i8> activations -> <8 x i32> sums of four products
+        each, pairs weighted by ``weights16`` (<16 x i16>; default 1)."""
+        pairs = self.b.call(self.maddubs, [w, x])
+        return self.b.call(self.maddwd, [pairs, weights16 or ir.Constant(_V16I16, [1] * 16)])
+
+
+def _row_loop(builder, nb, step):
+    """Emit ``for i in range(nb)`` carrying an <8 x float> and a float accumulator;
+    step(i, acc, acc_c) -> (acc, acc_c). Returns their final values (zeros if nb <= 0)."""
+    entry = builder.block
+    loop = builder.append_basic_block("blocks")
+    done = builder.append_basic_block("done")
+    zero, fzero = ir.Constant(_V8F32, None), ir.Constant(_F32, 0.0)
+    builder.cbranch(builder.icmp_signed(">", nb, _c64(0)), loop, done)
+    builder.position_at_end(loop)
+    i, acc, acc_c = builder.phi(_I64), builder.phi(_V8F32), builder.phi(_F32)
+    acc2, acc_c2 = step(i, acc, acc_c)
+    i2 = builder.add(i, _c64(1))
+    tail = builder.block
+    for phi, start, nxt in ((i, _c64(0), i2), (acc, zero, acc2), (acc_c, fzero, acc_c2)):
+        phi.add_incoming(start, entry)
+        phi.add_incoming(nxt, tail)
+    builder.cbranch(builder.icmp_signed("<", i2, nb), loop, done)
+    builder.position_at_end(done)
+    out = []
+    for start, last, ty in ((zero, acc2, _V8F32), (fzero, acc_c2, _F32)):
+        phi = builder.phi(ty)
+        phi.add_incoming(start, entry)
+        phi.add_incoming(last, tail)
+        out.append(phi)
+    return out
+
+
+def _hsum(builder, v):
+    lanes = [builder.extract_element(v, _c64(k)) for k in range(8)]
+    while len(lanes) > 1:   # pairwise
+        lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
+    return lanes[0]
+
+
+def _step_32(qtype, o, wbase, xa, da, sa):
+    """One 32-weight block of Q4_0/Q4_1/Q5_0/Q8_0 (see ``_weights``)."""
+    size, _, offset = LAYOUT[qtype]
+    b = o.b
+
+    def step(i, acc, acc_c):
+        blk = b.gep(wbase, [b.mul(i, _c64(size))])
+        w = _weights(b, qtype, blk)
+        x = o.load(xa.data, b.mul(i, _c64(32)), _V32I8)
+        if qtype == "Q8_0":   # vpmaddubsw takes unsigned x signed: move w's sign to x
+            w, x = b.call(o.psign, [w, w]), b.call(o.psign, [x, w])
+        sums = b.sitofp(o.dot32(w, x), _V8F32)
+        scale = b.fmul(_half_at(b, blk, 0), b.load(b.gep(da.data, [i])))
+        acc = b.call(o.fma8, [sums, o.splat(scale, _V8F32), acc])
+        if qtype == "Q4_1" or offset:   # Q4_1: min * f16(d_x * sum); else d * sum
+            first = _half_at(b, blk, 2) if qtype == "Q4_1" else scale
+            acc_c = b.call(o.fma1, [first, b.load(b.gep(sa.data, [i])), acc_c])
+        return acc, acc_c
+    return step
+
+
+def _scale_min_k4(b, sc_bytes, j):
+    """6-bit (scale, min) of sub-block j from Q4_K's 12 packed bytes (i32 values)."""
+    def byte(k):
+        return b.zext(sc_bytes[k], _I32)
+    c63, c15 = ir.Constant(_I32, 63), ir.Constant(_I32, 15)
+    if j < 4:
+        return b.and_(byte(j), c63), b.and_(byte(j + 4), c63)
+    hi_s = b.shl(b.lshr(byte(j - 4), ir.Constant(_I32, 6)), ir.Constant(_I32, 4))
+    hi_m = b.shl(b.lshr(byte(j), ir.Constant(_I32, 6)), ir.Constant(_I32, 4))
+    return (b.or_(b.and_(byte(j + 4), c15), hi_s),
+            b.or_(b.lshr(byte(j + 4), ir.Constant(_I32, 4)), hi_m))
+
+
+def _step_q4_k(o, wbase, xa, da, sa):
+    """One 256-weight Q4_K superblock against Q8_K activations (xs: sums per 16)."""
+    b = o.b
+    nib = ir.Constant(_V32I8, [15] * 32)
+    four = ir.Constant(_V32I8, [4] * 32)
+
+    def step(i, acc, acc_c):
+        blk = b.gep(wbase, [b.mul(i, _c64(144))])
+        sc_bytes = [b.load(b.gep(blk, [_c64(4 + k)])) for k in range(12)]
+        xbase = b.mul(i, _c64(256))
+        sbase = b.mul(i, _c64(16))
+        isum = ir.Constant(_V8I32, None)
+        summ = ir.Constant(_F32, 0.0)
+        for c in range(4):
+            q = o.load(blk, 16 + 32 * c, _V32I8)
+            for half, wq in ((0, b.and_(q, nib)), (1, b.lshr(q, four))):
+                j = 2 * c + half
+                sc, m = _scale_min_k4(b, sc_bytes, j)
+                x = o.load(xa.data, b.add(xbase, _c64(64 * c + 32 * half)), _V32I8)
+                isum = b.add(isum, o.dot32(wq, x, o.splat(b.trunc(sc, _I16), _V16I16)))
+                bs = b.fadd(b.load(b.gep(sa.data, [b.add(sbase, _c64(2 * j))])),
+                            b.load(b.gep(sa.data, [b.add(sbase, _c64(2 * j + 1))])))
+                summ = b.call(o.fma1, [b.sitofp(m, _F32), bs, summ])
+        dx = b.load(b.gep(da.data, [i]))
+        scale = b.fmul(_half_at(b, blk, 0), dx)
+        acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
+        acc_c = b.call(o.fma1, [b.fmul(_half_at(b, blk, 2), dx), summ, acc_c])
+        return acc, acc_c
+    return step
+
+
+def _step_q6_k(o, wbase, xa, da, sa):
+    """One 256-weight Q6_K superblock (values 0..63, offset -32 through the sums)."""
+    b = o.b
+    lo4, three = ir.Constant(_V32I8, [15] * 32), ir.Constant(_V32I8, [3] * 32)
+
+    def shr(v, k):
+        return b.lshr(v, ir.Constant(_V32I8, [k] * 32)) if k else v
+
+    def step(i, acc, acc_c):
+        blk = b.gep(wbase, [b.mul(i, _c64(210))])
+        xbase = b.mul(i, _c64(256))
+        sbase = b.mul(i, _c64(16))
+        isum = ir.Constant(_V8I32, None)
+        offs = ir.Constant(_F32, 0.0)     # sum of scale * block sum, for the -32
+        for h in range(2):
+            ql0 = o.load(blk, 64 * h, _V32I8)
+            ql1 = o.load(blk, 64 * h + 32, _V32I8)
+            qh = o.load(blk, 128 + 32 * h, _V32I8)
+            for k, (ql, lshift) in enumerate(((ql0, 0), (ql1, 0), (ql0, 4), (ql1, 4))):
+                low = b.and_(shr(ql, lshift), lo4)
+                high = b.shl(b.and_(shr(qh, 2 * k), three), ir.Constant(_V32I8, [4] * 32))
+                wq = b.or_(low, high)
+                g = 8 * h + 2 * k          # scale index of the first 16 weights
+                sa_ = b.sext(b.load(b.gep(blk, [_c64(192 + g)])), _I16)
+                sb_ = b.sext(b.load(b.gep(blk, [_c64(193 + g)])), _I16)
+                weights = b.shuffle_vector(o.splat(sa_, ir.VectorType(_I16, 8)),
+                                           o.splat(sb_, ir.VectorType(_I16, 8)),
+                                           ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+                x = o.load(xa.data, b.add(xbase, _c64(128 * h + 32 * k)), _V32I8)
+                isum = b.add(isum, o.dot32(wq, x, weights))
+                for gg, sv in ((g, sa_), (g + 1, sb_)):
+                    bs = b.load(b.gep(sa.data, [b.add(sbase, _c64(gg))]))
+                    offs = b.call(o.fma1, [b.sitofp(sv, _F32), bs, offs])
+        scale = b.fmul(_half_at(b, blk, 208), b.load(b.gep(da.data, [i])))
+        acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
+        acc_c = b.call(o.fma1, [scale, offs, acc_c])
+        return acc, acc_c
+    return step
+
+
+def _make_row_dot(qtype: str):
+    """An intrinsic dot(w, wo, xq, xd, xs, nb) -> float32: the nb blocks of ``qtype``
+    starting at byte wo of the uint8 array w (C-contiguous, any shape) against int8
+    activations xq with block scales xd and block sums xs (32-blocks: integer sums, Q4_1:
+    f16(d * sum) as ggml's Q8_1; K-quants: Q8_K's sums per 16)."""
+    @intrinsic
+    def dot(typingctx, w, wo, xq, xd, xs, nb):
+        sig = types.float32(w, wo, xq, xd, xs, nb)
+
+        def codegen(context, builder, sig, args):
+            wa, _, xa, da, sa, _ = [context.make_array(t)(context, builder, a)
+                                    if isinstance(t, types.Array) else None
+                                    for t, a in zip(sig.args, args)]
+            o = _Ops(builder)
+            wbase = builder.gep(wa.data, [args[1]])
+            if qtype == "Q4_K":
+                step, c_scale = _step_q4_k(o, wbase, xa, da, sa), -1.0
+            elif qtype == "Q6_K":
+                step, c_scale = _step_q6_k(o, wbase, xa, da, sa), -32.0
+            else:
+                step = _step_32(qtype, o, wbase, xa, da, sa)
+                c_scale = LAYOUT[qtype][2] or 1.0
+            acc, acc_c = _row_loop(builder, args[5], step)
+            return builder.call(o.fma1, [acc_c, ir.Constant(_F32, c_scale), _hsum(builder, acc)])
+        return sig, codegen
+    return dot
+
+
+_dot_q4_0 = _make_row_dot("Q4_0")
+_dot_q4_1 = _make_row_dot("Q4_1")
+_dot_q5_0 = _make_row_dot("Q5_0")
+_dot_q8_0 = _make_row_dot("Q8_0")
+_dot_q4_k = _make_row_dot("Q4_K")
+_dot_q6_k = _make_row_dot("Q6_K")
+
+PAR = dict(parallel=True, **OPTS)
+
+
+@njit(**OPTS)
+def _act(x, kind):
+    """x (n, cols) f32 -> int8 activations (n, cols), scales and block sums for ``kind``:
+    Q8_1 for Q4_1, Q8_K (scale per 256, sums per 16) for K-quants, else Q8_0."""
+    if kind >= 4:
+        yq, yd, ys = act_q8_k(x)
+    else:
+        yq, yd, ys = act_q8_0(x, kind == 1)
+    return yq.astype(np.int8), yd, ys
+
+
+# the ``kind`` argument of the drivers; kinds from 4 on are K-quants (256-weight blocks)
+KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q6_K": 5}
+
+
+@njit(inline="always", **OPTS)
+def _dot(kind, w, wo, xq, xd, xs, nb):
+    if kind == 0:
+        return _dot_q4_0(w, wo, xq, xd, xs, nb)
+    if kind == 1:
+        return _dot_q4_1(w, wo, xq, xd, xs, nb)
+    if kind == 2:
+        return _dot_q5_0(w, wo, xq, xd, xs, nb)
+    if kind == 3:
+        return _dot_q8_0(w, wo, xq, xd, xs, nb)
+    if kind == 4:
+        return _dot_q4_k(w, wo, xq, xd, xs, nb)
+    return _dot_q6_k(w, wo, xq, xd, xs, nb)
+
+
+@njit(**PAR)
+def mv(kind, ws, x, out):
+    """Weights ws (a tuple of (rows_i, row_bytes) uint8 matrices of one type, all with x's
+    column count) times x (n, cols) f32 -> out (n, sum rows_i): the matrices' outputs side
+    by side. One call quantizes x once and runs every row in one parallel loop."""
+    nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
+    xq, xd, xs = _act(x, kind)
+    total = 0
+    for k in range(len(ws)):
+        total += ws[k].shape[0]
+    for r in prange(total):
+        k = 0
+        row = r + 0
+        while row >= ws[k].shape[0]:
+            row = row - ws[k].shape[0]
+            k += 1
+        w = ws[k]
+        for t in range(x.shape[0]):
+            out[t, r] = _dot(kind, w, np.int64(row * w.shape[1]), xq[t], xd[t], xs[t], nb)
+
+
+@njit(**PAR)
+def mv_rows(kind, w2, x, idx, out):
+    """Rows idx of w2 times x (1, cols) -> out[idx]; other entries untouched."""
+    nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
+    xq, xd, xs = _act(x, kind)
+    for i in prange(idx.shape[0]):
+        out[idx[i]] = _dot(kind, w2, np.int64(idx[i] * w2.shape[1]), xq[0], xd[0], xs[0], nb)
