@@ -253,10 +253,16 @@ def _prepared(w):
 def refresh(w):
     """Re-derive the prepared scales of ``w`` after its blocks were rewritten in place (an
     expert cache slot refilled from disk). Runs serially, so I/O threads may call it while
-    other kernels run; allocates the side arrays on first use. Other qtypes: no-op."""
+    other kernels run; allocates the side arrays on first use. Other qtypes, and weights
+    that run on the AVX2 kernels: nothing to derive."""
     if w.qtype not in _PREP:
         return w
     data = w.data
+    if _simd_ready(w.qtype):
+        # the AVX2 kernels read the f16 scales in place: drop stale side arrays (an
+        # "exact" call later prepares them again) instead of spending I/O threads' CPU
+        _scales.pop(id(data), None)
+        return w
     _, size, offs = _PREP[w.qtype]
     e = _scales.get(id(data))
     if e is None or e[0]() is not data:
