@@ -115,6 +115,13 @@ def _expert(ex: Expert, xe: np.ndarray, act: str) -> np.ndarray:
     """One expert on its tokens xe (m, n_embd) -> (m, n_embd)."""
     if isinstance(xe, OnDevice):   # a model on a GPU: its backend runs the whole expert
         return xe.ops.expert(ex, xe, act)
+    if len(xe) == 1 and not ex.down_t:
+        fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act)
+        if fused is not None:   # the calls below in one kernel, same numbers
+            if act == "relu":
+                relu_stats.active += fused[1]
+                relu_stats.total += ex.gate.shape[-2]
+            return fused[0][None, :]
     g = nn.linear(ex.gate, xe)                                           # (m, n_ff)
     if act == "relu" and len(xe) == 1:
         # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active

@@ -371,3 +371,28 @@ def test_matvec_rows_equals_matvec_on_selected_rows(qtype, exact_numerics):
     assert not np.any(np.delete(got, rows))
     ref = w.dequantize().astype(np.float64)[rows] @ x.astype(np.float64)
     np.testing.assert_allclose(got[rows], ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not K._simd.AVAILABLE, reason="host lacks AVX2/FMA/F16C")
+@pytest.mark.parametrize("qtype,act", [("Q4_0", "relu"), ("Q4_0", "silu"), ("Q8_0", "relu"),
+                                       ("Q4_K", "silu")])
+def test_expert_decode_equals_separate_calls(qtype, act):
+    """The one-call expert (gate, up rows, GLU, down) gives the separate calls' numbers."""
+    n_embd, n_ff = 512, 768
+    gate, up = (QTensor(qtype, (n_ff, n_embd), random_weights(qtype, n_ff, n_embd))
+                for _ in range(2))
+    down = QTensor(qtype, (n_embd, n_ff), random_weights(qtype, n_embd, n_ff))
+    x = RNG.standard_normal(n_embd).astype(np.float32)
+    got, n_rows = K.expert_decode(gate, up, down, x, act)
+    g = K.matvec(gate, x)
+    if act == "relu":
+        rows = np.flatnonzero(g > 0)
+        h = K.relu_mul(g, K.matvec_rows(up, x, rows))
+        assert n_rows == len(rows) < n_ff
+    else:
+        h = K.silu_mul(g, K.matvec(up, x))
+        assert n_rows == n_ff
+    np.testing.assert_array_equal(got, K.matvec(down, h))
+    assert K.expert_decode(gate, up, down, x, "gelu") is None      # no fused GELU
+    with pytest.raises(ValueError):
+        K.expert_decode(gate, up, down, x[:256], act)

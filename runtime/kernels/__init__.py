@@ -423,6 +423,33 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
     return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method)
 
 
+def expert_decode(gate, up, down, x: np.ndarray, act: str):
+    """One token through one gated expert, down · (act(gate · x) * (up · x)), in one kernel
+    call; x (n_embd,). Returns (out (n_embd,), rows computed in up) — for "relu" (ReGLU)
+    only the rows with a positive gate — or None when the weights do not run on the AVX2
+    kernels (the caller then takes the separate calls, whose results these equal bit for
+    bit)."""
+    q = gate.qtype
+    if act not in ("relu", "silu") or not _simd_ready(q) or up.qtype != q or down.qtype != q:
+        return None
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
+    n_ff, n_embd = gate.shape[-2], gate.shape[-1]
+    if x.shape[1] != n_embd or up.shape[-2:] != (n_ff, n_embd) or \
+            down.shape[-2:] != (n_embd, n_ff):
+        raise ValueError(f"expert shapes {gate.shape} {up.shape} {down.shape} do not fit "
+                         f"x of {x.shape[1]}")
+    for w in (gate, up, down):
+        _check(q, w.data, w.shape[-1])
+    if "expert" not in _simd_compiled:
+        with block_codegen():
+            _simd.expert.compile((types.int64, _W, _W, _W, _X, types.boolean,
+                                  types.Array(types.float32, 1, "C")))
+        _simd_compiled.add("expert")
+    out = np.empty(n_embd, np.float32)
+    n = _simd.expert(_simd.KIND[q], gate.data, up.data, down.data, x, act == "relu", out)
+    return out, int(n)
+
+
 def matmul_many(ws, x: np.ndarray) -> list[np.ndarray]:
     """``[matmul(w, x) for w in ws]``, for weights that share the input x (n, cols). Small
     batches of weights that run on the AVX2 kernels go through one call per weight type:
