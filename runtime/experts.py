@@ -156,36 +156,60 @@ class ExpertStore:
 
 
 # -- eviction policies ----------------------------------------------------------------------------
+# A policy keeps its statistics per expert key (they outlive evictions) and mirrors those of
+# the cached experts in per-slot arrays, so that choosing a victim is a few numpy operations
+# over the slots instead of Python work per slot (which, run by the I/O threads under the
+# cache lock, took the cores from the kernels at large budgets). The cache calls
+# ``touch(key, step, slot)`` on every use (slot None when the key is not cached),
+# ``filled(slot, key)`` when a slot is given to a key, and ``victim(slots, ...)`` for the
+# slot to evict among the candidate ``slots`` (ties: the lowest slot).
 class LRU:
     """Evict the least recently used expert."""
 
-    def __init__(self, n_layers: int, **_):
+    def __init__(self, n_layers: int, n_slots: int = 0, **_):
         self.last: dict = {}
+        self.slot_last = np.full(n_slots, -1.0)
 
-    def touch(self, key, step: int):
+    def touch(self, key, step: int, slot=None):
         self.last[key] = step
+        if slot is not None:
+            self.slot_last[slot] = step
 
-    def victim(self, keys, step: int, layer: int):
-        return min(keys, key=lambda k: self.last.get(k, -1))
+    def filled(self, slot: int, key):
+        self.slot_last[slot] = self.last.get(key, -1)
+
+    def victim(self, slots, step: int, layer: int, keys, where) -> int:
+        return int(slots[np.argmin(self.slot_last[slots])])
 
 
 class LFU:
     """Evict the expert with the lowest use count, decayed with a half-life of ``half_life``
     tokens so old popularity fades."""
 
-    def __init__(self, n_layers: int, half_life: float = 16.0, **_):
+    def __init__(self, n_layers: int, half_life: float = 16.0, n_slots: int = 0, **_):
         self.rate = math.log(2) / (half_life * n_layers)   # per layer step
-        self.score: dict = {}
+        self.score: dict = {}                               # key -> (count, at step)
+        self.slot_s = np.zeros(n_slots)
+        self.slot_t = np.zeros(n_slots)
 
     def _now(self, key, step):
         s, t = self.score.get(key, (0.0, step))
         return s * math.exp(-self.rate * (step - t))
 
-    def touch(self, key, step: int):
-        self.score[key] = (self._now(key, step) + 1.0, step)
+    def touch(self, key, step: int, slot=None):
+        s = self._now(key, step) + 1.0
+        self.score[key] = (s, step)
+        if slot is not None:
+            self.slot_s[slot], self.slot_t[slot] = s, step
 
-    def victim(self, keys, step: int, layer: int):
-        return min(keys, key=lambda k: self._now(k, step))
+    def filled(self, slot: int, key):
+        self.slot_s[slot], self.slot_t[slot] = self.score.get(key, (0.0, 0))
+
+    def _slot_scores(self, slots, step):
+        return self.slot_s[slots] * np.exp(-self.rate * (step - self.slot_t[slots]))
+
+    def victim(self, slots, step: int, layer: int, keys, where) -> int:
+        return int(slots[np.argmin(self._slot_scores(slots, step))])
 
 
 class Predictive(LFU):
@@ -194,27 +218,32 @@ class Predictive(LFU):
     ``d`` layer steps ahead (the layer cycle), with probability ``p``: 1 for the router's
     prediction of the next layer, else its decayed use frequency in its layer."""
 
-    def __init__(self, n_layers: int, half_life: float = 16.0, **_):
-        super().__init__(n_layers, half_life)
+    def __init__(self, n_layers: int, half_life: float = 16.0, n_slots: int = 0, **_):
+        super().__init__(n_layers, half_life, n_slots)
         self.n_layers = n_layers
-        self.calls: dict = {}      # layer -> decayed count of its calls, same decay
         self.predicted: set = set()
+        self.slot_layer = np.zeros(n_slots, np.int64)
 
     def layer_call(self, layer: int, step: int):
         self.touch(("call", layer), step)
 
-    def victim(self, keys, step: int, layer: int):
-        L = self.n_layers
+    def filled(self, slot: int, key):
+        super().filled(slot, key)
+        self.slot_layer[slot] = key[0]
 
-        def expected_wait(k):
-            lk, _ = k
-            d = (lk - layer - 1) % L + 1
-            if k in self.predicted:
-                return d
-            calls = self._now(("call", lk), step)
-            p = self._now(k, step) / calls if calls > 0 else 0.0
-            return d / max(p, 1e-3)
-        return max(keys, key=expected_wait)
+    def victim(self, slots, step: int, layer: int, keys, where) -> int:
+        L = self.n_layers
+        lk = self.slot_layer[slots]
+        d = (lk - layer - 1) % L + 1
+        calls = np.array([self._now(("call", i), step) for i in range(L)])[lk]
+        p = np.divide(self._slot_scores(slots, step), calls, out=np.zeros(len(slots)),
+                      where=calls > 0)
+        wait = d / np.maximum(p, 1e-3)
+        sure = [where[k] for k in self.predicted if k in where]
+        if sure:
+            hit = np.isin(slots, sure)
+            wait[hit] = d[hit]
+        return int(slots[np.argmax(wait)])
 
 
 class Oracle:
@@ -229,15 +258,18 @@ class Oracle:
             for e in set(int(i) for i in ids):
                 self.uses.setdefault((layer, e), []).append(step)
 
-    def touch(self, key, step: int):
+    def touch(self, key, step: int, slot=None):
         pass
 
-    def victim(self, keys, step: int, layer: int):
-        def next_use(k):
-            u = self.uses.get(k, ())
+    def filled(self, slot: int, key):
+        pass
+
+    def victim(self, slots, step: int, layer: int, keys, where) -> int:
+        def next_use(s):   # a benchmark reference: per-slot Python is fine here
+            u = self.uses.get(keys[s], ())
             i = bisect.bisect_right(u, step)
             return u[i] if i < len(u) else math.inf
-        return max(keys, key=next_use)
+        return int(max(slots, key=next_use))
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "predictive": Predictive, "oracle": Oracle}
@@ -271,15 +303,15 @@ class ExpertCache:
         self.store = store
         self.n_layers = max(store.layers) + 1
         self.policy_name = policy
-        self.policy = POLICIES[policy](self.n_layers, trace=trace)
+        self.policy = POLICIES[policy](self.n_layers, trace=trace, n_slots=n_slots)
         self.n_slots = n_slots
         self.slot_bytes = store.slot_bytes
         self.arena = mmap.mmap(-1, n_slots * self.slot_bytes)   # anonymous: page-aligned
         self._arena_np = np.frombuffer(self.arena, np.uint8)
         self._view = memoryview(self.arena)
         self.key = [None] * n_slots
-        self.state = [EMPTY] * n_slots
-        self.pins = [0] * n_slots
+        self.state = np.full(n_slots, EMPTY, np.int8)
+        self.pins = np.zeros(n_slots, np.int32)
         self.expert: list = [None] * n_slots
         self.error: list = [None] * n_slots
         self.where: dict = {}
@@ -308,18 +340,21 @@ class ExpertCache:
                              f"(choose from {', '.join(POLICIES)})")
         with self.cv:
             self.policy_name = policy
-            self.policy = POLICIES[policy](self.n_layers, trace=trace)
+            self.policy = POLICIES[policy](self.n_layers, trace=trace, n_slots=self.n_slots)
+            for s, k in enumerate(self.key):
+                if k is not None:
+                    self.policy.filled(s, k)
 
     def reset(self):
         """Empty the cache and zero the statistics (nothing may be in use)."""
         with self.cv:
-            while any(st == LOADING for st in self.state) or self.queue:
+            while (self.state == LOADING).any() or self.queue:
                 self.queue.clear()
                 self.queued.clear()
                 self.cv.wait(0.01)
             self.where.clear()
             self.key = [None] * self.n_slots
-            self.state = [EMPTY] * self.n_slots
+            self.state[:] = EMPTY
             self.expert = [None] * self.n_slots
             self.wanted, self.predicted, self.step = set(), {}, 0
             self.speculate = self.may_speculate
@@ -351,7 +386,7 @@ class ExpertCache:
                     self.stats.miss_bytes += nbytes
                     if s is None:
                         self._enqueue(k, URGENT)
-                self.policy.touch(k, self.step)
+                self.policy.touch(k, self.step, s)
             self.cv.notify_all()
 
     def hint(self, layer: int, ids):
@@ -443,21 +478,24 @@ class ExpertCache:
 
     def _free_slot(self, prio: int):
         """A slot to fill: an empty one, else the policy's victim among evictable slots."""
-        cands = []
-        for s in range(self.n_slots):
-            st = self.state[s]
-            if st == EMPTY and self.error[s] is None:
-                return s
-            if st == READY and self.pins[s] == 0 and self.key[s] not in self.wanted:
-                cands.append(self.key[s])
+        for s in np.flatnonzero(self.state == EMPTY):
+            if self.error[s] is None:
+                return int(s)
+        free = (self.state == READY) & (self.pins == 0)
+        keep = list(self.wanted)
         if prio == SPECULATIVE:
             # a guess must not push out what the running layer or another guess needs
-            pred = {(l, e) for l, ids in self.predicted.items() for e in ids}
-            cands = [k for k in cands if k not in pred]
-        if not cands:
+            keep += [(l, e) for l, ids in self.predicted.items() for e in ids]
+        for k in keep:
+            s = self.where.get(k)
+            if s is not None:
+                free[s] = False
+        cands = np.flatnonzero(free)
+        if not len(cands):
             return None
-        victim = self.policy.victim(cands, self.step, self.layer)
-        s = self.where.pop(victim)
+        s = self.policy.victim(cands, self.step, self.layer, self.key, self.where)
+        victim = self.key[s]
+        del self.where[victim]
         self.key[s], self.state[s], self.expert[s] = None, EMPTY, None
         self.stats.evictions += 1
         return s
@@ -514,6 +552,7 @@ class ExpertCache:
             del self.queued[key]
             self.where[key] = slot
             self.key[slot], self.state[slot] = key, LOADING
+            self.policy.filled(slot, key)
             return key, slot, prio
         return None
 

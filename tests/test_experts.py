@@ -186,3 +186,36 @@ def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset
         got = llm.eval(ids)
         assert llm.model.experts.snapshot().evictions > 0
     assert np.array_equal(got, ref)
+
+
+def test_policies_pick_their_victims():
+    """Each policy's choice on a hand-made history (slots 0..3 hold experts 0..3 of layer 0)."""
+    from runtime.experts import LFU, LRU, Predictive
+    keys = [(0, e) for e in range(4)]
+    where = {k: s for s, k in enumerate(keys)}
+    slots = np.arange(4)
+    for cls in (LRU, LFU, Predictive):
+        p = cls(n_layers=2, n_slots=4)
+        for s, k in enumerate(keys):
+            p.filled(s, k)
+        # expert 2 used often long ago, expert 1 once just now, 0 and 3 in between
+        for step in range(1, 5):
+            p.touch(keys[2], step, 2)
+        for step, e in ((40, 0), (41, 3), (42, 1)):
+            p.touch(keys[e], step, e)
+        if cls is Predictive:
+            p.layer_call(0, 42)
+        got = p.victim(slots, 43, 0, keys, where)
+        # LRU: the least recent (2). LFU and Predictive: 2's four early uses, decayed over
+        # ~40 steps, still outweigh the single use of 0 three steps ago (the least)
+        want = {LRU: 2, LFU: 0, Predictive: 0}[cls]
+        assert got == want, (cls.__name__, got)
+        assert p.victim(np.array([0, 3]), 43, 0, keys, where) in (0, 3)
+    p = Predictive(n_layers=2, n_slots=4)
+    for s, k in enumerate(keys):
+        p.filled(s, k)
+        p.touch(k, 1, s)
+    for _ in range(4):          # layer 0 ran 4 times, each expert was used once
+        p.layer_call(0, 1)
+    p.predicted = {keys[0], keys[1], keys[2]}      # the router says these come next
+    assert p.victim(slots, 2, 1, keys, where) == 3

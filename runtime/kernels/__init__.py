@@ -8,11 +8,14 @@ f32 and multiplies with numpy's BLAS (several times faster than the integer path
 sizes; weights exact, activations unquantized, so slightly *more* precise than llama.cpp);
 ``matmul(..., method="quant")`` runs the integer path instead.
 
-Q4_0/Q4_1/Q8_0 decode reads its f16 block scales from float32 side arrays made once per weight
-(``prepare(w)``; ``matvec(w, x)`` prepares on first use, keyed by the ``w.data`` object, so a
-weight's data must not be modified in place afterwards). Extra memory: 4 bytes per 32 weights
-(8 for Q4_1). ``matvec_raw`` on arbitrary row ranges needs nothing prepared. Results are
-bit-identical either way.
+On x86 hosts with AVX2, decode of Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K runs on the LLVM IR kernels of
+``_simd`` (same numerics, blocks summed in 8-lane registers; ``matmul_many`` serves several
+weights sharing an input in one call, ``expert_decode`` a whole gated expert). Elsewhere, and
+under "exact" numerics (``set_numerics``), Q4_0/Q4_1/Q8_0 decode reads its f16 block scales
+from float32 side arrays made once per weight (``prepare(w)``; ``matvec(w, x)`` prepares on
+first use, keyed by the ``w.data`` object, so a weight's data must not be modified in place
+afterwards). Extra memory: 4 bytes per 32 weights (8 for Q4_1). ``matvec_raw`` on arbitrary
+row ranges needs nothing prepared. Results are bit-identical either way.
 
 Numba's on-disk cache follows ``NUMBA_CACHE_DIR``. ``warmup()`` compiles (or loads) every
 kernel and returns the seconds it took. ``set_threads(n)`` sets the worker count for kernels
@@ -137,21 +140,37 @@ def _mv_driver(qtype: str):
 
 
 def set_numerics(mode: str) -> None:
-    """How Q4_0/Q4_1/Q5_0/Q8_0 weights meet activations in ``matvec`` and small ``matmul`` calls.
+    """How quantized weights meet activations in ``matvec`` and small ``matmul`` calls.
 
     "llama" (default): activations are quantized to 8 bits per 32-block and block dots are
     exact integer sums, as llama.cpp's CPU backend does; on AVX2 hosts by the hand-written
-    kernels of ``_simd`` (about 2x the portable ones), elsewhere by the portable Numba ones.
+    kernels of ``_simd`` (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K; about 2x the portable kernels),
+    elsewhere by the portable Numba ones.
     Results sit about 0.2-0.4 logits from exact math, as llama.cpp's do.
     "exact": activations stay float32 and weights are dequantized in registers, so results
     sit within float32 rounding of exact math, the same in decode and in batches below
-    ``PREPARED_MAX_ROWS`` (larger batches multiply dequantized weights with BLAS). Q5_0 has
-    no float-activation kernel and keeps the 8-bit path.
-    Other weight types always use the 8-bit path in matvec.
+    ``PREPARED_MAX_ROWS`` (larger batches multiply dequantized weights with BLAS), for
+    Q4_0/Q4_1/Q8_0; other weight types keep the 8-bit path in matvec.
     """
     if mode not in ("exact", "llama"):
         raise ValueError(f"numerics {mode!r}: expected 'exact' or 'llama'")
     _numerics[0] = mode
+
+
+def get_numerics() -> str:
+    return _numerics[0]
+
+
+@contextlib.contextmanager
+def numerics(mode: str):
+    """``with kernels.numerics("exact"): ...`` runs the block under ``mode`` (see
+    ``set_numerics``) and restores the previous mode afterwards."""
+    before = _numerics[0]
+    set_numerics(mode)
+    try:
+        yield
+    finally:
+        _numerics[0] = before
 
 
 def _simd_ready(qtype: str) -> bool:
@@ -180,22 +199,6 @@ def _simd_rows(w, x2, idx, out):
                                    types.Array(types.float32, 1, "C")))
         _simd_compiled.add("rows")
     _simd.mv_rows(_simd.KIND[w.qtype], w.data, x2, idx, out)
-
-
-def get_numerics() -> str:
-    return _numerics[0]
-
-
-@contextlib.contextmanager
-def numerics(mode: str):
-    """``with kernels.numerics("exact"): ...`` runs the block under ``mode`` (see
-    ``set_numerics``) and restores the previous mode afterwards."""
-    before = _numerics[0]
-    set_numerics(mode)
-    try:
-        yield
-    finally:
-        _numerics[0] = before
 
 
 def _mvf_driver(qtype: str):
@@ -330,6 +333,8 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
                out: np.ndarray | None = None) -> np.ndarray:
     """x (cols,) f32 times the weight rows in ``data`` (rows, row_bytes) uint8 -> (rows,) f32."""
     fn = _mm.get(qtype) or _driver(qtype)
+    if data.nbytes <= SERIAL_MAX_BYTES and qtype in _FLOAT_TYPES:
+        fn = _serial_float(qtype)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if out is None:
@@ -340,6 +345,24 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
         raise ValueError(f"x has {x.shape[0]} elements, weight has {cols} columns")
     fn(data, x.reshape(1, cols), out.reshape(1, -1))
     return out
+
+
+# Float weights this small (MoE routers) are multiplied on the calling thread: a parallel
+# region costs more than the work, and stalls whenever another thread (expert I/O) holds
+# one of its cores (SmallThinker router: 0.77 ms a call under a 2 GiB budget, 30 us serial).
+SERIAL_MAX_BYTES = 1 << 18
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+_mm1: dict = {}
+
+
+def _serial_float(qtype: str):
+    fn = _mm1.get(qtype)
+    if fn is None:
+        fn = numba.njit(**_base.OPTS)(_TABLE[qtype][0].py_func)
+        fn.compile(_MM_SIG)
+        fn.disable_compile()
+        _mm1[qtype] = fn
+    return fn
 
 
 def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -373,7 +396,7 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``matvec`` for the given rows only: out[rows] as ``matvec`` would compute them (bit for
     bit); other entries are left as they were (zero in a new ``out``). Weights without a
-    row-selecting kernel, or under "llama" numerics, compute all rows."""
+    row-selecting kernel (the portable "llama" path) compute all rows."""
     if out is None:
         out = np.zeros(w.data.shape[0], np.float32)
     if _simd_ready(w.qtype):
@@ -404,8 +427,9 @@ def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = Non
 def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
     """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``.
 
-    With method "auto", Q4_0/Q4_1/Q8_0 weights take their prepared matvec path for up to
-    ``PREPARED_MAX_ROWS`` rows (numerics per ``set_numerics``), BLAS above.
+    With method "auto", weights with a decode kernel (the AVX2 ones, or the prepared
+    Q4_0/Q4_1/Q8_0 path) take it for batches below ``PREPARED_MAX_ROWS`` rows (numerics per
+    ``set_numerics``), BLAS above.
     """
     if method == "auto" and x.shape[0] < PREPARED_MAX_ROWS and (
             w.qtype in _PREP or _simd_ready(w.qtype)):

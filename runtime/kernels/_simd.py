@@ -2,16 +2,18 @@
 
 LLVM does not derive ``vpmaddubsw`` (unsigned x signed byte products, summed in pairs) from
 scalar code, and Numba's auto-vectorized kernels reduce every 32-weight block to a scalar,
-which costs more than the block's arithmetic. Here each weight row runs one IR loop that
-llama.cpp's AVX2 path would recognise: per block, the weights are unpacked to 32 bytes, one
+which costs more than the block's arithmetic. Here each weight row runs one IR loop of the
+kind llama.cpp's AVX2 path uses: per block the weights are unpacked to 32 bytes, one
 ``vpmaddubsw`` + ``vpmaddwd`` gives eight int32 partial sums against the row's 8-bit
-activations, which are converted and accumulated with the block scale in an 8-lane float
-register; lanes are summed once per row. Per-block constant terms (Q4_0's -8 and Q5_0's -16
-offsets, Q4_1's min) use the activation block sums and accumulate separately.
+activations (K-quants weight the pairs by their sub-block scales in the ``vpmaddwd``), which
+are converted and accumulated with the block scale in an 8-lane float register; lanes are
+summed once per row. Per-block constant terms (Q4_0's -8, Q5_0's -16 and Q6_K's -32
+offsets, Q4_1's and Q4_K's mins) use the activation block sums and accumulate separately.
 
-Numerics are "llama" (``runtime.kernels.set_numerics``): activations quantized to Q8_0 (Q8_1
-for Q4_1) per 32-block as ggml does, exact integer block dots, float32 accumulation. Used only
-when the host has AVX2, FMA and F16C (``AVAILABLE``); otherwise the portable kernels run.
+Numerics are "llama" (``runtime.kernels.set_numerics``): activations quantized per block as
+ggml does (Q8_0; Q8_1 for Q4_1; Q8_K for K-quants), exact integer block dots, float32
+accumulation. Used only when the host has AVX2, FMA and F16C (``AVAILABLE``); otherwise the
+portable kernels run.
 """
 from __future__ import annotations
 
