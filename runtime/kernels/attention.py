@@ -23,6 +23,7 @@ _QUERY_TILE = 64
 
 
 _NEG = np.float32(-1e30)  # masked score: finite, because fastmath assumes no infinities
+_ZERO = np.float32(0.0)
 
 
 @njit(**OPTS)
@@ -60,49 +61,36 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
             row[s] *= inv
 
 
+@njit(inline="always", **OPTS)
+def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
+    """acc[:n] += c0 r0 + c1 r1 + c2 r2 + c3 r3: four rows per pass over acc keep its loads
+    and stores few."""
+    for i in range(n):
+        acc[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i]
+
+
 @njit(**OPTS)
 def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h, sc):
     # One query token and head. Keys are stored transposed, kt (KVH, D, S), so each score
-    # update is a contiguous run over slots (vectorizes); four key rows per pass over the
-    # scores (and four value rows per pass over the output) keep loads and stores few.
+    # update is a contiguous run over slots (vectorizes).
     D = q.shape[2]
     kh = h // (q.shape[1] // kt.shape[0])
     row = sc[0]
     qh = q[t, h]
-    k0 = kt[kh, 0]
-    q0 = qh[0]
-    for s in range(n_slots):
-        row[s] = q0 * k0[s]
-    d = 1
-    while d + 4 <= D:
-        q0, q1, q2, q3 = qh[d], qh[d + 1], qh[d + 2], qh[d + 3]
-        k0, k1, k2, k3 = kt[kh, d], kt[kh, d + 1], kt[kh, d + 2], kt[kh, d + 3]
-        for s in range(n_slots):
-            row[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
-        d += 4
-    while d < D:
-        q0 = qh[d]
-        k0 = kt[kh, d]
-        for s in range(n_slots):
-            row[s] += q0 * k0[s]
-        d += 1
+    row[:] = 0.0
+    for d in range(0, D - 3, 4):
+        _axpy4(row, n_slots, qh[d], qh[d + 1], qh[d + 2], qh[d + 3],
+               kt[kh, d], kt[kh, d + 1], kt[kh, d + 2], kt[kh, d + 3])
+    for d in range(D - D % 4, D):
+        _axpy4(row, n_slots, qh[d], _ZERO, _ZERO, _ZERO, kt[kh, d], kt[kh, d], kt[kh, d], kt[kh, d])
     _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap)
     acc = out[t, h]
-    for d in range(D):
-        acc[d] = np.float32(0.0)
-    s = 0
-    while s + 4 <= n_slots:
-        w0, w1, w2, w3 = row[s], row[s + 1], row[s + 2], row[s + 3]
-        v0, v1, v2, v3 = v[s, kh], v[s + 1, kh], v[s + 2, kh], v[s + 3, kh]
-        for d in range(D):
-            acc[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
-        s += 4
-    while s < n_slots:
-        w0 = row[s]
-        v0 = v[s, kh]
-        for d in range(D):
-            acc[d] += w0 * v0[d]
-        s += 1
+    acc[:] = 0.0
+    for s in range(0, n_slots - 3, 4):
+        _axpy4(acc, D, row[s], row[s + 1], row[s + 2], row[s + 3],
+               v[s, kh], v[s + 1, kh], v[s + 2, kh], v[s + 3, kh])
+    for s in range(n_slots - n_slots % 4, n_slots):
+        _axpy4(acc, D, row[s], _ZERO, _ZERO, _ZERO, v[s, kh], v[s, kh], v[s, kh], v[s, kh])
 
 
 @njit(**OPTS)
