@@ -10,9 +10,11 @@ U = np.uint64  # unsigned indices: Numba then emits no negative-index wraparound
 
 # 'arcp' is left out so divisions (activation scales) round exactly as in C.
 FAST = {"nnan", "ninf", "nsz", "contract", "afn", "reassoc"}
-# error_model "numpy": a float division is a plain instruction (Python's model adds a
-# zero-divisor branch per division, which keeps loops from vectorizing).
-OPTS = dict(nogil=True, cache=True, fastmath=FAST, error_model="numpy")
+OPTS = dict(nogil=True, cache=True, fastmath=FAST)
+# For loops with divisions (SiLU, softmax, masks): error_model "numpy" makes a float
+# division a plain instruction; Python's model adds a zero-divisor branch per division,
+# which keeps the loop from vectorizing.
+VEC_OPTS = dict(OPTS, error_model="numpy")
 
 
 @contextlib.contextmanager

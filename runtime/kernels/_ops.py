@@ -6,11 +6,11 @@ import math
 import numpy as np
 from numba import njit
 
-from ._base import OPTS, exp_f32
+from ._base import VEC_OPTS, exp_f32
 
 F = np.float32
 # Serial on purpose: these ops touch a few KB per token, less than a parallel region costs.
-SER = dict(OPTS)
+SER = dict(VEC_OPTS)
 SQRT_2_OVER_PI = F(0.7978845608028654)
 GELU_COEF_A = F(0.044715)
 

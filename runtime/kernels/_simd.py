@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._base import OPTS, exp_f32
+from ._base import VEC_OPTS, exp_f32
 from ._quant import act_q8_0, act_q8_k
 
 _FEATURES = llvm.get_host_cpu_features()
@@ -278,10 +278,10 @@ _dot_q8_0 = _make_row_dot("Q8_0")
 _dot_q4_k = _make_row_dot("Q4_K")
 _dot_q6_k = _make_row_dot("Q6_K")
 
-PAR = dict(parallel=True, **OPTS)
+PAR = dict(parallel=True, **VEC_OPTS)
 
 
-@njit(**OPTS)
+@njit(**VEC_OPTS)
 def _act(x, kind):
     """x (n, cols) f32 -> int8 activations (n, cols), scales and block sums for ``kind``:
     Q8_1 for Q4_1, Q8_K (scale per 256, sums per 16) for K-quants, else Q8_0."""
@@ -296,7 +296,7 @@ def _act(x, kind):
 KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q6_K": 5}
 
 
-@njit(inline="always", **OPTS)
+@njit(inline="always", **VEC_OPTS)
 def _dot(kind, w, wo, xq, xd, xs, nb):
     if kind == 0:
         return _dot_q4_0(w, wo, xq, xd, xs, nb)
@@ -341,7 +341,7 @@ def mv_rows(kind, w2, x, idx, out):
         out[idx[i]] = _dot(kind, w2, np.int64(idx[i] * w2.shape[1]), xq[0], xd[0], xs[0], nb)
 
 
-@njit(**OPTS)
+@njit(**VEC_OPTS)
 def _glu_rows(g, u, relu, idx):
     """act(g) * u over the rows in idx (relu) or all rows (SiLU), others 0."""
     h = np.zeros((1, g.shape[0]), np.float32)

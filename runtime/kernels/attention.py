@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._base import OPTS, exp_f32, tanh_f32
+from ._base import VEC_OPTS, exp_f32, tanh_f32
 from ._pool import parallel_for
 
 # Below this many query tokens the Numba kernel beats setting up BLAS products.
@@ -26,7 +26,7 @@ _NEG = np.float32(-1e30)  # masked score: finite, because fastmath assumes no in
 _ZERO = np.float32(0.0)
 
 
-@njit(**OPTS)
+@njit(**VEC_OPTS)
 def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
     """Scores sc (m, S) -> attention weights in place. Row i belongs to a query at position
     row_pos[i]; column s to the key held at slot_pos[s] (-1: empty). Rows that see no key
@@ -61,7 +61,7 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
             row[s] *= inv
 
 
-@njit(inline="always", **OPTS)
+@njit(inline="always", **VEC_OPTS)
 def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
     """acc[:n] += c0 r0 + c1 r1 + c2 r2 + c3 r3: four rows per pass over acc keep its loads
     and stores few."""
@@ -69,7 +69,7 @@ def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
         acc[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i]
 
 
-@njit(**OPTS)
+@njit(**VEC_OPTS)
 def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h, sc):
     # One query token and head. Keys are stored transposed, kt (KVH, D, S), so each score
     # update is a contiguous run over slots (vectorizes).
@@ -93,7 +93,7 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
         _axpy4(acc, D, row[s], _ZERO, _ZERO, _ZERO, v[s, kh], v[s, kh], v[s, kh], v[s, kh])
 
 
-@njit(**OPTS)
+@njit(**VEC_OPTS)
 def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
     sc = np.empty((1, n_slots), np.float32)
     for t in range(q.shape[0]):
@@ -102,7 +102,7 @@ def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, o
                          sc)
 
 
-@njit(parallel=True, **OPTS)
+@njit(parallel=True, **VEC_OPTS)
 def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
     H = q.shape[1]
     for idx in prange(q.shape[0] * H):
