@@ -17,15 +17,18 @@ first use, keyed by the ``w.data`` object, so a weight's data must not be modifi
 afterwards). Extra memory: 4 bytes per 32 weights (8 for Q4_1). ``matvec_raw`` on arbitrary
 row ranges needs nothing prepared. Results are bit-identical either way.
 
-Numba's on-disk cache follows ``NUMBA_CACHE_DIR``. ``warmup()`` compiles (or loads) every
-kernel and returns the seconds it took. ``set_threads(n)`` sets the worker count for kernels
+Numba's on-disk cache follows ``NUMBA_CACHE_DIR``; without it, compiled kernels go to
+``$POCKETLM_HOME/numba/<hash of the kernel sources>`` (a new folder whenever a kernel file
+changes). ``warmup()`` compiles (or loads) every kernel and returns the seconds it took. ``set_threads(n)`` sets the worker count for kernels
 called from the current thread.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import weakref
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -33,9 +36,33 @@ from numba import types
 
 from threadpoolctl import threadpool_limits
 
-from . import _base, _float, _ops, _quant, _simd
-from ._pool import parallel_for
-from ._base import block_codegen
+from runtime import store
+
+def _use_versioned_cache() -> None:
+    """Point Numba's on-disk cache at a folder per version of these kernel sources.
+
+    Numba checks a cached kernel against its own file only, so an edit to a helper it
+    inlines from another file (``_base.py``) would keep serving stale machine code. Left
+    alone when ``NUMBA_CACHE_DIR`` is set, or when the folder cannot be made.
+    """
+    if numba.config.CACHE_DIR:
+        return
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    d = store.home() / "numba" / h.hexdigest()[:16]
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    numba.config.CACHE_DIR = str(d)
+
+
+_use_versioned_cache()   # before the kernel modules below are decorated
+
+from . import _base, _float, _ops, _quant, _simd  # noqa: E402
+from ._pool import parallel_for  # noqa: E402
+from ._base import block_codegen  # noqa: E402
 
 # numpy's BLAS runs on one thread: its worker threads spin between calls and starve the
 # kernels' threads (measured on 2 cores: an expert's dequantize + BLAS matmul 25x slower,
