@@ -421,9 +421,11 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``matvec`` for the given rows only: out[rows] as ``matvec`` would compute them (bit for
-    bit); other entries are left as they were (zero in a new ``out``). Weights without a
-    row-selecting kernel (the portable "llama" path) compute all rows."""
+    """``matvec`` for the given rows only: out[rows] as ``matvec`` computes them (bit for bit
+    on the AVX2 kernels; to float32 rounding under "exact" numerics, where LLVM may order
+    the block sums differently in the two drivers); other entries are left as they were
+    (zero in a new ``out``). Weights without a row-selecting kernel (the portable "llama"
+    path) compute all rows."""
     if out is None:
         out = np.zeros(w.data.shape[0], np.float32)
     if _simd_ready(w.qtype):
