@@ -208,24 +208,30 @@ def _simd_ready(qtype: str) -> bool:
 _SIMD_MV = types.Array(types.float32, 2, "C")
 
 
-def _simd_mv(ws, x2, out2):
-    """ws: tuple of QTensors of one simd qtype and x2's column count -> out2 (n, sum rows)."""
-    key = len(ws)
+def _simd_compiled_fn(key, fn, sig):
+    """``fn`` compiled for ``sig`` once (under the block codegen settings), then reused."""
     if key not in _simd_compiled:
         with block_codegen():
-            _simd.mv.compile((types.int64, types.UniTuple(_W, key), _X, _SIMD_MV))
+            fn.compile(sig)
         _simd_compiled.add(key)
-    _simd.mv(_simd.KIND[ws[0].qtype], tuple(w.data for w in ws), x2, out2)
+    return fn
+
+
+def _simd_mv(ws, x2, out2):
+    """ws: tuple of QTensors of one simd qtype and x2's column count -> out2 (n, sum rows)."""
+    for w in ws:
+        _check(w.qtype, w.data, w.shape[-1])
+    fn = _simd_compiled_fn(len(ws), _simd.mv,
+                           (types.int64, types.UniTuple(_W, len(ws)), _X, _SIMD_MV))
+    fn(_simd.KIND[ws[0].qtype], tuple(w.data for w in ws), x2, out2)
 
 
 def _simd_rows(w, x2, idx, out):
-    if "rows" not in _simd_compiled:
-        with block_codegen():
-            _simd.mv_rows.compile((types.int64, _W, _X, types.Array(types.int64, 1, "C",
-                                                                    readonly=True),
-                                   types.Array(types.float32, 1, "C")))
-        _simd_compiled.add("rows")
-    _simd.mv_rows(_simd.KIND[w.qtype], w.data, x2, idx, out)
+    _check(w.qtype, w.data, w.shape[-1])
+    fn = _simd_compiled_fn("rows", _simd.mv_rows,
+                           (types.int64, _W, _X, types.Array(types.int64, 1, "C", readonly=True),
+                            types.Array(types.float32, 1, "C")))
+    fn(_simd.KIND[w.qtype], w.data, x2, idx, out)
 
 
 def _mvf_driver(qtype: str):
@@ -398,13 +404,9 @@ def matvec(w, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     Q4_0/Q4_1/Q8_0 weights are prepared (see ``prepare``) on first use under "exact" numerics.
     """
     if _simd_ready(w.qtype):
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
-        if x2.shape[1] != w.shape[-1]:
-            raise ValueError(f"x has {x2.shape[1]} elements, weight has {w.shape[-1]} columns")
-        _check(w.qtype, w.data, w.shape[-1])
         if out is None:
             out = np.empty(w.data.shape[0], np.float32)
-        _simd_mv((w,), x2, out.reshape(1, -1))
+        matmul(w, np.asarray(x).reshape(1, -1), out.reshape(1, -1))
         return out
     if w.qtype not in _PREP:
         return matvec_raw(w.qtype, w.data, w.shape[-1], x, out)
@@ -432,7 +434,6 @@ def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = Non
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape != (w.shape[-1],):
             raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
-        _check(w.qtype, w.data, w.shape[-1])
         _simd_rows(w, x.reshape(1, -1), np.ascontiguousarray(rows, np.int64), out)
         return out
     if w.qtype not in _PREP_ROWS or _numerics[0] != "exact":
@@ -468,7 +469,6 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
         if out is None:
             out = np.empty((x.shape[0], w.data.shape[0]), np.float32)
         if _simd_ready(w.qtype):
-            _check(w.qtype, w.data, w.shape[-1])
             _simd_mv((w,), x, out)
             return out
         if _prepared_call(w, x, out):
@@ -493,13 +493,10 @@ def expert_decode(gate, up, down, x: np.ndarray, act: str):
                          f"x of {x.shape[1]}")
     for w in (gate, up, down):
         _check(q, w.data, w.shape[-1])
-    if "expert" not in _simd_compiled:
-        with block_codegen():
-            _simd.expert.compile((types.int64, _W, _W, _W, _X, types.boolean,
-                                  types.Array(types.float32, 1, "C")))
-        _simd_compiled.add("expert")
+    fn = _simd_compiled_fn("expert", _simd.expert, (types.int64, _W, _W, _W, _X, types.boolean,
+                                                    types.Array(types.float32, 1, "C")))
     out = np.empty(n_embd, np.float32)
-    n = _simd.expert(_simd.KIND[q], gate.data, up.data, down.data, x, act == "relu", out)
+    n = fn(_simd.KIND[q], gate.data, up.data, down.data, x, act == "relu", out)
     return out, int(n)
 
 
@@ -513,7 +510,6 @@ def matmul_many(ws, x: np.ndarray) -> list[np.ndarray]:
     groups: dict = {}
     for i, w in enumerate(ws):
         if _simd_ready(w.qtype) and w.shape[-1] == x.shape[1]:
-            _check(w.qtype, w.data, w.shape[-1])
             groups.setdefault(w.qtype, []).append(i)
     res: list = [None] * len(ws)
     for idx in groups.values():

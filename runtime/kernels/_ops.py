@@ -6,7 +6,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._base import VEC_OPTS, exp_f32
+from ._base import VEC_OPTS, exp_f32, silu_f32
 
 F = np.float32
 # Serial on purpose: these ops touch a few KB per token, less than a parallel region costs.
@@ -80,8 +80,7 @@ def softmax_rows(x, out):
 @njit(**SER)
 def silu_mul_flat(g, u, out):
     for i in range(g.shape[0]):
-        v = g[i]
-        out[i] = v / (F(1) + exp_f32(-v)) * u[i]
+        out[i] = silu_f32(g[i]) * u[i]
 
 
 @njit(**SER)

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._base import VEC_OPTS, exp_f32
+from ._base import VEC_OPTS, silu_f32
 from ._quant import act_q8_0, act_q8_k
 
 _FEATURES = llvm.get_host_cpu_features()
@@ -351,8 +351,7 @@ def _glu_rows(g, u, relu, idx):
             h[0, r] = g[r] * u[r]      # g > 0 on the active rows
     else:
         for r in range(g.shape[0]):
-            v = g[r]
-            h[0, r] = v / (np.float32(1) + exp_f32(-v)) * u[r]
+            h[0, r] = silu_f32(g[r]) * u[r]
     return h
 
 
