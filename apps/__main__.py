@@ -1,5 +1,5 @@
 import sys
 
-from apps.cli import main
+from pocketlm.apps.cli import main
 
 sys.exit(main())

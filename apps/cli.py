@@ -47,14 +47,14 @@ def _progress_printer(label: str):
 
 # -- model store --------------------------------------------------------------------------------
 def cmd_pull(args):
-    from runtime import store
+    from pocketlm.api import store
     for name in args.names:
         path = store.pull(name, progress=_progress_printer(name), force=args.force)
         print(f"{name}: {path}")
 
 
 def cmd_list(args):
-    from runtime import store
+    from pocketlm.api import store
     rows = store.list_models()
     if args.json:
         print(json.dumps([{"name": n, "path": str(p), "size": s} for n, p, s in rows], indent=2))
@@ -70,15 +70,15 @@ def cmd_list(args):
 
 
 def cmd_rm(args):
-    from runtime import store
+    from pocketlm.api import store
     for name in args.names:
         print(f"removed {store.remove(name)}")
 
 
 def cmd_inspect(args):
-    from runtime import store
-    from runtime.gguf import open_gguf
-    from runtime.summary import format_summary, summarize
+    from pocketlm.api import store
+    from pocketlm.gguf.reader import open_gguf
+    from pocketlm.gguf.summary import format_summary, summarize
     path = store.resolve(args.model, pull_missing=args.pull,
                          progress=_progress_printer(args.model))
     with open_gguf(path) as g:
@@ -87,16 +87,16 @@ def cmd_inspect(args):
     if mem is None:
         print(json.dumps(s, indent=2) if args.json else format_summary(s))
         return
-    from runtime.memory import format_report
+    from pocketlm.api.memory import format_report
     s["memory"] = mem.as_dict()
     print(json.dumps(s, indent=2) if args.json else format_summary(s) + "\n" + format_report(mem))
 
 
 def _memory(g, args):
     """Paper-style memory figures (runtime.memory), checked against --max-memory."""
-    from models import load_model
-    from runtime.budget import parse_size
-    from runtime.memory import account, check
+    from pocketlm.models import load_model
+    from pocketlm.experts.budget import parse_size
+    from pocketlm.api.memory import account, check
     seq = args.seq_len or int(g.get("{arch}.context_length", 0))
     mem = account(g, load_model(g), seq)
     if args.max_memory:
@@ -106,7 +106,7 @@ def _memory(g, args):
 
 # -- encoders ----------------------------------------------------------------------------------
 def cmd_classify(args):
-    from runtime import LLM
+    from pocketlm import LLM
     items = args.texts
     if args.ids:
         try:
@@ -124,7 +124,7 @@ def cmd_classify(args):
 
 
 def cmd_embed(args):
-    from runtime import LLM
+    from pocketlm import LLM
     with LLM.load(args.model, threads=args.threads, backend=args.backend,
                   progress=_progress_printer(args.model)) as llm:
         vecs = llm.embed(args.texts, batch_size=args.batch_size)
@@ -141,7 +141,7 @@ def cmd_convert(args):
         return _convert_embbert(args)
     if args.type == "int8" or args.labels or args.tokenizer or args.cls_prefix:
         raise CLIError("--type int8, --labels, --tokenizer and --cls-prefix need --arch embbert")
-    from quant.convert import convert
+    from pocketlm.quant.convert import convert
     report = _progress_printer("convert")
     info = convert(args.hf_dir, args.output, args.type,
                    progress=lambda d, t: report("tensors", d, t))
@@ -150,7 +150,7 @@ def cmd_convert(args):
 
 
 def _convert_embbert(args):
-    from tools.convert_embbert import convert
+    from pocketlm.tools.convert_embbert import convert
     if args.type not in ("f32", "f16", "int8"):
         raise CLIError(f"--arch embbert converts to f32, f16 or int8, not {args.type}")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
@@ -161,8 +161,8 @@ def _convert_embbert(args):
 
 
 def cmd_quantize(args):
-    from quant.requantize import requantize
-    from runtime import store
+    from pocketlm.quant.requantize import requantize
+    from pocketlm.api import store
     src = store.resolve(args.input)
     if os.path.abspath(src) == os.path.abspath(args.output):
         raise CLIError("output must differ from input")
@@ -272,7 +272,7 @@ def _load_kwargs(args) -> dict:
 
 
 def _load(args):
-    from runtime import LLM
+    from pocketlm import LLM
     llm = LLM.load(args.model, **_load_kwargs(args))
     if llm.device_note:
         print(f"pocketlm: {llm.device_note}", file=sys.stderr)
@@ -311,14 +311,14 @@ def cmd_run(args):
 
 
 def cmd_chat(args):
-    from apps.repl import chat_repl
+    from pocketlm.apps.repl import chat_repl
     with _load(args) as llm:
         chat_repl(llm, _settings(args), system=args.system, verbose=args.verbose)
 
 
 def cmd_serve(args):
-    from apps.server import serve
-    from runtime.generate import GenerationConfig
+    from pocketlm.apps.server import serve
+    from pocketlm.generate.loop import GenerationConfig
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
     return serve(args.model, host=args.host, port=args.port, cors=args.cors,
@@ -328,12 +328,12 @@ def cmd_serve(args):
 
 
 def cmd_perplexity(args):
-    from tools.perplexity import run
+    from pocketlm.tools.perplexity import run
     return run(args)
 
 
 def cmd_synth(args):
-    from tools.synth import run
+    from pocketlm.tools.synth import run
     report = _progress_printer("synth")
     return run(args, progress=lambda d, t: report("tensors", d, t))
 
@@ -341,7 +341,7 @@ def cmd_synth(args):
 # -- benchmarks --------------------------------------------------------------------------------
 def cmd_bench(args):
     if args.kernels:
-        from tools.bench_kernels import main as bench_kernels_main
+        from pocketlm.tools.bench_kernels import main as bench_kernels_main
         argv = ["--json"] if args.json else []
         if args.threads:
             argv += ["--threads", str(args.threads)]
@@ -349,8 +349,8 @@ def cmd_bench(args):
     if not args.model:
         raise CLIError("give a MODEL to benchmark, or --kernels")
     if args.embed:
-        from runtime import LLM
-        from tools.bench_embed import bench_embed, format_embed_table
+        from pocketlm import LLM
+        from pocketlm.tools.bench_embed import bench_embed, format_embed_table
         try:
             sizes = [int(b) for b in args.batch_sizes.split(",")]
         except ValueError:
@@ -360,12 +360,12 @@ def cmd_bench(args):
             r = bench_embed(llm, sizes, args.embed_tokens, args.repetitions)
         print(json.dumps(r, indent=2) if args.json else format_embed_table(r))
         return
-    from tools.bench import bench_model, drop_page_cache, format_table
+    from pocketlm.tools.bench import bench_model, drop_page_cache, format_table
     text_ids = None
     if args.routing == "text" and not args.text:
         raise CLIError("--routing text needs --text FILE")
     if args.cold:
-        from runtime import store
+        from pocketlm.api import store
         drop_page_cache(store.resolve(args.model, pull_missing=False))
     if args.ctx_size is None:   # llama-bench sizes the context to the test
         args.ctx_size = max(args.n_prompt, args.depth + args.n_gen + 1)
@@ -494,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method)")
-    from tools.perplexity import add_arguments
+    from pocketlm.tools.perplexity import add_arguments
     add_arguments(s)
     s.set_defaults(func=cmd_perplexity)
 
     s = sub.add_parser("synth", help="write a synthetic model (random weights at real shapes), "
                                      "or `synth stats MODEL`: MoE routing statistics")
-    from tools.synth import add_arguments as add_synth_arguments
+    from pocketlm.tools.synth import add_arguments as add_synth_arguments
     add_synth_arguments(s)
     s.set_defaults(func=cmd_synth)
 
@@ -543,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from runtime.gguf import GGUFError
-    from runtime.store import StoreError
+    from pocketlm.gguf.reader import GGUFError
+    from pocketlm.api.store import StoreError
     try:
         rc = args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`: not an error

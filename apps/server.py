@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.concurrency import AsyncLLM
-from runtime.generate import ContextOverflowError
-from runtime.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
+from pocketlm.api.async_llm import AsyncLLM
+from pocketlm.generate.loop import ContextOverflowError
+from pocketlm.apps.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
                                    completion_prompt, error_body, settings_from_request,
                                    stream_requested, text_completion)
 
@@ -273,7 +273,7 @@ async def _unless_disconnected(request: Request, awaitable):
 
 
 async def _collect(chunks):
-    from runtime.llm import collect
+    from pocketlm.generate.loop import collect
     got = [c async for c in chunks]
     return collect(iter(got))
 
@@ -323,7 +323,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
     defaults for what a request leaves out; ``verbose`` logs requests and their timings.
     """
     import uvicorn
-    from runtime.llm import LLM
+    from pocketlm.api.llm import LLM
 
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, _, _, _, addr = infos[0]

@@ -4,18 +4,18 @@ from __future__ import annotations
 import importlib
 
 ARCHITECTURES = {
-    "llama": "models.llama",
-    "gemma3": "models.gemma3",
-    "smallthinker": "models.smallthinker",
-    "embbert": "models.embbert",
-    "bert": "models.bert",
-    "minicpm": "models.minicpm",
+    "llama": "pocketlm.models.llama",
+    "gemma3": "pocketlm.models.gemma3",
+    "smallthinker": "pocketlm.models.smallthinker",
+    "embbert": "pocketlm.models.embbert",
+    "bert": "pocketlm.models.bert",
+    "minicpm": "pocketlm.models.minicpm",
 }
 
 
 def load_model(gguf_file):
     """Build the model for an open GGUF file (weights stay memory-mapped)."""
-    from models.base import load_weights
+    from pocketlm.models.base import load_weights
     arch = gguf_file.arch
     if arch not in ARCHITECTURES:
         raise ValueError(f"{gguf_file.path}: unsupported architecture {arch!r} "

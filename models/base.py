@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from runtime import nn
-from runtime.kvcache import KVCache, LayerCache
+from pocketlm import nn
+from pocketlm.nn.kvcache import KVCache, LayerCache
 
 
 def meta_get(meta: dict):

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import meta_get
-from runtime import encoder, nn
+from pocketlm.models.base import meta_get
+from pocketlm.nn import encoder
+from pocketlm import nn
 
 
 @dataclass(frozen=True)

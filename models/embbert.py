@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from models.base import meta_get
-from runtime import nn
-from runtime.kernels.tinyops import ops
+from pocketlm.models.base import meta_get
+from pocketlm import nn
+from pocketlm.kernels.tinyops import ops
 
 F = np.float32
 

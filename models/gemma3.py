@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get, rope_linear_scale, swa_layers
-from runtime import nn
+from pocketlm.models.base import BaseModel, meta_get, rope_linear_scale, swa_layers
+from pocketlm import nn
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get, rope_linear_scale
-from runtime import nn
+from pocketlm.models.base import BaseModel, meta_get, rope_linear_scale
+from pocketlm import nn
 
 
 @dataclass(frozen=True)

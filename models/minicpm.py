@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get
-from runtime import moe, nn
-from runtime.kernels.sparse_attention import CompressedKeys, SparseConfig
+from pocketlm.models.base import BaseModel, meta_get
+from pocketlm.nn import moe
+from pocketlm import nn
+from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
 
 SPARSE_MODES = ("auto", "on", "off")
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import BaseModel, meta_get, swa_layers
-from runtime import moe, nn
+from pocketlm.models.base import BaseModel, meta_get, swa_layers
+from pocketlm.nn import moe
+from pocketlm import nn
 
 SWA_WINDOW = 4096
 NOPE_STEP = 4

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quant.blocks import REGISTRY, BlockType
+from pocketlm.quant.blocks import REGISTRY, BlockType
 
 __all__ = ["QTYPES", "QUANTIZE_QTYPES", "BlockType", "block_type", "block_size", "type_size",
            "row_bytes", "dequantize", "quantize"]

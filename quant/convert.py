@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-import quant
+from pocketlm import quant
 
 ProgressFn = Callable[[int, int], None]   # (tensors done, tensors total)
 

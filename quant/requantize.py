@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-import quant
-from runtime.gguf import GGUFFile, open_gguf
+from pocketlm import quant
+from pocketlm.gguf.reader import GGUFFile, open_gguf
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, tensors total)
 

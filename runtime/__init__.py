@@ -1,12 +1,12 @@
 """pocketlm's engine. The public API: ``LLM``, ``AsyncLLM``, ``Tokenizer``, ``GenerationConfig``."""
 
 _LAZY = {
-    "LLM": ("runtime.llm", "LLM"),
-    "Tokenizer": ("runtime.tokenizer", "Tokenizer"),
-    "GenerationConfig": ("runtime.generate", "GenerationConfig"),
-    "GenerationChunk": ("runtime.generate", "GenerationChunk"),
-    "GenerationResult": ("runtime.generate", "GenerationResult"),
-    "AsyncLLM": ("runtime.concurrency", "AsyncLLM"),
+    "LLM": ("pocketlm.api.llm", "LLM"),
+    "Tokenizer": ("pocketlm.text.tokenizer", "Tokenizer"),
+    "GenerationConfig": ("pocketlm.generate.loop", "GenerationConfig"),
+    "GenerationChunk": ("pocketlm.generate.loop", "GenerationChunk"),
+    "GenerationResult": ("pocketlm.generate.loop", "GenerationResult"),
+    "AsyncLLM": ("pocketlm.api.async_llm", "AsyncLLM"),
 }
 
 

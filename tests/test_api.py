@@ -15,9 +15,9 @@ import openai.types as oa
 import openai.types.chat as oac
 import pytest
 
-from runtime import LLM, AsyncLLM
-from runtime.concurrency import FairLock
-from runtime.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
+from pocketlm import LLM, AsyncLLM
+from pocketlm.api.lock import FairLock
+from pocketlm.apps.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
                                    completion_prompt, settings_from_request, text_completion)
 
 PROMPT = "The capital of France is"
@@ -247,7 +247,7 @@ def test_request_parsing():
 
 _RSS_SCRIPT = r"""
 import gc, json, sys, psutil
-from runtime import LLM
+from pocketlm import LLM
 rss = lambda: psutil.Process().memory_info().rss
 with LLM.load(sys.argv[1], n_ctx=1024) as llm:   # warm up: compiled kernels stay loaded
     llm.generate("Hello", max_tokens=4, temperature=0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.kernels import attention as A
-from runtime.kernels.attention import attend
-from runtime.kvcache import KVCache, LayerCache
+from pocketlm.kernels import attention as A
+from pocketlm.kernels.attention import attend
+from pocketlm.nn.kvcache import KVCache, LayerCache
 
 
 def ref_attention(q, k, v, q_pos, k_pos, scale, window=0):

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from runtime import LLM
-from runtime.tokenizer import Tokenizer
+from pocketlm import LLM
+from pocketlm.text.tokenizer import Tokenizer
 
 REF = "minilm-embeddings.json"
 
@@ -105,7 +105,7 @@ def test_numpy_backend_compiles_nothing(minilm_q8_0_path):
     """A fresh process on the numpy backend ends with no Numba function compiled."""
     code = f"""
 import sys, numba
-from runtime import LLM
+from pocketlm import LLM
 with LLM.load({str(minilm_q8_0_path)!r}, backend="numpy") as llm:
     v = llm.embed(["no JIT here", "none at all"])
 assert v.shape == (2, 384), v.shape
@@ -183,7 +183,7 @@ def test_converter_names_and_types(minilm_q8_0_path, minilm_hf_dir):
 
 
 def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "apps", *map(str, argv)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pocketlm.apps", *map(str, argv)], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -205,15 +205,15 @@ def test_convert_bad_input(tmp_path, minilm_hf_dir):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + b"{}")
     one_line_error(tmp_path, out, match="bad header length")
     assert not out.exists() and not list(tmp_path.glob("*.part"))
-    from quant.convert import ConvertError, convert
+    from pocketlm.quant.convert import ConvertError, convert
     with pytest.raises(ConvertError, match="type 'Q5_K'"):
         convert(minilm_hf_dir, out, "q5_k")
 
 
 # -- kernels ----------------------------------------------------------------------------------
 def test_layer_norm_and_gelu_kernels():
-    from runtime import encoder
-    from runtime.kernels import layernorm
+    from pocketlm.nn import encoder
+    from pocketlm.kernels import layernorm
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((37, 384)) * 3 + 0.5).astype(np.float32)
     w = rng.standard_normal(384).astype(np.float32)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.chat import (CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, GEMMA_TEMPLATE,
+from pocketlm.text.chat import (CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, GEMMA_TEMPLATE,
                           render_chat)
-from runtime.gguf import open_gguf
+from pocketlm.gguf.reader import open_gguf
 
 CONVO = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -103,7 +103,7 @@ def test_smollm2_first_layer_on_device(sim):
 
 
 def test_auto_falls_back_to_cpu_with_a_reason():
-    from runtime import backend
+    from pocketlm.nn import backend
     problem = backend.cuda_problem()
     device, note = backend.resolve("auto")
     if problem is None:   # a machine with a GPU
@@ -117,7 +117,8 @@ def test_auto_falls_back_to_cpu_with_a_reason():
 
 
 def test_llm_load_auto_runs_on_cpu_without_gpu(smallthinker_tiny_path):
-    from runtime import LLM, backend
+    from pocketlm import LLM
+    from pocketlm.nn import backend
     if backend.cuda_problem() is None:
         pytest.skip("a GPU is present: auto picks it")
     with LLM.load(str(smallthinker_tiny_path), device="auto", n_ctx=64) as llm:
@@ -139,7 +140,7 @@ def _metric(got, ref, **extra) -> dict:
 
 def _random_blocks(qtype, rows, cols, rng):
     """Raw blocks of ``qtype`` with every byte random except the f16 scales, kept finite."""
-    import quant
+    from pocketlm import quant
     dense = rng.standard_normal((rows, cols)).astype(np.float32)
     if qtype == "F32":
         return dense.view(np.uint8)
@@ -158,10 +159,10 @@ def _random_blocks(qtype, rows, cols, rng):
 
 
 def _check_kernels(out: dict, rng):
-    import quant
-    from runtime import kernels
-    from runtime.cuda import ops
-    from runtime.tensor import QTensor
+    from pocketlm import quant
+    from pocketlm import kernels
+    from pocketlm.cuda import ops
+    from pocketlm.gguf.tensor import QTensor
     dev = lambda a: ops.DArray(ops.upload(np.asarray(a, np.float32)))  # noqa: E731
     rows, cols = 4, 1024   # 32 chunks a row: two lanes reduce
     for q in QTYPES:
@@ -201,10 +202,10 @@ def _check_kernels(out: dict, rng):
 
 
 def _check_attention(out: dict, rng):
-    from runtime.cuda import ops
-    from runtime.cuda.model import DeviceLayerCache
-    from runtime.kernels.attention import attend
-    from runtime.kvcache import LayerCache
+    from pocketlm.cuda import ops
+    from pocketlm.cuda.model import DeviceLayerCache
+    from pocketlm.kernels.attention import attend
+    from pocketlm.nn.kvcache import LayerCache
     dev = lambda a: ops.DArray(ops.upload(np.asarray(a, np.float32)))  # noqa: E731
     H, KVH, D = 4, 2, 16
 
@@ -240,7 +241,7 @@ def _check_attention(out: dict, rng):
     devc = DeviceLayerCache(LayerCache(KVH, D, 16, 0))
     q, k, v = (rng.standard_normal((1, h, D)).astype(np.float32) for h in (H, KVH, KVH))
     devc.store(dev(k), dev(v), np.array([5]))
-    from runtime.cuda import kernels as K
+    from pocketlm.cuda import kernels as K
     o = ops.empty((1, H, D))
     scratch = ops.empty((1, H, 1))
     K.attention[(1, H), 32, ops.stream()](dev(q).a, devc.kt, devc.v, devc.d_slot_pos, 1,
@@ -251,7 +252,7 @@ def _check_attention(out: dict, rng):
 
 def _truncated(g, n_layer: int | None):
     """The model of an open GGUF with only its first ``n_layer`` layers (None: all)."""
-    from models import load_model
+    from pocketlm.models import load_model
     m = load_model(g)
     if n_layer is None or n_layer >= m.args.n_layer:
         return m
@@ -261,8 +262,9 @@ def _truncated(g, n_layer: int | None):
 
 
 def _check_model(out: dict, tag: str, path: str, n_layer, prompt, budget=None, decode=True):
-    from runtime import backend, nn
-    from runtime.gguf import open_gguf
+    from pocketlm.nn import backend
+    from pocketlm import nn
+    from pocketlm.gguf.reader import open_gguf
     with open_gguf(path) as g:
         cpu = _truncated(g, n_layer)
         dev = backend.place(_truncated(g, n_layer), "cuda", budget)
@@ -288,7 +290,7 @@ def _check_model(out: dict, tag: str, path: str, n_layer, prompt, budget=None, d
 
 
 def _check_llm(out: dict, smollm2: str):
-    from runtime import LLM
+    from pocketlm import LLM
     ids = [1, 504, 3358, 314, 260, 1345]
     with LLM.load(smollm2, n_ctx=64) as cpu, LLM.load(smollm2, n_ctx=64, device="cuda") as gpu:
         out["smollm2 logits"] = _metric(gpu.eval(ids), cpu.eval(ids))
@@ -317,11 +319,11 @@ def _simulator_shared_fix():
 def main(smallthinker: str, smollm2: str):
     import time
 
-    from runtime.gguf import open_gguf
+    from pocketlm.gguf.reader import open_gguf
     if not REAL:
         _simulator_shared_fix()
         sys.setswitchinterval(1e-4)   # the block manager polls threads: hand the GIL over sooner
-    from runtime import kernels
+    from pocketlm import kernels
     kernels.set_numerics("exact")   # the device keeps activations float32, as "exact" does
     rng = np.random.default_rng(1234)
     out: dict = {}

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apps.cli import main
-from models import load_model
-from runtime import LLM
-from runtime.gguf import open_gguf
-from runtime.kernels import tinyops as K
-from runtime.memory import MemoryLimitError, account
-from tools import convert_embbert as C
-from tools.synth_embbert import random_state, write
+from pocketlm.apps.cli import main
+from pocketlm.models import load_model
+from pocketlm import LLM
+from pocketlm.gguf.reader import open_gguf
+from pocketlm.kernels import tinyops as K
+from pocketlm.api.memory import MemoryLimitError, account
+from pocketlm.tools import convert_embbert as C
+from pocketlm.tools.synth_embbert import random_state, write
 
 BACKENDS = ("numba", "numpy")
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -420,7 +420,7 @@ def test_memory_guard(paper_models, capsys):
 def test_synth_plugin_draws_the_same_weights(tmp_path):
     """``tools.synth`` (pocketlm synth) and ``synth_embbert.write`` share one tensor plan."""
     import gguf
-    from tools.synth import Options, synthesize
+    from pocketlm.tools.synth import Options, synthesize
     vocab = tmp_path / "vocab.gguf"
     w = gguf.GGUFWriter(str(vocab), "llama")
     w.add_tokenizer_model("gpt2")

@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from models import load_model
-from runtime import moe
-from runtime.budget import MemoryBudgetError, parse_size, plan
-from runtime.experts import POLICIES, ExpertCache, ExpertStore
-from runtime.gguf import open_gguf
-from runtime.generate import prefill
+from pocketlm.models import load_model
+from pocketlm.nn import moe
+from pocketlm.experts.budget import MemoryBudgetError, parse_size, plan
+from pocketlm.experts.cache import POLICIES, ExpertCache, ExpertStore
+from pocketlm.gguf.reader import open_gguf
+from pocketlm.generate.loop import prefill
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_memcap_enforces_a_real_limit():
     cap is killed, one below it runs."""
     import subprocess
     import sys
-    from tools.memcap import run_capped
+    from pocketlm.tools.memcap import run_capped
     alloc = "import numpy as np; a = np.ones({} << 20, np.uint8); print(a.sum())"
     try:
         rc, report = run_capped(300 << 20, [sys.executable, "-c", alloc.format(50)])
@@ -159,7 +159,7 @@ def test_memcap_enforces_a_real_limit():
     assert rc == 0 and report["oom_kills"] == 0 and report["peak_bytes"] > 50 << 20
     rc, report = run_capped(300 << 20, [sys.executable, "-c", alloc.format(600)])
     assert rc != 0 and report["oom_kills"] >= 1
-    assert subprocess.run([sys.executable, "-m", "tools.memcap", "nonsense", "--", "true"],
+    assert subprocess.run([sys.executable, "-m", "pocketlm.tools.memcap", "nonsense", "--", "true"],
                           capture_output=True).returncode == 1
 
 
@@ -172,8 +172,8 @@ def test_memcap_enforces_a_real_limit():
 ])
 def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset, overrides,
                                                   opts):
-    from runtime import LLM
-    from tools.synth import Options, synthesize
+    from pocketlm import LLM
+    from pocketlm.tools.synth import Options, synthesize
     path = tmp_path / "m.gguf"
     synthesize(preset, path, Options(overrides=overrides, **opts), tokenizer=smollm2_path)
     ids = IDS[:12]
@@ -190,7 +190,7 @@ def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset
 
 def test_policies_pick_their_victims():
     """Each policy's choice on a hand-made history (slots 0..3 hold experts 0..3 of layer 0)."""
-    from runtime.experts import LFU, LRU, Predictive
+    from pocketlm.experts.cache import LFU, LRU, Predictive
     keys = [(0, e) for e in range(4)]
     where = {k: s for s, k in enumerate(keys)}
     slots = np.arange(4)

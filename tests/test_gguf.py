@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 
-from runtime.gguf import GGUFError, open_gguf
+from pocketlm.gguf.reader import GGUFError, open_gguf
 
 T_U32, T_F32, T_STR, T_ARR = 4, 6, 8, 9
 

@@ -7,10 +7,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
-import quant
+from pocketlm import quant
 import runtime.kernels as K
-from runtime.tensor import QTensor
-from runtime.gguf import GGUFFile
+from pocketlm.gguf.tensor import QTensor
+from pocketlm.gguf.reader import GGUFFile
 
 RNG = np.random.default_rng(0)
 Q8_0_ACT = {"Q4_0", "Q5_0", "Q8_0"}
@@ -170,7 +170,7 @@ SIMD_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
 def test_simd_matvec(qtype):
     """The AVX2 kernels (default numerics) against the float64 emulation of llama.cpp's
     8-bit path, for one row, small batches and selected rows."""
-    from runtime.tensor import QTensor
+    from pocketlm.gguf.tensor import QTensor
     assert K.get_numerics() == "llama"
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
@@ -229,7 +229,7 @@ def test_real_tensors(smollm2_path, gemma3_path, llama_numerics):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_prepared_matvec_random(qtype, llama_numerics):
-    from runtime.tensor import QTensor
+    from pocketlm.gguf.tensor import QTensor
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
     data[3, :2] = 0          # a zero and a subnormal block scale
@@ -264,7 +264,7 @@ def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path
 def test_exact_numerics(qtype, exact_numerics):
     """"exact" numerics: float activations, within f32 rounding of float64 math on the
     dequantized weights, for one row (decode) and small batches alike."""
-    from runtime.tensor import QTensor
+    from pocketlm.gguf.tensor import QTensor
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
     data[3, :2] = 0

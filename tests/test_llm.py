@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from runtime import LLM
-from runtime.generate import ContextOverflowError
+from pocketlm import LLM
+from pocketlm.generate.loop import ContextOverflowError
 
 PROMPT = "The capital of France is"
 
@@ -106,7 +106,7 @@ def test_bad_settings_rejected(llm):
 
 
 def test_cli_run(smollm2_path, capsys):
-    from apps.cli import main
+    from pocketlm.apps.cli import main
     assert main(["run", str(smollm2_path), "Say hello.", "-n", "6", "--temp", "0", "-c", "256"]) == 0
     out = capsys.readouterr().out
     assert out.strip()

@@ -13,18 +13,18 @@ import gguf
 import numpy as np
 import pytest
 
-from runtime import LLM, kernels
-from runtime.generate import prefill
-from runtime.gguf import open_gguf
-from runtime.kernels.sparse_attention import SparseConfig
-from tools import minicpm_reference as ref
+from pocketlm import LLM, kernels
+from pocketlm.generate.loop import prefill
+from pocketlm.gguf.reader import open_gguf
+from pocketlm.kernels.sparse_attention import SparseConfig
+from pocketlm.tools import minicpm_reference as ref
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
 def models_dir():
-    from runtime import store
+    from pocketlm.api import store
     d = store.home() / "test-cache" / "minicpm"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -202,7 +202,7 @@ def test_longrope_factor_choice_follows_context(reference, model_paths):
 
 def test_moe_routes_through_runtime_moe(model_paths, monkeypatch):
     """MiniCPM-MoE uses runtime.moe: softmax gating, top-2, renormalised."""
-    from runtime import moe
+    from pocketlm.nn import moe
     seen = []
     real = moe.route
 
@@ -256,7 +256,7 @@ def _meta(**kv):
 
 
 def test_metadata_defaults_and_errors():
-    from models.minicpm import ModelArgs
+    from pocketlm.models.minicpm import ModelArgs
     with pytest.warns(UserWarning, match="logit_scale"):
         a = ModelArgs.from_gguf(_meta())
     # llama.cpp's defaults when the keys are missing

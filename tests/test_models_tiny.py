@@ -6,9 +6,9 @@ import gguf
 import numpy as np
 import pytest
 
-from models import load_model
-from runtime.generate import prefill
-from runtime.gguf import open_gguf
+from pocketlm.models import load_model
+from pocketlm.generate.loop import prefill
+from pocketlm.gguf.reader import open_gguf
 
 VOCAB = [f"t{i}" for i in range(96)]
 
@@ -183,7 +183,7 @@ def test_tiny_model_matches_reference(tmp_path, arch, qtype, window):
 def test_layer_layouts_follow_llama_cpp():
     """Layer schedules from the specs: SmallThinker-21B (SWA key present) has global NoPE
     layers 0, 4, …, 48; Gemma 3 (period 6) has global layers 5, 11, 17 of 18."""
-    from models import gemma3, smallthinker
+    from pocketlm.models import gemma3, smallthinker
     base = {"general.architecture": "smallthinker", "tokenizer.ggml.tokens": VOCAB,
             "smallthinker.block_count": 52, "smallthinker.embedding_length": 2560,
             "smallthinker.attention.head_count": 28, "smallthinker.attention.key_length": 128,

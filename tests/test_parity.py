@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime import LLM, kernels
+from pocketlm import LLM, kernels
 
 # reference name → (fixture giving the model path, max |Δlogit| vs llama.cpp)
 MODELS = {
@@ -81,7 +81,7 @@ def test_teacher_forced_greedy_steps(loaded):
 
 def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
     """The experts picked for the last prompt token, layer by layer, are llama.cpp's."""
-    from runtime import moe
+    from pocketlm.nn import moe
     ref = json.loads((reference_dir / "smallthinker-tiny-synthetic-Q4_0.json").read_text())
     f64 = np.load(reference_dir / "smallthinker-tiny-synthetic-Q4_0.float64_next_logits.npz")
     seen = []
@@ -106,7 +106,7 @@ def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
 def test_perplexity_first_chunks(smollm2_path, reference_dir, papers_path):
     """llama-perplexity's method on the first 4 of the reference's 16 chunks: per-chunk mean NLL
     and the perplexity over those chunks within 1 % (the full run is `pocketlm perplexity`)."""
-    from tools.perplexity import perplexity
+    from pocketlm.tools.perplexity import perplexity
     name = "SmolLM2-135M-Instruct.Q4_1"
     ref = json.loads((reference_dir / f"{name}.json").read_text())
     raw = papers_path.read_bytes()

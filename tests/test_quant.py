@@ -12,8 +12,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-import quant
-from runtime.gguf import open_gguf
+from pocketlm import quant
+from pocketlm.gguf.reader import open_gguf
 
 ORACLE_DEQUANT = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -18,7 +18,7 @@ def test_chat_session(smollm2_path):
         "/bye",
     ]) + "\n"
     r = subprocess.run(
-        [sys.executable, "-m", "apps", "chat", str(smollm2_path), "-c", "512", "--temp", "0",
+        [sys.executable, "-m", "pocketlm.apps", "chat", str(smollm2_path), "-c", "512", "--temp", "0",
          "-n", "16"],
         input=script, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -32,7 +32,7 @@ def test_chat_session(smollm2_path):
 
 
 def test_chat_unknown_model_is_one_line_error():
-    r = subprocess.run([sys.executable, "-m", "apps", "chat", "no-such-model"],
+    r = subprocess.run([sys.executable, "-m", "pocketlm.apps", "chat", "no-such-model"],
                        input="", capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("pocketlm: error: unknown model")

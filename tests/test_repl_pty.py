@@ -10,7 +10,7 @@ import pexpect
 
 
 def test_chat_in_a_terminal(smollm2_path):
-    child = pexpect.spawn(sys.executable, ["-m", "apps", "chat", str(smollm2_path), "-c", "1024",
+    child = pexpect.spawn(sys.executable, ["-m", "pocketlm.apps", "chat", str(smollm2_path), "-c", "1024",
                                            "--temp", "0", "-n", "400"],
                           encoding="utf-8", timeout=300, dimensions=(40, 120),
                           env={**os.environ, "TERM": "xterm"})  # CI may have no TERM

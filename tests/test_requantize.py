@@ -12,9 +12,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-import quant
-from quant.requantize import FTYPES, plan_tensors, requantize
-from runtime.gguf import TensorInfo, open_gguf
+from pocketlm import quant
+from pocketlm.quant.requantize import FTYPES, plan_tensors, requantize
+from pocketlm.gguf.reader import TensorInfo, open_gguf
 
 
 def sha256_file(path) -> str:

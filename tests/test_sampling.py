@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.sampling import make_logits_processors, make_sampler, sampling_distribution
+from pocketlm.generate.sampling import make_logits_processors, make_sampler, sampling_distribution
 
 
 def ref_distribution(logits, temperature, top_k, top_p, min_p):

@@ -36,7 +36,7 @@ def server(smollm2_path, tmp_path_factory):
     """`pocketlm serve` in a subprocess on a free loopback port; its log is shown at the end."""
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "apps", "serve", str(smollm2_path),
+        proc = subprocess.Popen([sys.executable, "-m", "pocketlm.apps", "serve", str(smollm2_path),
                                  "--port", "0", "-c", "2048", "--verbose"],
                                 stdout=subprocess.DEVNULL, stderr=f)
     try:
@@ -309,8 +309,8 @@ def _wait_ready(port: int):
 @pytest.fixture(scope="module")
 def gated(smallthinker_tiny_path):
     """The tiny SmallThinker served in-process; it loads once the test opens the gate."""
-    from apps.server import create_app
-    from runtime import LLM
+    from pocketlm.apps.server import create_app
+    from pocketlm import LLM
     gate = threading.Event()
 
     def load():
@@ -363,8 +363,8 @@ def test_async_client_streams_concurrently(gated):
 
 def test_embeddings_of_an_encoder(minilm_path):
     import numpy as np
-    from apps.server import create_app
-    from runtime import LLM
+    from pocketlm.apps.server import create_app
+    from pocketlm import LLM
     texts = ["A cat sits on the mat.", "Stock markets fell sharply today."]
     with LLM.load(str(minilm_path)) as llm:
         want = llm.embed(texts)
@@ -390,7 +390,7 @@ def test_cli_refuses_a_busy_port(smollm2_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "apps", "serve", str(smollm2_path),
+        r = subprocess.run([sys.executable, "-m", "pocketlm.apps", "serve", str(smollm2_path),
                             "--port", str(port)], capture_output=True, text=True, timeout=120,
                            )
     assert r.returncode == 1

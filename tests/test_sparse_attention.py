@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime import nn
-from runtime.kernels.attention import attend
-from runtime.kernels.sparse_attention import (CompressedKeys, SparseConfig, attend_sparse,
+from pocketlm import nn
+from pocketlm.kernels.attention import attend
+from pocketlm.kernels.sparse_attention import (CompressedKeys, SparseConfig, attend_sparse,
                                               select_blocks)
-from runtime.kvcache import LayerCache
+from pocketlm.nn.kvcache import LayerCache
 
 SMALL = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
                      window_size=32, topk=6, dense_len=0)

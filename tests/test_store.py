@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from apps.cli import main
-from runtime import store
+from pocketlm.apps.cli import main
+from pocketlm.api import store
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_cli_quantize(smallthinker_tiny_path, tmp_path, capsys):
     out = tmp_path / "q8.gguf"
     assert main(["quantize", str(smallthinker_tiny_path), str(out), "q8_0"]) == 0
     assert "Q8_0" in capsys.readouterr().out
-    from runtime.gguf import open_gguf
+    from pocketlm.gguf.reader import open_gguf
     with open_gguf(out) as g:
         assert g.tensors["blk.0.attn_q.weight"].qtype == "Q8_0"
         assert g.tensors["blk.0.attn_norm.weight"].qtype == "F32"

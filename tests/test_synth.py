@@ -10,13 +10,13 @@ import gguf
 import numpy as np
 import pytest
 
-import quant
-from apps.cli import main
-from models import load_model
-from runtime import LLM
-from runtime.generate import prefill
-from runtime.gguf import open_gguf
-from tools.synth import Options, routing_stats, synthesize, trace_routing
+from pocketlm import quant
+from pocketlm.apps.cli import main
+from pocketlm.models import load_model
+from pocketlm import LLM
+from pocketlm.generate.loop import prefill
+from pocketlm.gguf.reader import open_gguf
+from pocketlm.tools.synth import Options, routing_stats, synthesize, trace_routing
 
 SHARED_TINY_SHA256 = "930e82dee3d6d4d57cec60c825b88bf3c13cede56905eb372a2fa9e5695d0433"
 PROMPT = "Mixture-of-experts layers route each token to a few experts. The router reads"

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from runtime.textstream import IncrementalDecoder, StopMatcher
+from pocketlm.generate.textstream import IncrementalDecoder, StopMatcher
 
 
 def _decode_all(chunks: list[bytes]) -> tuple[list[str], str]:

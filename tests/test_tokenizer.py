@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.tokenizer import ATTR_USER_DEFINED, Tokenizer, UnsupportedTokenizer, pre_split
+from pocketlm.text.tokenizer import ATTR_USER_DEFINED, Tokenizer, UnsupportedTokenizer, pre_split
 
 REFERENCES = {
     "smollm2": "tokenize-SmolLM2-135M-Instruct.Q4_1.json",

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from runtime import kernels, moe
-from runtime.generate import peak_rss, prefill
+from pocketlm import kernels
+from pocketlm.nn import moe
+from pocketlm.generate.loop import peak_rss, prefill
 
 
 def drop_page_cache(path: str):

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from runtime import kernels
-from runtime.generate import peak_rss
+from pocketlm import kernels
+from pocketlm.generate.loop import peak_rss
 
 
 def _inputs(llm, n: int, n_tokens: int, seed: int) -> list[list[int]]:

@@ -49,7 +49,7 @@ def bench_kernels(threads=(1, 2), types=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
     first kernel call took (JIT compile, or loading Numba's disk cache)."""
     t0 = time.perf_counter()
     import runtime.kernels as K
-    from runtime.tensor import QTensor
+    from pocketlm.gguf.tensor import QTensor
     compile_s = K.warmup(tuple(types))
     compile_s_total = time.perf_counter() - t0
     rng = np.random.default_rng(0)

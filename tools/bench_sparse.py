@@ -51,7 +51,7 @@ def decode_speed(model, depth: int, n: int, mode: str, n_ctx: int) -> dict:
 
 
 def main(argv=None):
-    from runtime import LLM
+    from pocketlm import LLM
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("-d", "--depths", type=int, nargs="+", default=[4096, 16384, 32768])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.convert import read_safetensors
+from pocketlm.quant.convert import read_safetensors
 
 ARCH = "embbert"
 TYPES = ("f32", "f16", "int8")

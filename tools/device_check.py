@@ -46,7 +46,7 @@ def _run(name: str, cmd: list[str], out: Path, timeout: int, env=None) -> dict:
 
 
 def _bench(name, model, out, extra, timeout):
-    rec = _run(name, [sys.executable, "-m", "apps.cli", "bench", str(model), "--device", "cuda",
+    rec = _run(name, [sys.executable, "-m", "pocketlm.apps.cli", "bench", str(model), "--device", "cuda",
                       "--json", *extra], out, timeout)
     if rec["rc"] == 0:
         (out / f"{name}.json").write_text(rec["_out"])
@@ -57,7 +57,7 @@ def _memory_probe(model: str, gpu_budget: str | None) -> dict:
     """GPU memory held after loading ``model`` on cuda and evaluating 64 tokens."""
     from numba import cuda
 
-    from runtime import LLM
+    from pocketlm import LLM
     ctx = cuda.current_context()
     free0, total = ctx.get_memory_info()
     t0 = time.time()
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
             steps.append(_run("install_deps", pip + missing, out, 120))
     else:
         steps.append(_run("install", pip + ["-e", ".[cuda,test]"], out, 300))
-    from runtime import backend
+    from pocketlm.nn import backend
     info["cuda_problem"] = backend.cuda_problem()
     if info["cuda_problem"]:
         steps.append({"step": "cuda", "rc": info["cuda_problem"]})
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
                       env={"POCKETLM_CUDA_REAL": "1"}))
 
     # 3. benchmarks, 4. memory
-    from runtime import store
+    from pocketlm.api import store
     try:
         smollm2 = str(store.pull("smollm2-135m"))
     except Exception as e:   # no network and not in the store
@@ -126,10 +126,10 @@ def main(argv: list[str]) -> int:
         tok = smollm2 or str(Path(os.environ.get("POCKETLM_SHARED", ROOT.parent / "shared"))
                              / "data" / "models" / "smallthinker-tiny-synthetic-Q4_0.gguf")
         if not synth.exists():
-            steps.append(_run("synth", [sys.executable, "-m", "apps.cli", "synth", SYNTH_PRESET,
+            steps.append(_run("synth", [sys.executable, "-m", "pocketlm.apps.cli", "synth", SYNTH_PRESET,
                                         str(synth), "--tokenizer", tok], out, 240))
         if synth.exists():
-            from runtime.gguf import open_gguf
+            from pocketlm.gguf.reader import open_gguf
             with open_gguf(synth) as g:
                 expert_bytes = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
             quarter = str(expert_bytes // 4)

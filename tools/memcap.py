@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from runtime.budget import parse_size
+from pocketlm.experts.budget import parse_size
 
 V1 = "/sys/fs/cgroup/memory"
 V2 = "/sys/fs/cgroup"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import synth_minicpm
+from pocketlm.tools import synth_minicpm
 
 # model name -> shape overrides of the minicpm-tiny preset (tools.synth, seed SEED, Q4_0)
 MODELS = {
@@ -59,7 +59,7 @@ def sha256(path: Path) -> str:
 def make_model(name: str, directory: Path) -> Path:
     """Write model ``name`` (Q4_0, with the 512-token vocabulary of
     ``synth_minicpm.vocab_gguf``) into ``directory`` unless already there."""
-    from tools.synth import Options, synthesize
+    from pocketlm.tools.synth import Options, synthesize
     path = Path(directory) / f"minicpm-{name}-synthetic-Q4_0.gguf"
     if not path.exists():
         vocab = Path(directory) / "minicpm-vocab-512.gguf"

@@ -72,7 +72,7 @@ def add_arguments(ap: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    from runtime import LLM
+    from pocketlm import LLM
     with open(args.file, "rb") as f:
         text = f.read().decode("utf-8")
     with LLM.load(args.model, threads=args.threads, n_ctx=args.ctx_size,

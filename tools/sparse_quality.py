@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from runtime import nn
-from runtime.kernels.attention import attend
-from runtime.kernels.sparse_attention import (CompressedKeys, SparseConfig, attend_sparse,
+from pocketlm import nn
+from pocketlm.kernels.attention import attend
+from pocketlm.kernels.sparse_attention import (CompressedKeys, SparseConfig, attend_sparse,
                                               select_blocks)
-from runtime.kvcache import LayerCache
+from pocketlm.nn.kvcache import LayerCache
 
 
 def layer_quality(q, cache, positions, scale, cfg: SparseConfig) -> dict:
@@ -56,7 +56,7 @@ def layer_quality(q, cache, positions, scale, cfg: SparseConfig) -> dict:
 def model_quality(llm, ids: list[int], queries: int, cfg: SparseConfig) -> dict:
     """Dense prefill of ids[:-queries]; then the last tokens densely (capturing attention
     inputs) and sparsely, from the same cache."""
-    from runtime.generate import prefill
+    from pocketlm.generate.loop import prefill
     model = llm.model
     head, tail = ids[:-queries], ids[-queries:]
     cache = model.new_cache(len(ids), llm.chunk)
@@ -124,7 +124,7 @@ def needle(n: int, cfg: SparseConfig, seed: int = 0, depth: float = 0.1) -> dict
 
 
 def main(argv=None):
-    from runtime import LLM
+    from pocketlm import LLM
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("-f", "--file", required=True, help="text to read (repeated as needed)")

@@ -43,9 +43,9 @@ from typing import Callable
 
 import numpy as np
 
-import quant
+from pocketlm import quant
 
-ARCH_MODULES = ("tools.synth_smallthinker", "tools.synth_embbert", "tools.synth_minicpm")
+ARCH_MODULES = ("pocketlm.tools.synth_smallthinker", "pocketlm.tools.synth_embbert", "pocketlm.tools.synth_minicpm")
 ALIGNMENT = 32
 # Elements per slab of a 2-D tensor: bounds the float32 draw and its quantization temporaries.
 SLAB_ELEMS = 1 << 22
@@ -115,13 +115,13 @@ def presets() -> dict[str, object]:
 
 def weight_types() -> tuple[str, ...]:
     """Types the weight matrices can be written in (those with a llama.cpp file type)."""
-    from quant.requantize import FTYPES
+    from pocketlm.quant.requantize import FTYPES
     return tuple(t for t in FTYPES if t in quant.QUANTIZE_QTYPES)
 
 
 def default_tokenizer() -> Path:
     """SmolLM2's GGUF from the model store (its tokenizer is the default one to copy)."""
-    from runtime import store
+    from pocketlm.api import store
     try:
         return store.resolve("smollm2-135m", pull_missing=False)
     except store.StoreError:
@@ -180,7 +180,7 @@ def write_gguf(model: SynthModel, out: str | os.PathLike, tokenizer_kv: list[byt
     """
     from gguf import GGMLQuantizationType
 
-    from quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION
+    from pocketlm.quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION
     _check(model)
     out = Path(out)
     if not out.parent.is_dir():
@@ -227,8 +227,8 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied (vocab-only files work);
     default: SmolLM2's from the model store.
     """
-    from quant.requantize import _raw_kv
-    from runtime.gguf import open_gguf
+    from pocketlm.quant.requantize import _raw_kv
+    from pocketlm.gguf.reader import open_gguf
     mods = presets()
     if preset not in mods:
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(mods)})")
@@ -268,7 +268,7 @@ def trace_routing(llm, ids: list[int]) -> list[np.ndarray]:
     The prompt is evaluated in prefill chunks of ``llm.chunk``; the router reads each layer's
     input, which is the same function of the prefix as in one-token decode steps.
     """
-    from runtime.generate import prefill
+    from pocketlm.generate.loop import prefill
     model = llm.model
     if not hasattr(model, "on_route"):
         raise ValueError(f"{llm.gguf.path}: architecture {llm.gguf.arch!r} has no expert "
@@ -319,7 +319,7 @@ def model_routing(model: str, text_path: str | os.PathLike | None = None, n_toke
                   threads: int | None = None) -> dict:
     """Routing statistics of ``model`` (store name or path) over the first ``n_tokens`` tokens
     of a UTF-8 text file (default: ``default_text()``)."""
-    from runtime import LLM
+    from pocketlm import LLM
     if n_tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {n_tokens}")
     text_path = Path(text_path) if text_path else default_text()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.convert_embbert import ARCH, TYPES, authors_name, metadata, state_to_gguf
+from pocketlm.tools.convert_embbert import ARCH, TYPES, authors_name, metadata, state_to_gguf
 
 PRESETS = {  # V, L, d, r, fe, K, N; C = classifier outputs
     "embbert-test": dict(vocab=96, ctx=48, d=32, r=8, fe=1, kernel=8, n_layer=2, n_labels=2),
@@ -70,7 +70,7 @@ def plan(c: dict) -> list[tuple[str, tuple[int, ...], object]]:
 
 def build(c: dict, opts, n_vocab: int):
     """``tools.synth`` plug-in: F32/F16 weights; the token table takes the copied vocabulary."""
-    from tools.synth import SynthModel, TensorSpec
+    from pocketlm.tools.synth import SynthModel, TensorSpec
     if opts.qtype not in ("F32", "F16"):
         raise ValueError(f"embbert synthesizes F32 or F16 here; for int8 use "
                          f"`python -m tools.synth_embbert PRESET OUT --type int8` "

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from tools.synth import SynthModel, TensorSpec, normal
+from pocketlm.tools.synth import SynthModel, TensorSpec, normal
 
 ARCH = "minicpm"
 

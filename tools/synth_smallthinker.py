@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from tools.synth import SynthModel, TensorSpec, constant, normal
+from pocketlm.tools.synth import SynthModel, TensorSpec, constant, normal
 
 ARCH = "smallthinker"
 GATING = {"softmax": 1, "sigmoid": 2, "none": None}

@@ -16,9 +16,9 @@ from collections import OrderedDict
 import numpy as np
 from numba import cuda
 
-from runtime.kvcache import KVCache, LayerCache
-from runtime.moe import Expert
-from runtime.tensor import QTensor
+from pocketlm.nn.kvcache import KVCache, LayerCache
+from pocketlm.nn.moe import Expert
+from pocketlm.gguf.tensor import QTensor
 
 from . import kernels as K
 from . import ops

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 from numba import cuda
 
-from runtime.backend import OnDevice
-from runtime.tensor import QTensor
+from pocketlm.nn.device import OnDevice
+from pocketlm.gguf.tensor import QTensor
 
 from . import kernels as K
 

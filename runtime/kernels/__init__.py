@@ -36,7 +36,7 @@ from numba import types
 
 from threadpoolctl import threadpool_limits
 
-from runtime import store
+from pocketlm.api import store
 
 def _use_versioned_cache() -> None:
     """Point Numba's on-disk cache at a folder per version of these kernel sources.

@@ -139,7 +139,7 @@ class Ops:
         self._conv = dwconv_silu_rows if jit else np_dwconv_silu
         self._i8 = linear_i8_rows if jit else np_linear_i8
         if jit:
-            from runtime import kernels
+            from pocketlm import kernels
             self.rms_norm, self.softmax = kernels.rms_norm, kernels.softmax
         else:
             self.rms_norm, self.softmax = np_rms_norm, np_softmax

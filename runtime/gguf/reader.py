@@ -274,7 +274,7 @@ class GGUFFile:
 
     def tensor(self, name: str):
         """The tensor as a ``runtime.tensor.QTensor`` (zero-copy)."""
-        from runtime.tensor import QTensor
+        from pocketlm.gguf.tensor import QTensor
         t = self.tensors[name]
         return QTensor(t.qtype, t.shape, self.raw(name))
 

@@ -499,7 +499,7 @@ class Tokenizer:
 
         self._pieces: list[bytes | None] = [None] * n
         if self.kind == "wpm":
-            from runtime.wordpiece import WordPiece
+            from pocketlm.text.wordpiece import WordPiece
             self._wpm = WordPiece(self._vocab, self._need("unk"),
                                   bool(meta.get("tokenizer.ggml.normalizer.lowercase", True)),
                                   meta.get("tokenizer.ggml.normalizer.strip_accents"))
@@ -511,7 +511,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Read the tokenizer of a GGUF file (full model or vocab-only)."""
-        from runtime.gguf import open_gguf
+        from pocketlm.gguf.reader import open_gguf
         g = open_gguf(path)
         try:
             return cls(g.metadata)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.gguf import GGUFFile
+from pocketlm.gguf.reader import GGUFFile
 
 # Hyper-parameter keys worth showing, relative to the architecture prefix.
 _HPARAMS = (

@@ -12,13 +12,6 @@ import importlib.util
 DEVICES = ("cpu", "cuda", "auto")
 
 
-class OnDevice:
-    """Base of arrays and weights that live on an accelerator; ``ops`` implements nn's blocks
-    for them."""
-
-    ops = None
-
-
 def cuda_problem() -> str | None:
     """Why the CUDA backend cannot run here, or None when it can."""
     if importlib.util.find_spec("numba_cuda") is None:
@@ -59,5 +52,5 @@ def place(model, device: str, gpu_budget: int | None = None):
         return model
     if getattr(model, "is_encoder", False) or not hasattr(model, "new_cache"):
         raise ValueError("only decoder models run on the CUDA backend; use device 'cpu'")
-    from runtime.cuda.model import upload
+    from pocketlm.cuda.model import upload
     return upload(model, gpu_budget)

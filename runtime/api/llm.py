@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime import store
-from runtime.concurrency import FairLock
-from runtime.gguf import open_gguf
-from runtime.generate import (GenerationChunk, GenerationConfig, GenerationResult,
-                              prefill, stream_generate)
+from pocketlm.api import store
+from pocketlm.api.lock import FairLock
+from pocketlm.gguf.reader import open_gguf
+from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
+                              collect, prefill, stream_generate)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -68,16 +68,16 @@ class LLM:
         reason in ``llm.device_note``); ``gpu_budget`` (bytes or a size) caps the GPU memory of
         mixture-of-experts weights, which then stream from host memory (docs/cuda.md).
         """
-        from runtime import backend as devices
+        from pocketlm.nn import backend as devices
         if gpu_budget is not None and device == "cpu":
             raise ValueError("a GPU budget needs device 'cuda' or 'auto'")
         device, device_note = devices.resolve(device)   # auto without a GPU: the budget idles
         if sparse_attention not in ("auto", "on", "off"):
             raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
-        from models import load_model
-        from runtime import kernels
-        from runtime.chat import ChatTemplate
-        from runtime.tokenizer import Tokenizer
+        from pocketlm.models import load_model
+        from pocketlm import kernels
+        from pocketlm.text.chat import ChatTemplate
+        from pocketlm.text.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
         path = store.resolve(model, pull_missing=pull, progress=progress)
@@ -115,7 +115,7 @@ class LLM:
             elif sparse_attention == "on":
                 raise ValueError(f"{g.arch} models have no sparse attention")
             if device != "cpu":
-                from runtime.budget import parse_size
+                from pocketlm.experts.budget import parse_size
                 budget = None if gpu_budget is None else parse_size(gpu_budget)
                 m = devices.place(m, device, budget)
             llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
@@ -136,8 +136,8 @@ class LLM:
         """Refuse inputs whose paper-style memory need (runtime.memory) exceeds ``limit``
         (bytes or a size string; None: no limit). A model whose weights alone exceed it is
         refused at once."""
-        from runtime import memory
-        from runtime.budget import parse_size
+        from pocketlm.api import memory
+        from pocketlm.experts.budget import parse_size
         if limit is None:
             self.max_memory = None
             return
@@ -152,7 +152,7 @@ class LLM:
         [len(texts), n_labels]. A one-output (regression) head returns its raw score in probs.
         Text is tokenized with the model's tokenizer and truncated to the model's positions.
         """
-        from runtime import memory
+        from pocketlm.api import memory
         m = self.model
         if not hasattr(m, "classify_logits"):
             raise ValueError(f"{self.gguf.arch} models are not classifiers")
@@ -321,8 +321,8 @@ class LLM:
 def _encoder_tokenizer(meta: dict):
     """An encoder's tokenizer: GGUF vocabulary, an embedded HF tokenizers JSON, or none
     (the model then takes token ids only)."""
-    from runtime.hf_tokenizer import HF_JSON_KEY, HFTokenizer
-    from runtime.tokenizer import Tokenizer
+    from pocketlm.text.hf_tokenizer import HF_JSON_KEY, HFTokenizer
+    from pocketlm.text.tokenizer import Tokenizer
     if "tokenizer.ggml.tokens" in meta:
         return Tokenizer.from_metadata(meta)
     if HF_JSON_KEY in meta:
@@ -332,9 +332,9 @@ def _encoder_tokenizer(meta: dict):
 
 def _apply_budget(g, model, n_ctx: int, chunk: int, budget, policy: str):
     """Check ``budget`` against the model; routed experts then stream through a cache."""
-    from runtime import kernels
-    from runtime.budget import parse_size, plan
-    from runtime.experts import POLICIES, ExpertCache, ExpertStore
+    from pocketlm import kernels
+    from pocketlm.experts.budget import parse_size, plan
+    from pocketlm.experts.cache import POLICIES, ExpertCache, ExpertStore
     budget = parse_size(budget)
     if policy not in POLICIES or policy == "oracle":
         raise ValueError(f"expert policy {policy!r}: expected lru, lfu or predictive")
@@ -360,15 +360,3 @@ def _trim_heap():
             ctypes.CDLL(None).malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (e.g. musl)
             pass
-
-
-def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
-    """Drain a chunk stream into one result."""
-    text, tokens, last = [], [], None
-    for c in chunks:
-        text.append(c.text)
-        if c.token is not None:
-            tokens.append(c.token)
-        last = c
-    return GenerationResult("".join(text), tokens, last.finish_reason, last.prompt_tokens,
-                            last.completion_tokens, last.timings)

@@ -26,5 +26,5 @@ class QTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 array of ``shape``."""
-        import quant
+        from pocketlm import quant
         return quant.dequantize(self.qtype, self.data, self.shape)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from runtime import kernels
+from pocketlm import kernels
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,

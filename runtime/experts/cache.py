@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import kernels
-from runtime.moe import Expert, down_transposed
-from runtime.tensor import QTensor
+from pocketlm import kernels
+from pocketlm.nn.moe import Expert, down_transposed
+from pocketlm.gguf.tensor import QTensor
 
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
 PARTS = ("gate", "up", "down")

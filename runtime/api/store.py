@@ -119,7 +119,7 @@ def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> 
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if spec.convert:
-        from quant.convert import convert
+        from pocketlm.quant.convert import convert
         with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
             src = fetch_checkpoint(name, Path(tmp) / "checkpoint", progress)
             partial = Path(tmp) / (spec.filename + ".partial")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime import kernels, nn
-from runtime.backend import OnDevice
-from runtime.tensor import QTensor
+from pocketlm import kernels, nn
+from pocketlm.nn.device import OnDevice
+from pocketlm.gguf.tensor import QTensor
 
 GATING_SOFTMAX = 1
 GATING_SIGMOID = 2

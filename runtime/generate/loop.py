@@ -14,9 +14,9 @@ from typing import Iterator
 import numpy as np
 import psutil
 
-from runtime.kvcache import KVCache
-from runtime.sampling import make_logits_processors, make_sampler
-from runtime.textstream import IncrementalDecoder, StopMatcher
+from pocketlm.nn.kvcache import KVCache
+from pocketlm.generate.sampling import make_logits_processors, make_sampler
+from pocketlm.generate.textstream import IncrementalDecoder, StopMatcher
 
 
 class ContextOverflowError(ValueError):
@@ -236,3 +236,14 @@ def peak_rss() -> int:
     except (ImportError, AttributeError):
         return psutil.Process().memory_info().rss
 
+
+def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
+    """Drain a chunk stream into one result."""
+    text, tokens, last = [], [], None
+    for c in chunks:
+        text.append(c.text)
+        if c.token is not None:
+            tokens.append(c.token)
+        last = c
+    return GenerationResult("".join(text), tokens, last.finish_reason, last.prompt_tokens,
+                            last.completion_tokens, last.timings)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-import quant
-from runtime import kernels
-from runtime.backend import OnDevice
-from runtime.kernels.attention import attend
-from runtime.kernels.sparse_attention import CompressedKeys, attend_sparse
-from runtime.kvcache import LayerCache
-from runtime.tensor import QTensor
+from pocketlm import quant
+from pocketlm import kernels
+from pocketlm.nn.device import OnDevice
+from pocketlm.kernels.attention import attend
+from pocketlm.kernels.sparse_attention import CompressedKeys, attend_sparse
+from pocketlm.nn.kvcache import LayerCache
+from pocketlm.gguf.tensor import QTensor
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from runtime.generate import GenerationChunk, GenerationConfig, GenerationResult
+from pocketlm.generate.loop import GenerationChunk, GenerationConfig, GenerationResult
 
 __all__ = ["RequestError", "error_body", "settings_from_request", "chat_messages",
            "completion_prompt", "chat_completion", "text_completion", "StreamAdapter", "usage"]

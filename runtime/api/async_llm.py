@@ -1,67 +1,14 @@
-"""Sharing one model: a first-come-first-served lock, and an asyncio face for the LLM API.
-
-Generation holds the model for its whole stream, so callers queue. ``threading.Lock`` wakes
-waiters in no particular order (a busy client can starve the others); :class:`FairLock` serves
-them in arrival order. :class:`AsyncLLM` runs each call in its own thread and hands chunks to
-the event loop through a queue, so the loop never waits on the model.
-"""
+"""The LLM API for asyncio: :class:`AsyncLLM` runs each call in its own thread and hands
+chunks to the event loop through a queue, so the loop never waits on the model."""
 from __future__ import annotations
 
 import asyncio
 import threading
 from typing import AsyncIterator
 
-from runtime.generate import GenerationChunk, GenerationResult
+from pocketlm.generate.loop import GenerationChunk, GenerationResult, collect
 
-__all__ = ["FairLock", "AsyncLLM"]
-
-
-class FairLock:
-    """A non-reentrant lock granted in the order ``acquire`` was called."""
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._next = 0         # next ticket to hand out
-        self._serving = 0      # ticket that holds (or may take) the lock
-        self._abandoned: set[int] = set()
-
-    def acquire(self):
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            try:
-                while ticket != self._serving:
-                    self._cond.wait()
-            except BaseException:  # e.g. KeyboardInterrupt while queued: give the turn away
-                if ticket == self._serving:
-                    self._advance()
-                else:
-                    self._abandoned.add(ticket)
-                raise
-
-    def release(self):
-        with self._cond:
-            self._advance()
-
-    def _advance(self):
-        self._serving += 1
-        while self._serving in self._abandoned:
-            self._abandoned.discard(self._serving)
-            self._serving += 1
-        self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        """Callers holding or queued for the lock."""
-        with self._cond:
-            return self._next - self._serving - len(self._abandoned)
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+__all__ = ["AsyncLLM"]
 
 
 _END = object()
@@ -90,7 +37,7 @@ class AsyncLLM:
     @classmethod
     async def load(cls, model: str, **kwargs) -> "AsyncLLM":
         """``LLM.load`` in a worker thread."""
-        from runtime.llm import LLM
+        from pocketlm.api.llm import LLM
         return cls(await asyncio.to_thread(LLM.load, model, **kwargs))
 
     @property
@@ -155,6 +102,5 @@ class AsyncLLM:
 
 
 async def _collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
-    from runtime.llm import collect
     got = [c async for c in chunks]
     return collect(iter(got))

@@ -78,8 +78,8 @@ class NumbaBackend:
     name = "numba"
 
     def __init__(self):
-        from runtime import kernels, nn
-        from runtime.kernels import layernorm
+        from pocketlm import kernels, nn
+        from pocketlm.kernels import layernorm
         self._linear, self._softmax = nn.linear, kernels.softmax
         self._ln, self._gelu = layernorm.layer_norm, layernorm.gelu_erf
 
