@@ -8,7 +8,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
 from pocketlm import quant
-import runtime.kernels as K
+import pocketlm.kernels as K
 from pocketlm.gguf.tensor import QTensor
 from pocketlm.gguf.reader import GGUFFile
 

@@ -131,3 +131,16 @@ def test_generic_names_are_not_ours(name, tmp_path):
     r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr
+
+
+def test_no_file_imports_a_folder_by_its_generic_name():
+    """From the repository root ``import runtime`` would find the folder itself (a second copy
+    of every module, with its own state): code and tests import through ``pocketlm`` only."""
+    generic = {"runtime", "models", "quant", "tools", "apps"}
+    bad = []
+    for f in [*ROOT.joinpath("tests").glob("*.py"), *_modules().values()]:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{f.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in generic]
+    assert not bad

@@ -48,7 +48,7 @@ def bench_kernels(threads=(1, 2), types=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
     ``matmul_tokens`` activation rows (default BLAS path and integer path), and the time the
     first kernel call took (JIT compile, or loading Numba's disk cache)."""
     t0 = time.perf_counter()
-    import runtime.kernels as K
+    import pocketlm.kernels as K
     from pocketlm.gguf.tensor import QTensor
     compile_s = K.warmup(tuple(types))
     compile_s_total = time.perf_counter() - t0
