@@ -22,4 +22,6 @@ def load_model(gguf_file):
                          f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     mod = importlib.import_module(ARCHITECTURES[arch])
     args = mod.ModelArgs.from_gguf(gguf_file.metadata)
-    return mod.Model(args, load_weights(gguf_file))
+    weights = load_weights(gguf_file)
+    args.check(weights)   # shapes against the metadata, before any kernel sees them
+    return mod.Model(args, weights)

@@ -1,32 +1,182 @@
-"""What every model file shares: weights by GGUF name, cache construction, the output head."""
+"""What every model file shares: declared configuration and its checks, weights by GGUF name,
+cache construction, the output head."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 
 from pocketlm import nn
 from pocketlm.nn.kvcache import KVCache, LayerCache
 
-
-def meta_get(meta: dict):
-    """Lookup of ``{arch}.key`` in GGUF metadata; a missing key without default is an error."""
-    arch = meta.get("general.architecture", "")
-    missing = object()
-
-    def get(key: str, default=missing):
-        v = meta.get(f"{arch}.{key}", default)
-        if v is missing:
-            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
-        return v
-    return get
+# GGUF namespaces that are not prefixed by the architecture name
+ABSOLUTE = ("general.", "tokenizer.", "sentence_transformers.")
+REQUIRED = object()
+_ABSENT = object()
+_CONVERT = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
 
 
-def rope_linear_scale(get) -> float:
-    """RoPE frequency scale: 1/factor for linear scaling, else 1 (``get`` from ``meta_get``)."""
-    if get("rope.scaling.type", "none") != "linear":
+@dataclass(frozen=True)
+class Key:
+    """How one ModelArgs field is read; made by ``key`` and ``derived``."""
+
+    name: str | None     # GGUF key, relative to the architecture unless in ABSOLUTE
+    default: Any         # a value, the name of an earlier field, or a callable of the reading
+    convert: Callable | None
+    min: float | None
+
+
+def key(name: str, default: Any = REQUIRED, *, convert: Callable | None = None,
+        min: float | None = None):
+    """A ModelArgs field read from GGUF key ``name`` (``{arch}.name``; ``general.*`` and
+    ``tokenizer.*`` as written).
+
+    ``default`` applies when the key is absent: a value; a string naming an earlier field; or a
+    callable of the reading so far (earlier fields as attributes, ``.get(key, default)`` for
+    other keys). Without one, a missing key is an error. The value is converted by ``convert``,
+    else by the field's annotation (int, float, bool, str, tuple); None (an optional key) stays
+    None. ``min``: the smallest value allowed.
+    """
+    return field(metadata={"gguf": Key(name, default, convert, min)})
+
+
+def derived(fn: Callable, *, convert: Callable | None = None):
+    """A ModelArgs field computed by ``fn(reading)`` from earlier fields and other keys."""
+    return field(metadata={"gguf": Key(None, fn, convert, None)})
+
+
+def full_key(arch: str, name: str) -> str:
+    """The GGUF key of ``name``: ``{arch}.name`` unless it is in an absolute namespace."""
+    return name if name.startswith(ABSOLUTE) else f"{arch}.{name}"
+
+
+class Reading(SimpleNamespace):
+    """The fields read so far, plus ``get`` for keys that are not fields."""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self._meta = meta
+        self._arch = meta.get("general.architecture", "")
+
+    def full(self, name: str) -> str:
+        """The GGUF key of ``name`` in this file."""
+        return full_key(self._arch, name)
+
+    def get(self, name: str, default: Any = REQUIRED):
+        """The value of key ``name``; a missing key without default is a one-line error."""
+        full = self.full(name)
+        if full in self._meta:
+            return self._meta[full]
+        if default is REQUIRED:
+            raise ValueError(f"GGUF metadata lacks {full}")
+        return default
+
+
+@dataclass(frozen=True)
+class GGUFArgs:
+    """Base of every ``ModelArgs``: fields declared with ``key``/``derived``, read once."""
+
+    arch: str = key("general.architecture", default="")
+
+    @classmethod
+    def from_gguf(cls, meta: dict):
+        """Read every field from GGUF metadata, in declaration order."""
+        r = Reading(meta)
+        names = {f.name for f in fields(cls)}
+        for f in fields(cls):
+            spec: Key = f.metadata["gguf"]
+            v = r.get(spec.name, _ABSENT) if spec.name else _ABSENT
+            if v is _ABSENT:
+                d = spec.default
+                if d is REQUIRED:
+                    r.get(spec.name)   # raises: the key is missing
+                if isinstance(d, str) and d in names:
+                    v = getattr(r, d)
+                else:
+                    v = d(r) if callable(d) else d
+            if v is not None:
+                v = (spec.convert or _converter(f.type))(v)
+            if spec.min is not None and v is not None:
+                expect_that(v >= spec.min, r.full(spec.name), v, f">= {spec.min}")
+            setattr(r, f.name, v)
+        return cls(**{f.name: getattr(r, f.name) for f in fields(cls)})
+
+    def check(self, w: SimpleNamespace) -> None:
+        """Check the weights against these values at load, before any kernel runs (one-line
+        ValueErrors); an architecture overrides it with its own checks."""
+
+    def key_name(self, name: str) -> str:
+        """The full GGUF key of field key ``name``, for error messages."""
+        return full_key(self.arch, name)
+
+
+def _converter(annotation) -> Callable:
+    """int, float, bool, str or tuple from a field's annotation (a string under postponed
+    evaluation); anything else is kept as computed."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return _CONVERT.get(name.split("[")[0], lambda v: v)
+
+
+def expect_that(cond: bool, what: str, value, wanted) -> None:
+    """One-line ValueError naming ``what`` (a GGUF key), its value and what was wanted."""
+    if not cond:
+        raise ValueError(f"GGUF metadata {what} is {value}, expected {wanted}")
+
+
+def expect(w: SimpleNamespace, name: str, rows: int | None = None,
+           cols: int | None = None) -> None:
+    """Tensor ``name`` (GGUF name, e.g. ``blk.0.attn_q``) of ``w`` exists and has ``rows``
+    output rows and ``cols`` input columns; else a one-line ValueError."""
+    parts = name.split(".")
+    t = getattr(w.blk[int(parts[1])], parts[2], None) if parts[0] == "blk" else \
+        getattr(w, parts[0], None)
+    if t is None:
+        raise ValueError(f"model lacks tensor {name}")
+    got = (t.rows, t.cols) if len(t.shape) == 2 else tuple(t.shape)
+    want = (rows if rows is not None else got[0], cols if cols is not None else got[-1])
+    if len(t.shape) != 2 or got != want:
+        raise ValueError(f"tensor {name} has shape {got}, expected {want}")
+
+
+def check_decoder(a, w: SimpleNamespace, rope_dims: int) -> None:
+    """The checks every decoder shares: heads, RoPE dimensions, attention and embedding
+    shapes against ``a`` (n_embd, n_head, n_head_kv, head_dim, n_vocab)."""
+    expect_that(a.n_head % a.n_head_kv == 0, a.key_name("attention.head_count_kv"),
+                a.n_head_kv, f"a divisor of attention.head_count {a.n_head}")
+    expect_that(rope_dims % 2 == 0 and 0 < rope_dims <= a.head_dim,
+                a.key_name("rope.dimension_count"), rope_dims, f"even and <= {a.head_dim}")
+    q, kv = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+    expect(w, "token_embd", rows=a.n_vocab, cols=a.n_embd)
+    if getattr(w, "output", None) is not None:
+        expect(w, "output", rows=a.n_vocab, cols=a.n_embd)
+    for i in range(len(w.blk)):
+        expect(w, f"blk.{i}.attn_q", rows=q, cols=a.n_embd)
+        expect(w, f"blk.{i}.attn_k", rows=kv, cols=a.n_embd)
+        expect(w, f"blk.{i}.attn_v", rows=kv, cols=a.n_embd)
+        expect(w, f"blk.{i}.attn_output", rows=a.n_embd, cols=q)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do, declared by its class: the runtime reads this instead of probing."""
+
+    generate: bool = False          # a decoder: new_cache, forward, configure
+    embed: bool = False             # sentence vectors: embed(batch)
+    classify: bool = False          # classify_logits(ids) and labels
+    moe: bool = False               # routed experts in ``model.experts`` (can stream)
+    sparse_attention: bool = False  # configure(sparse_attention=...) changes attention
+    devices: tuple[str, ...] = ("cpu",)
+    backends: tuple[str, ...] = ("numba",)   # set_backend(name) when more than one
+    accounting: bool = False        # paper-style memory figures: activation_values(n)
+
+
+def rope_linear_scale(r: Reading) -> float:
+    """RoPE frequency scale: 1/factor for linear scaling, else 1."""
+    if r.get("rope.scaling.type", "none") != "linear":
         return 1.0
-    factor = get("rope.scaling.factor", 1.0)
+    factor = r.get("rope.scaling.factor", 1.0)
     return 1.0 / factor if factor else 1.0
 
 
@@ -90,6 +240,10 @@ class BaseModel:
 
     def required_tensors(self) -> tuple[str, ...]:
         return ("token_embd", "output_norm")
+
+    def configure(self, n_ctx: int | None = None, sparse_attention: str = "auto") -> None:
+        """Settings that depend on how the model is run (context size, attention mode); most
+        decoders have none."""
 
     def layer_windows(self) -> list[int]:
         """Sliding-window size per layer (0: global attention)."""

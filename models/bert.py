@@ -11,40 +11,46 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import meta_get
+from pocketlm.models.base import Capabilities, GGUFArgs, derived, expect, expect_that, key
 from pocketlm.nn import encoder
 from pocketlm import nn
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_ff: int
-    n_ctx_train: int
-    norm_eps: float
-    pooling: str          # "mean", "cls" or "last"
-    max_seq_len: int      # inputs are truncated to this many tokens (specials included)
-    n_vocab: int
+def _pooling(v) -> str:
+    pooling = encoder.POOLING.get(int(v), "unsupported")
+    if pooling in ("none", "unsupported"):
+        raise ValueError(f"bert: pooling type {v} is not supported (mean, cls or last)")
+    return pooling
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        if g("attention.causal", False):
-            raise ValueError("bert: causal attention is not supported by this encoder")
-        n_ctx = g("context_length")
-        pooling = encoder.POOLING.get(int(g("pooling_type", 1)), "unsupported")
-        if pooling in ("none", "unsupported"):
-            raise ValueError(f"bert: pooling type {g('pooling_type')} is not supported "
-                             "(mean, cls or last)")
-        return cls(
-            n_embd=g("embedding_length"), n_layer=g("block_count"),
-            n_head=g("attention.head_count"), n_ff=g("feed_forward_length"), n_ctx_train=n_ctx,
-            norm_eps=g("attention.layer_norm_epsilon", 1e-12), pooling=pooling,
-            max_seq_len=min(n_ctx, int(meta.get("sentence_transformers.max_seq_length", n_ctx))),
-            n_vocab=len(meta["tokenizer.ggml.tokens"]),
-        )
+
+def _not_causal(v) -> bool:
+    if v:
+        raise ValueError("bert: causal attention is not supported by this encoder")
+    return False
+
+
+@dataclass(frozen=True)
+class ModelArgs(GGUFArgs):
+    causal: bool = key("attention.causal", default=False, convert=_not_causal)  # refused
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_ff: int = key("feed_forward_length")
+    n_ctx_train: int = key("context_length")
+    norm_eps: float = key("attention.layer_norm_epsilon", default=1e-12)
+    pooling: str = key("pooling_type", default=1, convert=_pooling)   # "mean", "cls" or "last"
+    # inputs are truncated to this many tokens (specials included)
+    max_seq_len: int = derived(lambda a: min(a.n_ctx_train, int(a.get(
+        "sentence_transformers.max_seq_length", a.n_ctx_train))))
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
+
+    def check(self, w) -> None:
+        expect_that(self.n_embd % self.n_head == 0, self.key_name("attention.head_count"),
+                    self.n_head, f"a divisor of embedding_length {self.n_embd}")
+        expect(w, "token_embd", rows=self.n_vocab, cols=self.n_embd)
+        for i in range(len(w.blk)):
+            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                expect(w, f"blk.{i}.{name}", rows=self.n_embd, cols=self.n_embd)
 
 
 _LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")
@@ -54,7 +60,7 @@ _LAYER_NORMS = ("attn_output_norm", "layer_output_norm")
 class Model:
     """An encoder: ``embed(batch)`` turns token-id lists into unit sentence vectors."""
 
-    is_encoder = True
+    capabilities = Capabilities(embed=True, backends=("numba", "numpy"))
 
     def __init__(self, args: ModelArgs, weights, backend: str = "numba"):
         self.args = args

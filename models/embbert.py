@@ -13,37 +13,31 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pocketlm.models.base import meta_get
+from pocketlm.models.base import Capabilities, GGUFArgs, key
 from pocketlm import nn
 from pocketlm.kernels.tinyops import ops
 
 F = np.float32
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    n_ctx: int           # L: positions
-    n_embd: int          # d
-    n_layer: int
-    n_inner: int         # d_inner = d * forward expansion (conv channels)
-    conv_kernel: int     # K
-    eps: float
-    labels: tuple[str, ...]
-    pad_id: int
-    sep_id: int
+def _single_head(v) -> int:
+    if int(v) != 1:
+        raise ValueError("embbert: only single-head attention is defined")
+    return 1
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        if int(g("attention.head_count", 1)) != 1:
-            raise ValueError("embbert: only single-head attention is defined")
-        return cls(n_ctx=int(g("context_length")), n_embd=int(g("embedding_length")),
-                   n_layer=int(g("block_count")), n_inner=int(g("feed_forward_length")),
-                   conv_kernel=int(g("conv_kernel")),
-                   eps=float(g("attention.layer_norm_rms_epsilon")),
-                   labels=tuple(g("classifier.output_labels", ())),
-                   pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
-                   sep_id=int(meta.get("tokenizer.ggml.seperator_token_id", 4)))
+
+@dataclass(frozen=True)
+class ModelArgs(GGUFArgs):
+    n_head: int = key("attention.head_count", default=1, convert=_single_head)
+    n_ctx: int = key("context_length")              # L: positions
+    n_embd: int = key("embedding_length", min=1)    # d
+    n_layer: int = key("block_count")
+    n_inner: int = key("feed_forward_length")       # d_inner = d * forward expansion (conv)
+    conv_kernel: int = key("conv_kernel")           # K
+    eps: float = key("attention.layer_norm_rms_epsilon")
+    labels: tuple[str, ...] = key("classifier.output_labels", default=())
+    pad_id: int = key("tokenizer.ggml.padding_token_id", default=0)
+    sep_id: int = key("tokenizer.ggml.seperator_token_id", default=4)
 
 
 def _vector(t, n: int, name: str) -> np.ndarray:
@@ -73,7 +67,7 @@ def _linear(src, name: str, rows: int, cols: int, bias: bool = True) -> SimpleNa
 class Model:
     """EmbBERT-Q classifier. ``classify_logits(ids)`` -> (n_labels,) float32 logits."""
 
-    is_encoder = True
+    capabilities = Capabilities(classify=True, backends=("numba", "numpy"), accounting=True)
 
     def __init__(self, args: ModelArgs, weights: SimpleNamespace, backend: str = "numba"):
         self.args = a = args

@@ -10,55 +10,43 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import BaseModel, meta_get, rope_linear_scale, swa_layers
+from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+                                  key, rope_linear_scale, swa_layers)
 from pocketlm import nn
 
 
 @dataclass(frozen=True)
-class ModelArgs:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    rms_eps: float
-    rope_base: float
-    rope_base_swa: float
-    rope_freq_scale: float
-    window: int
-    is_swa: tuple[bool, ...]
-    query_scale: float
-    final_softcap: float
-    n_vocab: int
+class ModelArgs(GGUFArgs):
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
+    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+    n_ff: int = key("feed_forward_length")
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
+    rope_base: float = key("rope.freq_base", default=1e6)
+    rope_base_swa: float = key("rope.freq_base_swa", default=1e4)
+    rope_freq_scale: float = derived(rope_linear_scale)
+    window: int = key("attention.sliding_window", default=0, convert=lambda v: max(int(v), 0))
+    # the last layer of every period is global, the rest slide
+    is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
+        a.get("attention.sliding_window_pattern", 6), a.n_layer, False) if a.window
+        else (False,) * a.n_layer)
+    # Gemma-3 27B scales queries by 1/sqrt(d_model/heads); the others by 1/sqrt(head_dim).
+    query_scale: float = derived(lambda a: 1.0 / np.sqrt(
+        a.n_embd / a.n_head if a.n_layer == 62 else a.head_dim))
+    # llama.cpp caps logits only when the model has no sliding-window layers
+    final_softcap: float = derived(
+        lambda a: 0.0 if a.window else a.get("final_logit_softcapping", 0.0))
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        n_layer = g("block_count")
-        n_embd = g("embedding_length")
-        n_head = g("attention.head_count")
-        head_dim = g("attention.key_length", n_embd // n_head)
-        window = g("attention.sliding_window", 0)
-        pattern = g("attention.sliding_window_pattern", 6)
-        # the last layer of every period is global, the rest slide
-        is_swa = swa_layers(pattern, n_layer, False) if window > 0 else (False,) * n_layer
-        # Gemma-3 27B scales queries by 1/sqrt(d_model/heads); the others by 1/sqrt(head_dim).
-        q_scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
-        return cls(
-            n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
-            n_ff=g("feed_forward_length"), rms_eps=g("attention.layer_norm_rms_epsilon", 1e-6),
-            rope_base=g("rope.freq_base", 1e6), rope_base_swa=g("rope.freq_base_swa", 1e4),
-            rope_freq_scale=rope_linear_scale(g), window=window if window > 0 else 0,
-            is_swa=is_swa, query_scale=float(q_scale),
-            # llama.cpp caps logits only when the model has no sliding-window layers
-            final_softcap=g("final_logit_softcapping", 0.0) if window <= 0 else 0.0,
-            n_vocab=len(meta["tokenizer.ggml.tokens"]),
-        )
+    def check(self, w) -> None:
+        check_decoder(self, w, self.head_dim)
 
 
 class Model(BaseModel):
+    capabilities = Capabilities(generate=True, devices=("cpu", "cuda"))
+
     def layer_windows(self) -> list[int]:
         return [self.args.window if s else 0 for s in self.args.is_swa]
 

@@ -5,43 +5,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import BaseModel, meta_get, rope_linear_scale
+from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+                                  key, rope_linear_scale)
 from pocketlm import nn
 
 
 @dataclass(frozen=True)
-class ModelArgs:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    rms_eps: float
-    rope_base: float
-    rope_dims: int
-    rope_freq_scale: float
-    n_vocab: int
+class ModelArgs(GGUFArgs):
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
+    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+    n_ff: int = key("feed_forward_length")
+    n_ctx_train: int = key("context_length", default=2048)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-5)
+    rope_base: float = key("rope.freq_base", default=10000.0)
+    rope_dims: int = key("rope.dimension_count", default="head_dim")
+    rope_freq_scale: float = derived(rope_linear_scale)
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        n_embd = g("embedding_length")
-        n_head = g("attention.head_count")
-        head_dim = g("attention.key_length", n_embd // n_head)
-        return cls(
-            n_embd=n_embd, n_layer=g("block_count"), n_head=n_head,
-            n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
-            n_ff=g("feed_forward_length"), n_ctx_train=g("context_length", 2048),
-            rms_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_base=g("rope.freq_base", 10000.0), rope_dims=g("rope.dimension_count", head_dim),
-            rope_freq_scale=rope_linear_scale(g),
-            n_vocab=len(meta["tokenizer.ggml.tokens"]),
-        )
+    def check(self, w) -> None:
+        check_decoder(self, w, self.rope_dims)
 
 
 class Model(BaseModel):
+    capabilities = Capabilities(generate=True, devices=("cpu", "cuda"))
+
     def __init__(self, args: ModelArgs, weights):
         super().__init__(args, weights)
         self.scale = 1.0 / np.sqrt(args.head_dim)

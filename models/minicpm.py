@@ -16,11 +16,12 @@ parameters come from ``minicpm.sparse.*`` keys when present, else MiniCPM4's def
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from pocketlm.models.base import BaseModel, meta_get
+from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+                                  expect_that, key)
 from pocketlm.nn import moe
 from pocketlm import nn
 from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
@@ -28,72 +29,67 @@ from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
 SPARSE_MODES = ("auto", "on", "off")
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx_train: int
-    n_ctx_orig: int
-    rms_eps: float
-    rope_base: float
-    rope_freq_scale: float
-    rope_attn_factor: float
-    longrope: bool
-    embedding_scale: float
-    residual_scale: float
-    logit_scale: float
-    n_expert: int
-    n_expert_used: int
-    sparse: SparseConfig
-    n_vocab: int
+def _default_logit_scale(a) -> float:
+    warnings.warn("GGUF has no minicpm.logit_scale; dividing logits by 256/n_embd as "
+                  "llama.cpp does (the original model divides by n_embd/256)", stacklevel=3)
+    return 256.0 / a.n_embd
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        n_layer = g("block_count")
-        n_embd = g("embedding_length")
-        n_head = g("attention.head_count")
-        head_dim = g("attention.key_length", n_embd // n_head)
-        if g("rope.dimension_count", head_dim) != head_dim:
-            raise ValueError("minicpm: rope.dimension_count must equal the head size")
-        logit_scale = g("logit_scale", None)
-        if logit_scale is None:
-            warnings.warn("GGUF has no minicpm.logit_scale; dividing logits by 256/n_embd as "
-                          "llama.cpp does (the original model divides by n_embd/256)",
-                          stacklevel=2)
-            logit_scale = 256.0 / n_embd
-        if not logit_scale:
-            raise ValueError("minicpm.logit_scale must be non-zero")
-        scaling = g("rope.scaling.type", "linear")
-        factor = g("rope.scaling.factor", 0.0)
-        n_ctx_train = g("context_length", 4096)
-        sp = SparseConfig()
-        sparse = SparseConfig(**{f: int(g(f"sparse.{f}", getattr(sp, f)))
-                                 for f in sp.__dataclass_fields__})
-        return cls(
-            n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            n_head_kv=g("attention.head_count_kv", n_head), head_dim=head_dim,
-            n_ff=g("feed_forward_length"), n_ctx_train=n_ctx_train,
-            n_ctx_orig=g("rope.scaling.original_context_length", 0) or n_ctx_train,
-            rms_eps=g("attention.layer_norm_rms_epsilon"),
-            rope_base=g("rope.freq_base", 10000.0),
-            # as llama.cpp: any scaling factor acts linearly unless the type is "none"
-            rope_freq_scale=1.0 / factor if factor and scaling != "none" else 1.0,
-            rope_attn_factor=g("rope.scaling.attn_factor", 1.0),
-            longrope=scaling == "longrope",
-            embedding_scale=g("embedding_scale", 12.0),
-            residual_scale=g("residual_scale", 1.4 / np.sqrt(n_layer)),
-            logit_scale=logit_scale,
-            n_expert=g("expert_count", 0), n_expert_used=g("expert_used_count", 0),
-            sparse=sparse, n_vocab=len(meta["tokenizer.ggml.tokens"]),
-        )
+
+def _logit_scale(v) -> float:
+    if not v:
+        raise ValueError("minicpm.logit_scale must be non-zero")
+    return float(v)
+
+
+def _rope_freq_scale(a) -> float:
+    # as llama.cpp: any scaling factor acts linearly unless the type is "none"
+    factor = a.get("rope.scaling.factor", 0.0)
+    return 1.0 / factor if factor and a.get("rope.scaling.type", "linear") != "none" else 1.0
+
+
+@dataclass(frozen=True)
+class ModelArgs(GGUFArgs):
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
+    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+    rope_dims: int = key("rope.dimension_count", default="head_dim")
+    n_ff: int = key("feed_forward_length")
+    n_ctx_train: int = key("context_length", default=4096)
+    n_ctx_orig: int = derived(
+        lambda a: a.get("rope.scaling.original_context_length", 0) or a.n_ctx_train)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon")
+    rope_base: float = key("rope.freq_base", default=10000.0)
+    rope_freq_scale: float = derived(_rope_freq_scale)
+    rope_attn_factor: float = key("rope.scaling.attn_factor", default=1.0)
+    longrope: bool = derived(lambda a: a.get("rope.scaling.type", "linear") == "longrope")
+    embedding_scale: float = key("embedding_scale", default=12.0)
+    residual_scale: float = key("residual_scale", default=lambda a: 1.4 / np.sqrt(a.n_layer))
+    logit_scale: float = key("logit_scale", default=_default_logit_scale, convert=_logit_scale)
+    n_expert: int = key("expert_count", default=0)
+    n_expert_used: int = key("expert_used_count", default=0)
+    sparse: SparseConfig = derived(lambda a: SparseConfig(**{
+        f.name: int(a.get(f"sparse.{f.name}", f.default)) for f in fields(SparseConfig)}))
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
+
+    def __post_init__(self):
+        expect_that(self.rope_dims == self.head_dim, self.key_name("rope.dimension_count"),
+                    self.rope_dims, f"the head size {self.head_dim}")
+
+    def check(self, w) -> None:
+        check_decoder(self, w, self.rope_dims)
+
+
+_DENSE = Capabilities(generate=True, sparse_attention=True, devices=("cpu", "cuda"))
 
 
 class Model(BaseModel):
+    @property
+    def capabilities(self) -> Capabilities:
+        """Routed experts only when the file has them (MiniCPM-MoE)."""
+        return replace(_DENSE, moe=True) if self.args.n_expert else _DENSE
+
     def __init__(self, args: ModelArgs, weights, experts=None):
         super().__init__(args, weights)
         self.scale = 1.0 / np.sqrt(args.head_dim)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import BaseModel, meta_get, swa_layers
+from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+                                  key, swa_layers)
 from pocketlm.nn import moe
 from pocketlm import nn
 
@@ -20,56 +21,43 @@ SWA_WINDOW = 4096
 NOPE_STEP = 4
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff_exp: int
-    n_expert: int
-    n_expert_used: int
-    gating: int
-    rms_eps: float
-    rope_base: float
-    rope_base_swa: float
-    is_swa: tuple[bool, ...]
-    use_rope: tuple[bool, ...]
-    n_vocab: int
+def _gating(a) -> int:
+    warnings.warn("GGUF has no smallthinker.expert_gating_func; assuming sigmoid gating",
+                  stacklevel=3)
+    return moe.GATING_SIGMOID
 
-    @classmethod
-    def from_gguf(cls, meta: dict) -> "ModelArgs":
-        g = meta_get(meta)
-        n_layer = g("block_count")
-        n_embd = g("embedding_length")
-        n_head = g("attention.head_count")
-        window = g("attention.sliding_window", 0)
-        if window and window > 0:
-            is_swa = swa_layers(g("attention.sliding_window_pattern", 4), n_layer, True)
-            use_rope = tuple(i % NOPE_STEP != 0 for i in range(n_layer))
-        else:
-            is_swa = (False,) * n_layer
-            use_rope = (True,) * n_layer
-        gating = g("expert_gating_func", None)
-        if gating is None:
-            warnings.warn("GGUF has no smallthinker.expert_gating_func; assuming sigmoid gating",
-                          stacklevel=2)
-            gating = moe.GATING_SIGMOID
-        base = g("rope.freq_base", 10000.0)
-        return cls(
-            n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            n_head_kv=g("attention.head_count_kv", n_head),
-            head_dim=g("attention.key_length", n_embd // n_head),
-            n_ff_exp=g("expert_feed_forward_length", g("feed_forward_length", 0)),
-            n_expert=g("expert_count"), n_expert_used=g("expert_used_count"), gating=int(gating),
-            rms_eps=g("attention.layer_norm_rms_epsilon", 1e-6), rope_base=base,
-            rope_base_swa=g("rope.freq_base_swa", base), is_swa=is_swa, use_rope=use_rope,
-            n_vocab=len(meta["tokenizer.ggml.tokens"]),
-        )
+
+@dataclass(frozen=True)
+class ModelArgs(GGUFArgs):
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
+    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+    n_ff_exp: int = key("expert_feed_forward_length",
+                        default=lambda a: a.get("feed_forward_length", 0))
+    n_expert: int = key("expert_count")
+    n_expert_used: int = key("expert_used_count")
+    gating: int = key("expert_gating_func", default=_gating)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
+    rope_base: float = key("rope.freq_base", default=10000.0)
+    rope_base_swa: float = key("rope.freq_base_swa", default="rope_base")
+    # the sliding-window key switches on the 21B layout (the window itself is fixed)
+    layout_21b: bool = key("attention.sliding_window", default=0, convert=lambda v: v > 0)
+    is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
+        a.get("attention.sliding_window_pattern", 4), a.n_layer, True)
+        if a.layout_21b else (False,) * a.n_layer)
+    use_rope: tuple[bool, ...] = derived(lambda a: tuple(
+        i % NOPE_STEP != 0 for i in range(a.n_layer)) if a.layout_21b else (True,) * a.n_layer)
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
+
+    def check(self, w) -> None:
+        check_decoder(self, w, self.head_dim)
 
 
 class Model(BaseModel):
+    capabilities = Capabilities(generate=True, moe=True, devices=("cpu", "cuda"))
+
     def __init__(self, args: ModelArgs, weights, experts=None):
         super().__init__(args, weights)
         self.scale = 1.0 / np.sqrt(args.head_dim)

@@ -81,7 +81,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
     once to trace the routing, then again with Belady's policy on that trace.
     """
     model = llm.model
-    experts = getattr(model, "experts", None)
+    experts = model.experts if model.capabilities.moe else None
     if routing not in ("model", "text", "uniform"):
         raise ValueError(f"routing {routing!r}: expected model, text or uniform")
     if routing != "model" and experts is None:

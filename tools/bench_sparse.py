@@ -62,7 +62,7 @@ def main(argv=None):
     n_ctx = max(a.depths) + a.n_gen + 1
     rows = []
     with LLM.load(a.model, n_ctx=n_ctx, threads=a.threads) as llm:
-        if not hasattr(llm.model, "configure"):
+        if not llm.model.capabilities.sparse_attention:
             raise SystemExit(f"{a.model}: this architecture has no sparse attention")
         llm.cache = None   # the benchmark makes its own caches
         decode_speed(llm.model, 128, 1, "off", n_ctx)   # compile / warm up

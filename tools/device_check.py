@@ -65,7 +65,7 @@ def _memory_probe(model: str, gpu_budget: str | None) -> dict:
         load_s = time.time() - t0
         llm.eval(list(range(100, 164)), last_n=1)
         free1, _ = ctx.get_memory_info()
-        ex = getattr(llm.model, "experts", None)
+        ex = llm.model.experts if llm.model.capabilities.moe else None
         rec = {"model": model, "gpu_budget": gpu_budget, "load_s": round(load_s, 2),
                "gpu_used_bytes": free0 - free1, "gpu_total_bytes": total}
         if ex is not None and hasattr(ex, "copies"):

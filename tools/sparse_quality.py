@@ -85,7 +85,7 @@ def model_quality(llm, ids: list[int], queries: int, cfg: SparseConfig) -> dict:
            "recall_mean": float(np.mean([x["recall_mean"] for x in layers])),
            "recall_min": float(np.min([x["recall_min"] for x in layers])),
            "max_rel_delta": float(np.max([x["max_rel_delta"] for x in layers]))}
-    if hasattr(model, "configure"):
+    if model.capabilities.sparse_attention:
         # the same last tokens, sparse in every layer, from the same cache contents
         model.configure(n_ctx=llm.n_ctx, sparse_attention="on")
         cache.truncate(n_past)

@@ -37,8 +37,8 @@ class LLM:
         self.chunk = chunk
         self.load_s = load_s
         self.defaults = GenerationConfig()
-        # encoders (getattr(model, "is_encoder")) run whole sequences: no KV cache
-        self.cache = None if getattr(model, "is_encoder", False) else model.new_cache(n_ctx, chunk)
+        # encoders run whole sequences: no KV cache
+        self.cache = model.new_cache(n_ctx, chunk) if model.capabilities.generate else None
         self.max_memory: int | None = None
         self.device, self.device_note = "cpu", None   # set by load: where the model runs, why
         self._lock = FairLock()
@@ -90,14 +90,14 @@ class LLM:
             m = load_model(g)
             if progress:
                 progress("load", 1, 3)
-            encoder = getattr(m, "is_encoder", False)
-            if not encoder:
+            caps = m.capabilities
+            if caps.generate:
                 tok = Tokenizer.from_metadata(g.metadata)
                 template = ChatTemplate.from_metadata(g.metadata, override_path=chat_template)
             else:
                 tok, template = _encoder_tokenizer(g.metadata), None
             if backend is not None:
-                if not hasattr(m, "set_backend"):
+                if len(caps.backends) < 2:
                     raise ValueError(f"{g.arch} models have no backend choice (numba only)")
                 m.set_backend(backend)
             if progress:
@@ -109,11 +109,11 @@ class LLM:
             memory_plan = None
             if memory_budget is not None:
                 memory_plan = _apply_budget(g, m, n_ctx, chunk, memory_budget, expert_policy)
-            # models whose computation depends on run settings (context, attention mode)
-            if hasattr(m, "configure"):
-                m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
-            elif sparse_attention == "on":
+            if sparse_attention == "on" and not caps.sparse_attention:
                 raise ValueError(f"{g.arch} models have no sparse attention")
+            # decoders whose computation depends on run settings (context, attention mode)
+            if caps.generate:
+                m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
             if device != "cpu":
                 from pocketlm.experts.budget import parse_size
                 budget = None if gpu_budget is None else parse_size(gpu_budget)
@@ -154,7 +154,7 @@ class LLM:
         """
         from pocketlm.api import memory
         m = self.model
-        if not hasattr(m, "classify_logits"):
+        if not m.capabilities.classify:
             raise ValueError(f"{self.gguf.arch} models are not classifiers")
         if isinstance(texts, str):
             raise ValueError("classify takes a list of texts (or of token-id lists)")
@@ -183,7 +183,7 @@ class LLM:
         Inputs run in padded, masked batches of ``batch_size``, longest first.
         """
         m = self.model
-        if not hasattr(m, "embed"):
+        if not m.capabilities.embed:
             raise ValueError(f"{self._name} is not an embedding model")
         if isinstance(texts, str):
             raise ValueError("embed takes a list of texts (or of token-id lists)")
@@ -214,7 +214,7 @@ class LLM:
         return str(self.gguf.metadata.get("general.name") or os.path.basename(self.gguf.path))
 
     def _decoder_only(self, what: str) -> None:
-        if getattr(self.model, "is_encoder", False):
+        if not self.model.capabilities.generate:
             raise ValueError(f"{self._name} is an encoder: it has no {what} (use embed or "
                              "classify)")
 
@@ -301,8 +301,9 @@ class LLM:
         self.cancel()
         with self._lock:
             self.cache = None
-            experts = getattr(self.model, "experts", None)
-            if hasattr(experts, "close"):
+            m = self.model
+            experts = m.experts if m is not None and m.capabilities.moe else None
+            if hasattr(experts, "close"):   # sources that hold files (the disk cache)
                 experts.close()
             self.model = None
             if self.gguf is not None:
@@ -340,7 +341,7 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget, policy: str):
         raise ValueError(f"expert policy {policy!r}: expected lru, lfu or predictive")
     # the plan measures the process with the model's kernels loaded
     kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
-    store = ExpertStore.from_gguf(g) if hasattr(model, "experts") else None
+    store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
     try:
         p = plan(model, g, store, n_ctx, chunk, budget)
         if store is not None:

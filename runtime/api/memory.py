@@ -50,7 +50,7 @@ class MemoryReport:
 
 def account(gguf_file, model, seq_len: int) -> MemoryReport:
     """The paper-style figures of ``model`` (built from ``gguf_file``) at ``seq_len`` tokens."""
-    if not hasattr(model, "activation_values"):
+    if not model.capabilities.accounting:
         raise ValueError(f"memory accounting is not defined for {gguf_file.arch} models "
                          f"(only for tiny encoders such as embbert)")
     if seq_len <= 0:

@@ -46,7 +46,7 @@ def upload(model, gpu_budget: int | None = None):
             if name != "blk":
                 setattr(ns, name, to_device(prefix + name, v))
     model.output = to_device("output", model.output).head()
-    if getattr(model, "experts", None) is not None:
+    if model.capabilities.moe:
         model.experts = DeviceExperts(model.experts, model.args, gpu_budget)
     elif gpu_budget is not None:
         raise ValueError("a GPU budget applies to mixture-of-experts models only")

@@ -50,7 +50,7 @@ def place(model, device: str, gpu_budget: int | None = None):
         if gpu_budget is not None:
             raise ValueError("a GPU budget needs device 'cuda'")
         return model
-    if getattr(model, "is_encoder", False) or not hasattr(model, "new_cache"):
+    if device not in model.capabilities.devices:
         raise ValueError("only decoder models run on the CUDA backend; use device 'cpu'")
     from pocketlm.cuda.model import upload
     return upload(model, gpu_budget)
