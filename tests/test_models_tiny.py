@@ -1,20 +1,36 @@
-"""Every architecture from tiny random weights: the runtime vs a float64 numpy forward written
-from the architecture's definition, and cached decode vs one-batch evaluation."""
+"""Every architecture from tiny random weights against a float64 numpy forward written from its
+definition (specs, llama.cpp's graphs): decoders on their logits, with chunked prefill and
+cached decode against one-batch evaluation; encoders on hidden states, sentence vectors and
+class logits. A new architecture (or layer layout) adds one entry to CASES."""
 from __future__ import annotations
+
+import math
 
 import gguf
 import numpy as np
 import pytest
 
+from pocketlm import kernels
 from pocketlm.models import load_model
 from pocketlm.generate.loop import prefill
 from pocketlm.gguf.reader import open_gguf
+from pocketlm.tools.synth_embbert import PRESETS, write as write_embbert
+# float64 references kept next to their architecture's own tests (tests/ is on sys.path)
+from test_embbert import inputs as embbert_inputs, ref_forward as embbert_reference
+from test_minicpm import Float64MiniCPM
 
 VOCAB = [f"t{i}" for i in range(96)]
+EPS = 1e-6
+SOFTMAX, SIGMOID = int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)
 
 
-def _rms(x, w, eps):
+def _rms(x, w, eps=EPS):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _ln(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
 def _rope(x, pos, base, mode):
@@ -52,14 +68,71 @@ def _gelu(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-class Tiny:
-    """Random weights for a tiny model, written as GGUF and kept as float64 for the reference."""
+_erf = np.vectorize(math.erf)
 
-    def __init__(self, arch, path, qtype="F32", seed=0, n_layer=3, d=64, H=4, KVH=2, hd=16,
-                 ff=96, window=0, pattern=2):
-        self.arch, self.d, self.H, self.KVH, self.hd = arch, d, H, KVH, hd
-        self.n_layer, self.window, self.pattern = n_layer, window, pattern
-        rng = np.random.default_rng(seed)
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+def _moe(h, p, k, L, act):
+    """Top-k experts of gate probabilities p (n, E), weights renormalised over the k."""
+    y = np.zeros_like(h)
+    for r in range(len(h)):
+        top = np.argsort(-p[r])[:k]
+        for e, we in zip(top, p[r, top] / p[r, top].sum()):
+            g = act(h[r] @ L["ffn_gate_exps.weight"][e].T) * (h[r] @ L["ffn_up_exps.weight"][e].T)
+            y[r] += we * (g @ L["ffn_down_exps.weight"][e].T)
+    return y
+
+
+class _Tensors:
+    """Adds seeded random tensors to a GGUFWriter and keeps them as float64 (dequantized, as
+    the file holds them) for the reference."""
+
+    def __init__(self, writer, qtype, seed):
+        self.w, self.gq, self.t = writer, gguf.GGMLQuantizationType[qtype], {}
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, name, shape, scale=0.1, norm=False, f32=False):
+        rng = self.rng
+        x = (1.0 + 0.1 * rng.standard_normal(shape) if norm
+             else scale * rng.standard_normal(shape)).astype(np.float32)
+        # vectors (norms, biases) stay F32, as converters leave them
+        if f32 or len(shape) == 1 or self.gq == gguf.GGMLQuantizationType.F32:
+            self.w.add_tensor(name, x)
+            self.t[name] = x.astype(np.float64)
+        else:
+            q = gguf.quants.quantize(x, self.gq)
+            self.w.add_tensor(name, q, raw_dtype=self.gq)
+            self.t[name] = gguf.quants.dequantize(q, self.gq).astype(np.float64)
+
+    def close(self):
+        self.w.write_header_to_file()
+        self.w.write_kv_data_to_file()
+        self.w.write_tensors_to_file()
+        self.w.close()
+
+
+def _layer(t, i):
+    return {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")}
+
+
+class Tiny:
+    """A tiny decoder: llama, gemma3 (``window``: SWA period ``pattern``), smallthinker (MoE in
+    every layer; ``swa``: the 21B layout) or minicpm (``mup`` scales; MoE with ``n_expert``)."""
+
+    def __init__(self, path, arch, qtype="F32", seed=0, n_layer=3, d=64, H=4, KVH=2, hd=16,
+                 ff=96, window=0, pattern=2, n_expert=0, n_used=0, gating=SOFTMAX, swa=False,
+                 mup=(12.0, 1.0, 1.0)):
+        self.path, self.arch, self.qtype, self.d, self.H, self.KVH, self.hd = \
+            path, arch, qtype, d, H, KVH, hd
+        self.n_layer, self.window, self.pattern, self.swa = n_layer, window, pattern, swa
+        self.n_used, self.gating = n_used, gating
         w = gguf.GGUFWriter(str(path), arch)
         w.add_context_length(256)
         w.add_embedding_length(d)
@@ -70,32 +143,33 @@ class Tiny:
         w.add_key_length(hd)
         w.add_value_length(hd)
         w.add_rope_dimension_count(hd)
-        w.add_layer_norm_rms_eps(1e-6)
-        self.base = 10000.0 if arch == "llama" else 1e6
+        w.add_layer_norm_rms_eps(EPS)
+        self.base = 1e4 if arch in ("llama", "minicpm") else 1e6
         w.add_rope_freq_base(self.base)
         if arch == "gemma3" and window:
             w.add_sliding_window(window)
             w.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern)
+        if swa:
+            w.add_sliding_window(4096)
+            self.base_swa = 1e4   # SWA layers' own base, read by llama.cpp when present
+            w.add_rope_freq_base_swa(self.base_swa)
+        if n_expert:
+            w.add_expert_count(n_expert)
+            w.add_expert_used_count(n_used)
+            w.add_expert_feed_forward_length(ff)
+            if arch == "smallthinker":
+                w.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
+        if arch == "minicpm":
+            w.add_embedding_scale(mup[0])
+            w.add_residual_scale(mup[1])
+            w.add_logit_scale(mup[2])
         w.add_tokenizer_model("gpt2")
         w.add_token_list(VOCAB)
         w.add_token_merges([])
         w.add_token_types([1] * len(VOCAB))
         w.add_bos_token_id(0)
         w.add_eos_token_id(1)
-        self.t = {}
-        gq = gguf.GGMLQuantizationType[qtype]
-
-        def add(name, shape, scale=0.1, norm=False):
-            x = (1.0 + 0.1 * rng.standard_normal(shape) if norm
-                 else scale * rng.standard_normal(shape)).astype(np.float32)
-            if norm or qtype == "F32":
-                w.add_tensor(name, x)
-                self.t[name] = x.astype(np.float64)
-            else:
-                q = gguf.quants.quantize(x, gq)
-                w.add_tensor(name, q, raw_dtype=gq)
-                self.t[name] = gguf.quants.dequantize(q, gq).astype(np.float64)
-
+        add = _Tensors(w, qtype, seed)
         add("token_embd.weight", (len(VOCAB), d), 0.5)
         add("output_norm.weight", (d,), norm=True)
         for i in range(n_layer):
@@ -106,78 +180,237 @@ class Tiny:
             add(p + "attn_v.weight", (KVH * hd, d))
             add(p + "attn_output.weight", (d, H * hd))
             add(p + "ffn_norm.weight", (d,), norm=True)
-            add(p + "ffn_gate.weight", (ff, d))
-            add(p + "ffn_up.weight", (ff, d))
-            add(p + "ffn_down.weight", (d, ff))
+            if n_expert:
+                add(p + "ffn_gate_inp.weight", (n_expert, d), 0.3, f32=True)
+                add(p + "ffn_gate_exps.weight", (n_expert, ff, d))
+                add(p + "ffn_up_exps.weight", (n_expert, ff, d))
+                add(p + "ffn_down_exps.weight", (n_expert, d, ff))
+            else:
+                add(p + "ffn_gate.weight", (ff, d))
+                add(p + "ffn_up.weight", (ff, d))
+                add(p + "ffn_down.weight", (d, ff))
             if arch == "gemma3":
                 add(p + "attn_q_norm.weight", (hd,), norm=True)
                 add(p + "attn_k_norm.weight", (hd,), norm=True)
                 add(p + "post_attention_norm.weight", (d,), norm=True)
                 add(p + "post_ffw_norm.weight", (d,), norm=True)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        add.close()
+        self.t = add.t
 
     def reference(self, ids):
-        t, eps = self.t, 1e-6
-        n = len(ids)
+        if self.arch == "minicpm":
+            return Float64MiniCPM(self.path, 256).logits(np.asarray(ids))
+        t, n = self.t, len(ids)
         pos = np.arange(n, dtype=np.float64)
         x = t["token_embd.weight"][ids]
         if self.arch == "gemma3":
             x = x * np.sqrt(self.d)
         for i in range(self.n_layer):
-            L = {k[len(f"blk.{i}."):]: v for k, v in t.items() if k.startswith(f"blk.{i}.")}
-            h = _rms(x, L["attn_norm.weight"], eps)
+            L = _layer(t, i)
+            if self.arch == "smallthinker":   # the router reads the layer input
+                z = x @ L["ffn_gate_inp.weight"].T
+            h = _rms(x, L["attn_norm.weight"])
             q = (h @ L["attn_q.weight"].T).reshape(n, self.H, self.hd)
             k = (h @ L["attn_k.weight"].T).reshape(n, self.KVH, self.hd)
             v = (h @ L["attn_v.weight"].T).reshape(n, self.KVH, self.hd)
-            if self.arch == "llama":
-                q, k = _rope(q, pos, self.base, "norm"), _rope(k, pos, self.base, "norm")
-                o = _attn(q, k, v, pos, 1 / np.sqrt(self.hd), 0)
-                x = x + o @ L["attn_output.weight"].T
-                h = _rms(x, L["ffn_norm.weight"], eps)
-                g = h @ L["ffn_gate.weight"].T
-                f = (g / (1 + np.exp(-g)) * (h @ L["ffn_up.weight"].T)) @ L["ffn_down.weight"].T
-                x = x + f
-            else:
+            if self.arch == "gemma3":
                 swa = bool(self.window) and i % self.pattern < self.pattern - 1
                 base = 1e4 if swa else self.base
-                q = _rope(_rms(q, L["attn_q_norm.weight"], eps), pos, base, "neox")
-                k = _rope(_rms(k, L["attn_k_norm.weight"], eps), pos, base, "neox")
+                q = _rope(_rms(q, L["attn_q_norm.weight"]), pos, base, "neox")
+                k = _rope(_rms(k, L["attn_k_norm.weight"]), pos, base, "neox")
                 o = _attn(q / np.sqrt(self.hd), k, v, pos, 1.0, self.window if swa else 0)
-                x = x + _rms(o @ L["attn_output.weight"].T, L["post_attention_norm.weight"], eps)
-                h = _rms(x, L["ffn_norm.weight"], eps)
+                x = x + _rms(o @ L["attn_output.weight"].T, L["post_attention_norm.weight"])
+                h = _rms(x, L["ffn_norm.weight"])
                 g = _gelu(h @ L["ffn_gate.weight"].T) * (h @ L["ffn_up.weight"].T)
-                x = x + _rms(g @ L["ffn_down.weight"].T, L["post_ffw_norm.weight"], eps)
-        x = _rms(x, t["output_norm.weight"], eps)
-        return x @ t["token_embd.weight"].T
+                x = x + _rms(g @ L["ffn_down.weight"].T, L["post_ffw_norm.weight"])
+                continue
+            # smallthinker's 21B layout (spec §4): layers 0, 4, … global without RoPE, the
+            # others RoPE and a 4096-token window
+            swa, nope = self.swa and i % 4 != 0, self.swa and i % 4 == 0
+            if self.arch == "llama":
+                q, k = _rope(q, pos, self.base, "norm"), _rope(k, pos, self.base, "norm")
+            elif not nope:
+                base = self.base_swa if swa else self.base
+                q, k = _rope(q, pos, base, "neox"), _rope(k, pos, base, "neox")
+            o = _attn(q, k, v, pos, 1 / np.sqrt(self.hd), 4096 if swa else 0)
+            x = x + o @ L["attn_output.weight"].T
+            h = _rms(x, L["ffn_norm.weight"])
+            if self.arch == "smallthinker":
+                if self.gating == SIGMOID:
+                    p = 1 / (1 + np.exp(-z))
+                else:
+                    p = np.exp(z - z.max(1, keepdims=True))
+                    p /= p.sum(1, keepdims=True)
+                x = x + _moe(h, p, self.n_used, L, _relu)
+            else:
+                g = _silu(h @ L["ffn_gate.weight"].T) * (h @ L["ffn_up.weight"].T)
+                x = x + g @ L["ffn_down.weight"].T
+        return _rms(x, t["output_norm.weight"]) @ t["token_embd.weight"].T
+
+    def check(self, model):
+        ids = np.random.default_rng(5).integers(0, len(VOCAB), 11)
+        want = self.reference(ids)
+        scale = np.abs(want).max()
+
+        def evaluate():
+            # one batch, small prefill chunks, and token-by-token decode
+            full = prefill(model, model.new_cache(32, 16), list(ids), chunk=16, n_logits=None)
+            chunked = prefill(model, model.new_cache(32, 3), list(ids), chunk=3, n_logits=None)
+            cache = model.new_cache(32, 1)
+            steps = np.concatenate([prefill(model, cache, [int(t)], chunk=1) for t in ids])
+            return full, chunked, steps
+
+        # float activations: float32 rounding of the float64 math, in batches and in decode
+        with kernels.numerics("exact"):
+            full, chunked, steps = evaluate()
+        rel = np.abs(full - want).max() / scale
+        print(f"{self.arch} {self.qtype} exact: max |Δ| {rel:.1e} of max |logit| {scale:.2f}")
+        assert rel < 2e-5
+        np.testing.assert_allclose(chunked, full, atol=1e-5 * scale)
+        np.testing.assert_allclose(steps, full, atol=1e-5 * scale)
+        # the default numerics: F32 weights keep float activations; quantized weights
+        # quantize them to 8 bits as llama.cpp does (also in chunks under 8 tokens), which
+        # puts logits about a percent of their range from exact math
+        full, chunked, steps = evaluate()
+        rel = np.abs(full - want).max() / scale
+        print(f"{self.arch} {self.qtype} llama: max |Δ| {rel:.1e} of max |logit|")
+        tol, same = (2e-4, 1e-4) if self.qtype == "F32" else (3e-2, 3e-2)
+        assert rel < tol
+        np.testing.assert_allclose(chunked, full, atol=same * scale)
+        np.testing.assert_allclose(steps, full, atol=same * scale)
 
 
-CASES = [("llama", "F32", 0), ("llama", "Q8_0", 0), ("gemma3", "F32", 0), ("gemma3", "F32", 4),
-         ("gemma3", "Q4_0", 4)]
+class TinyBert:
+    """A tiny BERT sentence encoder (mean pooling) from its definition: embeddings + LayerNorm,
+    post-norm layers with bidirectional attention and an erf-GELU FFN."""
+
+    def __init__(self, path, seed=0, n_layer=2, d=64, H=4, ff=128, n_ctx=32):
+        self.n_layer, self.d, self.H, self.n_ctx, self.eps = n_layer, d, H, n_ctx, 1e-12
+        w = gguf.GGUFWriter(str(path), "bert")
+        w.add_context_length(n_ctx)
+        w.add_embedding_length(d)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(ff)
+        w.add_head_count(H)
+        w.add_layer_norm_eps(self.eps)
+        w.add_causal_attention(False)
+        w.add_pooling_type(gguf.PoolingType.MEAN)
+        w.add_tokenizer_model("bert")
+        w.add_token_list(VOCAB)
+        add = _Tensors(w, "F32", seed)
+        add("token_embd.weight", (len(VOCAB), d), 0.5)
+        add("position_embd.weight", (n_ctx, d), 0.5)
+        add("token_types.weight", (2, d), 0.5)
+        add("token_embd_norm.weight", (d,), norm=True)
+        add("token_embd_norm.bias", (d,))
+        for i in range(n_layer):
+            p = f"blk.{i}."
+            for name, rows, cols in (("attn_q", d, d), ("attn_k", d, d), ("attn_v", d, d),
+                                     ("attn_output", d, d), ("ffn_up", ff, d),
+                                     ("ffn_down", d, ff)):
+                add(p + name + ".weight", (rows, cols), 1 / np.sqrt(cols))
+                add(p + name + ".bias", (rows,))
+            for name in ("attn_output_norm", "layer_output_norm"):
+                add(p + name + ".weight", (d,), norm=True)
+                add(p + name + ".bias", (d,))
+        add.close()
+        self.t = add.t
+
+    def reference(self, ids):
+        """Last-layer states (T, d) and the unit mean-pooled vector of one unpadded sequence."""
+        t, T, H = self.t, len(ids), self.H
+        D = self.d // H
+
+        def ln(x, n):
+            return _ln(x, t[n + ".weight"], t[n + ".bias"], self.eps)
+
+        def lin(x, n):
+            return x @ t[n + ".weight"].T + t[n + ".bias"]
+
+        x = ln(t["token_embd.weight"][ids] + t["position_embd.weight"][:T]
+               + t["token_types.weight"][0], "token_embd_norm")
+        for i in range(self.n_layer):
+            p = f"blk.{i}."
+            q, k, v = (lin(x, p + n).reshape(T, H, D) for n in ("attn_q", "attn_k", "attn_v"))
+            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(D)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            o = np.einsum("hqk,khd->qhd", a / a.sum(-1, keepdims=True), v).reshape(T, -1)
+            x = ln(x + lin(o, p + "attn_output"), p + "attn_output_norm")
+            f = lin(x, p + "ffn_up")
+            x = ln(x + lin(0.5 * f * (1 + _erf(f / np.sqrt(2))), p + "ffn_down"),
+                   p + "layer_output_norm")
+        v = x.mean(0)
+        return x, v / np.linalg.norm(v)
+
+    def check(self, model):
+        rng = np.random.default_rng(5)
+        batch = [rng.integers(0, len(VOCAB), n).tolist() for n in (9, 1, self.n_ctx, 20)]
+        lengths = np.array([len(s) for s in batch])
+        padded = np.zeros((len(batch), lengths.max()), np.int64)
+        for b, s in enumerate(batch):
+            padded[b, :len(s)] = s
+        want = [self.reference(s) for s in batch]
+        for backend in ("numba", "numpy"):
+            model.set_backend(backend)
+            # a padded, masked batch against each sequence on its own
+            with kernels.numerics("exact"):
+                hidden, vectors = model.hidden(padded, lengths), model.embed(batch)
+            dh = max(np.abs(hidden[b, :n] - w[0]).max() for b, (n, w) in
+                     enumerate(zip(lengths, want)))
+            dv = np.abs(vectors - np.stack([w[1] for w in want])).max()
+            print(f"bert {backend}: max |Δ| hidden {dh:.1e}, unit vectors {dv:.1e}")
+            assert dh < 2e-5 and dv < 1e-5
 
 
-@pytest.mark.parametrize("arch,qtype,window", CASES)
-def test_tiny_model_matches_reference(tmp_path, arch, qtype, window):
-    tiny = Tiny(arch, tmp_path / "m.gguf", qtype, window=window)
-    ids = np.random.default_rng(5).integers(0, len(VOCAB), 11)
+class TinyEmbBert:
+    """EmbBERT-Q from random weights in the authors' layout, written by the converter."""
+
+    def __init__(self, path, seed=0):
+        self.state = write_embbert(path, "embbert-test", "f32", seed=seed, n_labels=5)
+
+    def check(self, model):
+        c = PRESETS["embbert-test"]
+        d = 0.0
+        for ids in embbert_inputs(c["vocab"], c["ctx"], np.random.default_rng(5)):
+            want = embbert_reference(self.state, ids)
+            with kernels.numerics("exact"):
+                got = model.classify_logits(ids)
+            d = max(d, np.abs(got - want).max() / np.abs(want).max())
+        print(f"embbert: max |Δ| {d:.1e} of max |logit|")
+        assert d < 1e-5
+
+
+CASES = {
+    "llama": (Tiny, dict(arch="llama")),
+    "llama-Q8_0": (Tiny, dict(arch="llama", qtype="Q8_0")),
+    "gemma3": (Tiny, dict(arch="gemma3")),
+    "gemma3-swa": (Tiny, dict(arch="gemma3", window=4)),
+    "gemma3-swa-Q4_0": (Tiny, dict(arch="gemma3", qtype="Q4_0", window=4)),
+    "smallthinker": (Tiny, dict(arch="smallthinker", n_expert=8, n_used=2, ff=64)),
+    # layers 0 and 4 global NoPE, sigmoid gating as the released models
+    "smallthinker-swa": (Tiny, dict(arch="smallthinker", n_layer=5, n_expert=8, n_used=4,
+                                    ff=64, gating=SIGMOID, swa=True)),
+    "smallthinker-swa-Q8_0": (Tiny, dict(arch="smallthinker", qtype="Q8_0", n_layer=5,
+                                         n_expert=8, n_used=4, ff=64, gating=SIGMOID,
+                                         swa=True)),
+    # muP scales away from llama.cpp's defaults; the logit scale is n_embd / 256
+    "minicpm": (Tiny, dict(arch="minicpm", mup=(6.0, 0.5, 0.25))),
+    "minicpm-moe": (Tiny, dict(arch="minicpm", mup=(6.0, 0.5, 0.25), n_expert=8, n_used=2,
+                               ff=64)),
+    "minicpm-Q4_0": (Tiny, dict(arch="minicpm", qtype="Q4_0", mup=(6.0, 0.5, 0.25))),
+    "bert": (TinyBert, {}),
+    "embbert": (TinyEmbBert, {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tiny_model_matches_reference(tmp_path, case):
+    """Exact numerics (float activations) within float32 rounding of the float64 forward;
+    decoders also under the default numerics (8-bit activations for quantized weights)."""
+    make, kwargs = CASES[case]
+    tiny = make(tmp_path / "m.gguf", **kwargs)
     with open_gguf(tmp_path / "m.gguf") as g:
-        model = load_model(g)
-        want = tiny.reference(ids)
-        # one batch, small prefill chunks, and token-by-token decode must all agree
-        full = prefill(model, model.new_cache(32, 16), list(ids), chunk=16, n_logits=None)
-        chunked = prefill(model, model.new_cache(32, 3), list(ids), chunk=3, n_logits=None)
-        cache = model.new_cache(32, 1)
-        steps = np.concatenate([prefill(model, cache, [int(t)], chunk=1) for t in ids])
-    scale = np.abs(want).max()
-    # F32 weights run float32 activations; quantized weights quantize activations to 8 bits
-    tol = 2e-4 if qtype == "F32" else 3e-2
-    assert np.abs(full - want).max() / scale < tol
-    # chunks under 8 tokens take the 8-bit-activation path for quantized weights
-    same = 1e-4 if qtype == "F32" else tol
-    np.testing.assert_allclose(chunked, full, atol=same * scale)
-    np.testing.assert_allclose(steps, full, atol=same * scale)
+        tiny.check(load_model(g))
 
 
 def test_layer_layouts_follow_llama_cpp():
