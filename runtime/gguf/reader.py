@@ -25,7 +25,7 @@ MAX_KV = 1 << 20
 MAX_TENSORS = 1 << 20
 MAX_STRING = 1 << 30
 
-_SCALAR = {
+SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
     GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
@@ -33,7 +33,7 @@ _SCALAR = {
     GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
     GGUFValueType.BOOL: "<?",
 }
-_NUMPY = {
+NUMPY_DTYPES = {
     GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8,
     GGUFValueType.UINT16: np.uint16, GGUFValueType.INT16: np.int16,
     GGUFValueType.UINT32: np.uint32, GGUFValueType.INT32: np.int32,
@@ -110,8 +110,8 @@ class _Cursor:
             self.fail(f"unknown metadata value type {vtype} in {what}")
         if vt == GGUFValueType.STRING:
             return self.string(what)
-        if vt in _SCALAR:
-            return self.unpack(_SCALAR[vt], what)
+        if vt in SCALAR_FORMATS:
+            return self.unpack(SCALAR_FORMATS[vt], what)
         # array
         if depth > 2:
             self.fail(f"arrays nested too deeply in {what}")
@@ -121,11 +121,11 @@ class _Cursor:
             et = GGUFValueType(etype)
         except ValueError:
             self.fail(f"unknown array element type {etype} in {what}")
-        if et in _NUMPY:
-            itemsize = np.dtype(_NUMPY[et]).itemsize
+        if et in NUMPY_DTYPES:
+            itemsize = np.dtype(NUMPY_DTYPES[et]).itemsize
             if count > (self.size - self.pos) // itemsize:
                 self.fail(f"absurd metadata: {what} claims {count} entries, more than the file holds")
-            arr = np.frombuffer(self.buf, dtype=_NUMPY[et], count=count, offset=self.pos).copy()
+            arr = np.frombuffer(self.buf, dtype=NUMPY_DTYPES[et], count=count, offset=self.pos).copy()
             self.pos += count * itemsize
             return arr
         # strings and nested arrays take at least 8 bytes an entry
@@ -199,11 +199,15 @@ class GGUFFile:
             cur.fail(f"absurd metadata count {n_kv}")
 
         meta: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            start = cur.pos
             vtype = cur.unpack("<I", f"type of {key}")
             meta[key] = cur.value(vtype, key)
+            spans[key] = (start, cur.pos)
         self.metadata = meta
+        self._kv_spans = spans
 
         align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
@@ -265,6 +269,13 @@ class GGUFFile:
     def get(self, key: str, default=None):
         """Metadata lookup; ``{arch}.`` in the key is replaced by the architecture string."""
         return self.metadata.get(key.replace("{arch}", self.arch), default)
+
+    def raw_metadata(self) -> list[tuple[str, bytes]]:
+        """Each metadata pair as (key, its encoded type id and value), in file order.
+
+        Copying these bytes keeps every value's exact GGUF type, which ``metadata`` does not.
+        """
+        return [(k, bytes(self._mm[s:e])) for k, (s, e) in self._kv_spans.items()]
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the mapped file, shape (rows, row_bytes)."""
