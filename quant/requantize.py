@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGUFValueType
 
 from pocketlm import quant
 from pocketlm.gguf.reader import GGUFFile, open_gguf
+from pocketlm.gguf.writer import KV, Tensor, copy_kv, write_gguf
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, tensors total)
 
 # llama_ftype values written to general.file_type
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
 GGML_QNT_VERSION = 2
-GGUF_VERSION = 3
-DEFAULT_ALIGNMENT = 32
 
 _QUANTIZED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
               "Q8_K"}
@@ -73,11 +71,6 @@ class TensorPlan:
     @property
     def requantized(self) -> bool:
         return self.src_type != self.dst_type
-
-    @property
-    def nbytes(self) -> int:
-        rows = int(np.prod(self.shape[:-1], dtype=np.int64))
-        return rows * quant.row_bytes(self.dst_type, self.shape[-1])
 
 
 def _layer(name: str) -> int:
@@ -157,61 +150,6 @@ def plan_tensors(src: GGUFFile, qtype: str) -> list[TensorPlan]:
     return plans
 
 
-# -- GGUF writing ----------------------------------------------------------------------------
-
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
-def _skip_value(buf, pos: int, vtype: int) -> int:
-    if vtype in _SCALAR_SIZE:
-        return pos + _SCALAR_SIZE[vtype]
-    if vtype == _STRING:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return pos + 8 + n
-    if vtype == _ARRAY:
-        etype, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _SCALAR_SIZE:
-            return pos + count * _SCALAR_SIZE[etype]
-        for _ in range(count):
-            pos = _skip_value(buf, pos, etype)
-        return pos
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def _raw_kv(src: GGUFFile) -> list[tuple[str, bytes]]:
-    """Each metadata pair of ``src`` as (key, its exact encoded bytes), in file order.
-
-    Copying the bytes keeps every value's GGUF type, as llama.cpp's gguf_set_kv does.
-    """
-    with open(src.path, "rb") as f:
-        buf = f.read(src.data_offset)
-    n_kv = struct.unpack_from("<Q", buf, 16)[0]
-    pos, out = 24, []
-    for _ in range(n_kv):
-        start = pos
-        (klen,) = struct.unpack_from("<Q", buf, pos)
-        key = buf[pos + 8:pos + 8 + klen].decode("utf-8")
-        (vtype,) = struct.unpack_from("<I", buf, pos + 8 + klen)
-        pos = _skip_value(buf, pos + 12 + klen, vtype)
-        out.append((key, buf[start:pos]))
-    return out
-
-
-def _gguf_string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _kv_u32(key: str, value: int) -> bytes:
-    return _gguf_string(key) + struct.pack("<II", 4, value)
-
-
-def _pad(n: int, align: int) -> int:
-    return -n % align
-
-
 def requantize(src_path: str | os.PathLike, dst_path: str | os.PathLike, qtype: str,
                progress: ProgressFn | None = None) -> dict:
     """Write ``dst_path``: the GGUF model at ``src_path`` converted to ftype ``qtype``.
@@ -231,42 +169,11 @@ def requantize(src_path: str | os.PathLike, dst_path: str | os.PathLike, qtype: 
                                  f"quantizing to {p.dst_type} is not implemented")
             if p.requantized and p.src_type not in quant.QTYPES:
                 raise ValueError(f"{p.name}: cannot dequantize source type {p.src_type}")
-        kv = [(k, b) for k, b in _raw_kv(src)
-              if k not in ("general.quantization_version", "general.file_type", *_DROPPED_KEYS)]
-        kv.append(("general.quantization_version", _kv_u32("general.quantization_version",
-                                                           GGML_QNT_VERSION)))
-        kv.append(("general.file_type", _kv_u32("general.file_type", FTYPES[qtype])))
-        align = int(src.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-
-        header = bytearray(b"GGUF")
-        header += struct.pack("<IQQ", GGUF_VERSION, len(plans), len(kv))
-        for _, b in kv:
-            header += b
-        offset = 0
-        for p in plans:
-            ne = tuple(reversed(p.shape))
-            ne = ne[:_n_dims(ne)]
-            header += _gguf_string(p.name)
-            header += struct.pack(f"<I{len(ne)}Q", len(ne), *ne)
-            header += struct.pack("<IQ", GGMLQuantizationType[p.dst_type].value, offset)
-            offset += p.nbytes + _pad(p.nbytes, align)
-        header += bytes(_pad(len(header), align))
-
-        tmp = dst_path.with_name(dst_path.name + ".part")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                for i, p in enumerate(plans):
-                    raw = src.raw(p.name)
-                    for slab in (_convert(raw, p) if p.requantized else (raw,)):
-                        f.write(memoryview(np.ascontiguousarray(slab)).cast("B"))
-                    f.write(bytes(_pad(p.nbytes, align)))
-                    if progress is not None:
-                        progress(i + 1, len(plans))
-            os.replace(tmp, dst_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        kv = copy_kv(src, lambda k: k not in ("general.quantization_version",
+                                              "general.file_type", *_DROPPED_KEYS))
+        kv += [KV("general.quantization_version", GGUFValueType.UINT32, GGML_QNT_VERSION),
+               KV("general.file_type", GGUFValueType.UINT32, FTYPES[qtype])]
+        write_gguf(dst_path, kv, [_tensor(src, p) for p in plans], progress)
     return {
         "path": str(dst_path),
         "ftype": qtype,
@@ -276,6 +183,15 @@ def requantize(src_path: str | os.PathLike, dst_path: str | os.PathLike, qtype: 
         "n_copied": sum(not p.requantized for p in plans),
         "types": {p.name: p.dst_type for p in plans},
     }
+
+
+def _tensor(src: GGUFFile, p: TensorPlan) -> Tensor:
+    """The output tensor: copied as it is, or streamed through ``_convert``."""
+    raw = src.raw(p.name)
+    ne = tuple(reversed(p.shape))
+    # ggml_n_dims: trailing ggml dimensions of size 1 are not written
+    shape = tuple(reversed(ne[:_n_dims(ne)]))
+    return Tensor(p.name, p.dst_type, shape, _convert(raw, p) if p.requantized else raw)
 
 
 # Rows converted per step: bounds the float32 temporaries (like llama.cpp's slabs).
