@@ -22,8 +22,8 @@ An architecture is a module listed in ``ARCH_MODULES`` that defines
   ``n_vocab`` the size of the copied vocabulary.
 
 ``SynthModel`` holds the architecture's own metadata, ``(key, value, type)`` in file order
-with type one of ``"u32"``, ``"i32"``, ``"f32"``, ``"bool"``, ``"str"`` (the writer adds
-``general.*`` before and the tokenizer after), and its ``TensorSpec`` list in file order. A
+with type a short name of ``gguf.writer.TYPE_NAMES`` (``"u32"``, ``"f32"``, ``"str"``, ...;
+``write_model`` adds ``general.*`` before and the tokenizer after), and its ``TensorSpec`` list in file order. A
 ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last), its type and its init
 recipe: ``normal(std)`` or ``constant(value)``, or any ``init(rng, shape) -> float32 array``
 that draws values in C order (so slabs drawn one after another equal one big draw).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -44,9 +43,9 @@ from typing import Callable
 import numpy as np
 
 from pocketlm import quant
+from pocketlm.gguf.writer import KV, RawKV, Tensor, copy_kv, write_gguf
 
 ARCH_MODULES = ("pocketlm.tools.synth_smallthinker", "pocketlm.tools.synth_embbert", "pocketlm.tools.synth_minicpm")
-ALIGNMENT = 32
 # Elements per slab of a 2-D tensor: bounds the float32 draw and its quantization temporaries.
 SLAB_ELEMS = 1 << 22
 
@@ -129,24 +128,6 @@ def default_tokenizer() -> Path:
                          "ggml-vocab-qwen2.gguf), or `pocketlm pull smollm2-135m` first") from None
 
 
-def _string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-# metadata value types: GGUF type number and struct format
-_VTYPES = {"u32": (4, "<I"), "i32": (5, "<i"), "f32": (6, "<f"), "bool": (7, "<?"),
-           "str": (8, None)}
-
-
-def _kv(key: str, value, vtype: str) -> bytes:
-    if vtype not in _VTYPES:
-        raise ValueError(f"{key}: unknown metadata type {vtype!r}")
-    code, fmt = _VTYPES[vtype]
-    head = _string(key) + struct.pack("<I", code)
-    return head + (_string(value) if fmt is None else struct.pack(fmt, value))
-
-
 def _slabs(spec: TensorSpec, rng: np.random.Generator):
     """The tensor's values as float32 slabs in storage order, drawn in C order."""
     shape = spec.shape
@@ -160,6 +141,12 @@ def _slabs(spec: TensorSpec, rng: np.random.Generator):
         yield spec.init(rng, (min(step, rows - r), shape[-1]))
 
 
+def _encoded(spec: TensorSpec, rng: np.random.Generator):
+    """The tensor's stored bytes, slab by slab (drawn only as the writer asks for them)."""
+    for slab in _slabs(spec, rng):
+        yield quant.quantize(spec.qtype, np.ascontiguousarray(slab))
+
+
 def _check(model: SynthModel):
     for t in model.tensors:
         if t.qtype not in quant.QUANTIZE_QTYPES:
@@ -170,53 +157,26 @@ def _check(model: SynthModel):
                              f"{t.qtype} block size {bs}; choose another --type")
 
 
-def write_gguf(model: SynthModel, out: str | os.PathLike, tokenizer_kv: list[bytes],
-               seed: int, qtype: str, name: str, description: str,
-               progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``model`` to ``out``; ``tokenizer_kv`` are encoded metadata pairs copied as they are.
+def write_model(model: SynthModel, out: str | os.PathLike, tokenizer_kv: list[RawKV],
+                seed: int, qtype: str, name: str, description: str,
+                progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``model`` to ``out``; ``tokenizer_kv`` are metadata entries copied as they are.
 
     The file appears under its final name only when complete. ``progress(done, total)`` is
     called after each tensor.
     """
-    from gguf import GGMLQuantizationType
-
-    from pocketlm.quant.requantize import FTYPES, GGML_QNT_VERSION, GGUF_VERSION
+    from pocketlm.quant.requantize import FTYPES, GGML_QNT_VERSION
     _check(model)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise ValueError(f"cannot write {out}: directory {out.parent} does not exist")
-    kv = [_kv("general.architecture", model.arch, "str"), _kv("general.type", "model", "str"),
-          _kv("general.name", name, "str"), _kv("general.description", description, "str"),
-          _kv("general.file_type", FTYPES[qtype], "u32"),
-          _kv("general.quantization_version", GGML_QNT_VERSION, "u32")]
-    kv += [_kv(k, v, t) for k, v, t in model.metadata]
+    kv = [KV("general.architecture", "str", model.arch), KV("general.type", "str", "model"),
+          KV("general.name", "str", name), KV("general.description", "str", description),
+          KV("general.file_type", "u32", FTYPES[qtype]),
+          KV("general.quantization_version", "u32", GGML_QNT_VERSION)]
+    kv += [KV(k, t, v) for k, v, t in model.metadata]
     kv += tokenizer_kv
-    header = bytearray(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(model.tensors), len(kv)))
-    header += b"".join(kv)
-    offset = 0
-    for t in model.tensors:
-        ne = tuple(reversed(t.shape))
-        header += _string(t.name) + struct.pack(f"<I{len(ne)}Q", len(ne), *ne)
-        header += struct.pack("<IQ", GGMLQuantizationType[t.qtype], offset)
-        offset += t.nbytes + -t.nbytes % ALIGNMENT
-    header += bytes(-len(header) % ALIGNMENT)
-
+    # one stream for the whole file: the writer draws each tensor's slabs in file order
     rng = np.random.default_rng(seed)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for i, t in enumerate(model.tensors):
-                for slab in _slabs(t, rng):
-                    f.write(quant.quantize(t.qtype, np.ascontiguousarray(slab)).data)
-                f.write(bytes(-t.nbytes % ALIGNMENT))
-                if progress is not None:
-                    progress(i + 1, len(model.tensors))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    tensors = [Tensor(t.name, t.qtype, t.shape, _encoded(t, rng)) for t in model.tensors]
+    return write_gguf(out, kv, tensors, progress)
 
 
 def synthesize(preset: str, out: str | os.PathLike, options: Options = Options(),
@@ -227,7 +187,6 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied (vocab-only files work);
     default: SmolLM2's from the model store.
     """
-    from pocketlm.quant.requantize import _raw_kv
     from pocketlm.gguf.reader import open_gguf
     mods = presets()
     if preset not in mods:
@@ -242,7 +201,7 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
         if tokens is None:
             raise ValueError(f"{tokenizer}: has no tokenizer.ggml.tokens to copy")
         n_vocab = len(tokens)
-        tokenizer_kv = [b for k, b in _raw_kv(tok) if k.startswith("tokenizer.")]
+        tokenizer_kv = copy_kv(tok, lambda k: k.startswith("tokenizer."))
     unknown = set(options.overrides) - set(mod.PRESETS[preset])
     if unknown:
         raise ValueError(f"unknown {preset} field(s) {', '.join(sorted(unknown))} (fields: "
@@ -252,7 +211,7 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     name = options.name or f"{mod.ARCH} {preset} synthetic (random weights)"
     description = options.description or (
         f"synthetic random weights, recipe {options.recipe}, seed {options.seed}")
-    path = write_gguf(model, out, tokenizer_kv, options.seed, options.qtype, name, description,
+    path = write_model(model, out, tokenizer_kv, options.seed, options.qtype, name, description,
                       progress)
     return {"path": str(path), "preset": preset, "arch": mod.ARCH,
             "size_bytes": path.stat().st_size, "n_tensors": len(model.tensors),
