@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 
 from pocketlm import quant
+from pocketlm.gguf.writer import KV, Tensor, write_gguf
+from pocketlm.quant.requantize import GGML_QNT_VERSION
 
 ProgressFn = Callable[[int, int], None]   # (tensors done, tensors total)
 
@@ -235,8 +237,6 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str =
     name only when complete. Returns a summary: ``path``, ``qtype``, ``size_bytes``,
     ``n_tensors``, ``types`` (tensor name -> stored type).
     """
-    import gguf
-
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     qtype = qtype.upper()
     if qtype not in TYPES:
@@ -282,64 +282,56 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str =
     tokens, toktypes, norm, special = read_vocab(hf_dir, hp["vocab_size"])
     pooling, max_len = _pooling(hf_dir)
 
-    w = gguf.GGUFWriter(str(out_path) + ".part", "bert")
-    w.add_name(name or hf_dir.name)
-    w.add_block_count(hp["num_hidden_layers"])
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_embedding_length(hp["hidden_size"])
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_head_count(hp["num_attention_heads"])
-    w.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
-    w.add_file_type(FILE_TYPE[qtype])
-    w.add_causal_attention(False)
+    p = "bert."
+    kv = [KV("general.architecture", "str", "bert"),
+          KV("general.name", "str", name or hf_dir.name),
+          KV(p + "block_count", "u32", hp["num_hidden_layers"]),
+          KV(p + "context_length", "u32", hp["max_position_embeddings"]),
+          KV(p + "embedding_length", "u32", hp["hidden_size"]),
+          KV(p + "feed_forward_length", "u32", hp["intermediate_size"]),
+          KV(p + "attention.head_count", "u32", hp["num_attention_heads"]),
+          KV(p + "attention.layer_norm_epsilon", "f32",
+             float(config.get("layer_norm_eps", 1e-12))),
+          KV("general.file_type", "u32", FILE_TYPE[qtype]),
+          KV(p + "attention.causal", "bool", False)]
     if pooling is not None:
-        w.add_pooling_type(gguf.PoolingType(pooling))
-    w.add_token_type_count(int(config.get("type_vocab_size", 1)))
-    w.add_tokenizer_model("bert")
-    w.add_tokenizer_pre("bert-bge" if norm.get("lowercase") else "default")
-    w.add_token_list(tokens)
-    w.add_token_types(toktypes)
-    # written by key: older gguf packages lack some of the writer's helpers
-    for role, tid in special.items():
-        w.add_uint32(f"tokenizer.ggml.{_ID_KEYS[role]}", tid)
+        kv.append(KV(p + "pooling_type", "u32", pooling))
+    kv += [KV("tokenizer.ggml.token_type_count", "u32", int(config.get("type_vocab_size", 1))),
+           KV("tokenizer.ggml.model", "str", "bert"),
+           KV("tokenizer.ggml.pre", "str", "bert-bge" if norm.get("lowercase") else "default"),
+           KV("tokenizer.ggml.tokens", "array", tokens, "str"),
+           KV("tokenizer.ggml.token_type", "array", toktypes, "i32")]
+    kv += [KV(f"tokenizer.ggml.{_ID_KEYS[role]}", "u32", tid) for role, tid in special.items()]
     # a [CLS] A [SEP] template: llama.cpp's SpecialVocab reads it as add_bos, add_eos, no add_sep
-    w.add_bool("tokenizer.ggml.add_bos_token", True)
-    w.add_bool("tokenizer.ggml.add_eos_token", True)
-    w.add_bool("tokenizer.ggml.add_sep_token", False)
+    kv += [KV("tokenizer.ggml.add_bos_token", "bool", True),
+           KV("tokenizer.ggml.add_eos_token", "bool", True),
+           KV("tokenizer.ggml.add_sep_token", "bool", False)]
     if "lowercase" in norm:
-        w.add_bool("tokenizer.ggml.normalizer.lowercase", bool(norm["lowercase"]))
+        kv.append(KV("tokenizer.ggml.normalizer.lowercase", "bool", bool(norm["lowercase"])))
     if norm.get("strip_accents") is not None:
-        w.add_bool("tokenizer.ggml.normalizer.strip_accents", bool(norm["strip_accents"]))
+        kv.append(KV("tokenizer.ggml.normalizer.strip_accents", "bool",
+                     bool(norm["strip_accents"])))
     if max_len:
-        w.add_uint32(MAX_SEQ_KEY, max_len)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        kv.append(KV(MAX_SEQ_KEY, "u32", max_len))
+    kv.append(KV("general.quantization_version", "u32", GGML_QNT_VERSION))
 
-    types = {}
     order = sorted(tensors, key=lambda n: (n.startswith("blk."), _blk(n), n))
-    for i, tname in enumerate(order):
-        a = np.ascontiguousarray(tensors[tname], dtype=np.float32)
-        t = types[tname] = tensor_type(tname, a.shape, qtype)
-        if t == "F32":
-            w.add_tensor(tname, a)
-        elif t == "F16":
-            w.add_tensor(tname, a.astype(np.float16))
-        else:
-            w.add_tensor(tname, quant.quantize(t, a), raw_dtype=gguf.GGMLQuantizationType[t])
-        if progress:
-            progress(i + 1, len(order))
-    part = Path(str(out_path) + ".part")
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(part, out_path)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
+    types = {n: tensor_type(n, tensors[n].shape, qtype) for n in order}
+    specs = [Tensor(n, types[n], tensors[n].shape, _encoded(tensors[n], types[n])) for n in order]
+    write_gguf(out_path, kv, specs, progress)
     return {"path": str(out_path), "qtype": qtype, "size_bytes": out_path.stat().st_size,
             "n_tensors": len(order), "types": types}
+
+
+def _encoded(a: np.ndarray, qtype: str):
+    """The tensor's stored bytes, made only when the writer reaches it."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if qtype == "F32":
+        yield a
+    elif qtype == "F16":
+        yield a.astype(np.float16)
+    else:
+        yield quant.quantize(qtype, a)
 
 
 def _blk(name: str) -> int:

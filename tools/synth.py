@@ -23,10 +23,11 @@ An architecture is a module listed in ``ARCH_MODULES`` that defines
 
 ``SynthModel`` holds the architecture's own metadata, ``(key, value, type)`` in file order
 with type a short name of ``gguf.writer.TYPE_NAMES`` (``"u32"``, ``"f32"``, ``"str"``, ...;
-``write_model`` adds ``general.*`` before and the tokenizer after), and its ``TensorSpec`` list in file order. A
-``TensorSpec`` names a tensor, its stored numpy-order shape (rows last), its type and its init
-recipe: ``normal(std)`` or ``constant(value)``, or any ``init(rng, shape) -> float32 array``
-that draws values in C order (so slabs drawn one after another equal one big draw).
+``write_model`` adds ``general.*`` before and the tokenizer after), and its ``TensorSpec``
+list in file order. A ``TensorSpec`` names a tensor, its stored numpy-order shape (rows last),
+its type and its init recipe: ``normal(std)`` or ``constant(value)``, or any
+``init(rng, shape) -> float32 array`` that draws values in C order (so slabs drawn one after
+another equal one big draw).
 ``transposed=True`` stores each 2-D plane transposed: values are drawn in the plane's logical
 shape ``shape[-1], shape[-2]`` and written as its transpose, so both layouts hold the same
 numbers for the same seed.
