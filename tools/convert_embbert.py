@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketlm.gguf.writer import KV, Tensor, write_gguf
 from pocketlm.quant.convert import read_safetensors
 
 ARCH = "embbert"
@@ -121,7 +122,6 @@ def state_to_gguf(state: dict[str, np.ndarray], out: str | Path, qtype: str = "f
                   cls_prefix: bool = False, eps: float = F32_EPS,
                   name: str = "EmbBERT-Q") -> dict:
     """Write a GGUF from a state dict in the authors' key layout; returns a summary dict."""
-    import gguf
     if qtype not in TYPES:
         raise ValueError(f"type {qtype!r}: expected one of {', '.join(TYPES)}")
     tensors, n_layer = _rename({k: np.asarray(v, np.float32) for k, v in state.items()})
@@ -132,36 +132,30 @@ def state_to_gguf(state: dict[str, np.ndarray], out: str | Path, qtype: str = "f
     n_cls = tensors["cls.weight"].shape[0]
     if labels is not None and len(labels) != n_cls:
         raise ValueError(f"{len(labels)} labels given for a head of {n_cls} outputs")
-    w = gguf.GGUFWriter(str(out), ARCH)
-    w.add_name(name)
-    for key, value, vtype in metadata(n_ctx=L, n_embd=d, n_layer=n_layer, n_inner=C,
-                                      conv_kernel=K, n_vocab=V, eps=eps):
-        (w.add_uint32 if vtype == "u32" else w.add_float32)(key, value)
+    kv = [KV("general.architecture", "str", ARCH), KV("general.name", "str", name)]
+    kv += [KV(key, vtype, value) for key, value, vtype in metadata(
+        n_ctx=L, n_embd=d, n_layer=n_layer, n_inner=C, conv_kernel=K, n_vocab=V, eps=eps)]
     if labels:
-        w.add_array(f"{ARCH}.classifier.output_labels", list(labels))
+        kv.append(KV(f"{ARCH}.classifier.output_labels", "array", list(labels), "str"))
     ids = _special_ids(tokenizer_json)
-    w.add_pad_token_id(ids["padding"])
-    w.add_unk_token_id(ids["unknown"])
-    w.add_bos_token_id(ids["bos"])
-    w.add_sep_token_id(ids["seperator"])
-    w.add_add_bos_token(bool(cls_prefix))
+    kv += [KV("tokenizer.ggml.padding_token_id", "u32", ids["padding"]),
+           KV("tokenizer.ggml.unknown_token_id", "u32", ids["unknown"]),
+           KV("tokenizer.ggml.bos_token_id", "u32", ids["bos"]),
+           KV("tokenizer.ggml.seperator_token_id", "u32", ids["seperator"]),
+           KV("tokenizer.ggml.add_bos_token", "bool", bool(cls_prefix))]
     if tokenizer_json:
-        w.add_string(gguf.Keys.Tokenizer.HF_JSON, tokenizer_json)
-    n_bytes = 0
+        kv.append(KV("tokenizer.huggingface.json", "str", tokenizer_json))
+    stored = []   # (name, type, array) in file order
     for gname, v in tensors.items():
         if qtype == "int8" and LINEARS.match(gname):
             q, scale = quantize_rows(v)
-            w.add_tensor(gname, q)
-            w.add_tensor(gname[:-len("weight")] + "scale", scale)
-            n_bytes += q.nbytes + scale.nbytes
+            stored += [(gname, "I8", q), (gname[:-len("weight")] + "scale", "F32", scale)]
+        elif qtype == "f32":
+            stored.append((gname, "F32", v))
         else:
-            a = v.astype(np.float32 if qtype == "f32" else np.float16)
-            w.add_tensor(gname, a)
-            n_bytes += a.nbytes
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            stored.append((gname, "F16", v.astype(np.float16)))
+    write_gguf(out, kv, [Tensor(n, t, a.shape, a) for n, t, a in stored])
+    n_bytes = sum(a.nbytes for _, _, a in stored)
     return {"path": str(out), "type": qtype, "n_layer": n_layer, "n_vocab": V, "n_ctx": L,
             "n_embd": d, "n_labels": n_cls, "tensor_bytes": n_bytes,
             "n_params": int(sum(v.size for v in tensors.values()))}
