@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from pocketlm.gguf.writer import KV, write_gguf
 from pocketlm.tools.synth import SynthModel, TensorSpec, normal
 
 ARCH = "minicpm"
@@ -123,26 +124,22 @@ def vocab_gguf(path, n: int = 512):
     """A vocabulary-only GGUF to copy the tokenizer from: SentencePiece-style (``<unk>``,
     ``<s>``, ``</s>``, the 256 byte tokens, ChatML markers, filler pieces) with a ChatML
     template, as MiniCPM4 uses; small, so test references stay small."""
-    import gguf
     toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     toks += ["<|im_start|>", "<|im_end|>"]
     types = [2, 3, 3] + [6] * 256 + [3, 3]
     toks += [f"\u2581w{k}" for k in range(n - len(toks))]
     types += [1] * (n - len(types))
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks)
-    w.add_token_scores([0.0] * 261 + [-float(i) for i in range(n - 261)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_chat_template(
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|im_start|>assistant\n' }}{% endif %}")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
+    kv = [KV("general.architecture", "str", "llama"), KV("tokenizer.ggml.model", "str", "llama"),
+          KV("tokenizer.ggml.tokens", "array", toks, "str"),
+          KV("tokenizer.ggml.scores", "array", [0.0] * 261 + [-float(i) for i in range(n - 261)],
+             "f32"),
+          KV("tokenizer.ggml.token_type", "array", types, "i32"),
+          KV("tokenizer.ggml.bos_token_id", "u32", 1), KV("tokenizer.ggml.eos_token_id", "u32", 2),
+          KV("tokenizer.ggml.unknown_token_id", "u32", 0),
+          KV("tokenizer.ggml.add_bos_token", "bool", True),
+          KV("tokenizer.chat_template", "str",
+             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+             "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|im_start|>assistant\n' }}{% endif %}")]
+    write_gguf(path, kv, [])
     return path
