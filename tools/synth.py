@@ -72,11 +72,6 @@ class TensorSpec:
     init: Init
     transposed: bool = False  # store each plane transposed (see the module docstring)
 
-    @property
-    def nbytes(self) -> int:
-        rows = int(np.prod(self.shape[:-1], dtype=np.int64))
-        return rows * quant.row_bytes(self.qtype, self.shape[-1])
-
 
 @dataclass(frozen=True)
 class SynthModel:
@@ -213,7 +208,7 @@ def synthesize(preset: str, out: str | os.PathLike, options: Options = Options()
     description = options.description or (
         f"synthetic random weights, recipe {options.recipe}, seed {options.seed}")
     path = write_model(model, out, tokenizer_kv, options.seed, options.qtype, name, description,
-                      progress)
+                       progress)
     return {"path": str(path), "preset": preset, "arch": mod.ARCH,
             "size_bytes": path.stat().st_size, "n_tensors": len(model.tensors),
             "n_params": sum(int(np.prod(t.shape)) for t in model.tensors),

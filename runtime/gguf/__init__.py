@@ -1,4 +1,4 @@
-"""GGUF I/O: the validated reader and the tensors it maps."""
+"""GGUF I/O: the validated reader, the tensors it maps, and the writer (``gguf.writer``)."""
 from pocketlm.gguf.reader import GGUFError, GGUFFile, TensorInfo, open_gguf
 from pocketlm.gguf.tensor import QTensor
 

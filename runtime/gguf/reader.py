@@ -125,7 +125,8 @@ class _Cursor:
             itemsize = np.dtype(NUMPY_DTYPES[et]).itemsize
             if count > (self.size - self.pos) // itemsize:
                 self.fail(f"absurd metadata: {what} claims {count} entries, more than the file holds")
-            arr = np.frombuffer(self.buf, dtype=NUMPY_DTYPES[et], count=count, offset=self.pos).copy()
+            arr = np.frombuffer(self.buf, dtype=NUMPY_DTYPES[et], count=count,
+                                offset=self.pos).copy()
             self.pos += count * itemsize
             return arr
         # strings and nested arrays take at least 8 bytes an entry
