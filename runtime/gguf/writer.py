@@ -131,7 +131,7 @@ def encode_kv(kv: KV | RawKV) -> bytes:
     return _string(key) + struct.pack("<I", vtype) + body
 
 
-def tensor_nbytes(t: Tensor) -> int:
+def _nbytes(t: Tensor) -> int:
     """Bytes of the tensor's data, from its type and shape (checked)."""
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.qtype]]
@@ -170,9 +170,9 @@ def write_gguf(path: str | os.PathLike, kvs: Sequence[KV | RawKV], tensors: Sequ
                progress: ProgressFn | None = None) -> Path:
     """Write a GGUF v3 file at ``path``: ``kvs`` then ``tensors``, each in the order given.
 
-    Entries are checked before anything is written; a bad one raises a one-line
-    ``ValueError``. The file appears under its final name only when complete (it is written
-    as ``path.part``). ``progress(done, total)`` is called after each tensor.
+    Entries, types and shapes are checked before anything is written, a streamed tensor's
+    byte count as it is written; a bad one raises a one-line ``ValueError``. The file appears
+    under its final name only when complete (it is written as ``path.part``). ``progress(done, total)`` is called after each tensor.
     """
     path = Path(path)
     kvs, tensors = list(kvs), list(tensors)
@@ -185,7 +185,7 @@ def write_gguf(path: str | os.PathLike, kvs: Sequence[KV | RawKV], tensors: Sequ
         if t.name in names:
             raise ValueError(f"duplicate tensor name {t.name}")
         names.add(t.name)
-        n = tensor_nbytes(t)
+        n = _nbytes(t)
         ne = tuple(reversed(t.shape))
         header += _string(t.name) + struct.pack(f"<I{len(ne)}Q", len(ne), *ne)
         header += struct.pack("<IQ", GGMLQuantizationType[t.qtype], offset)
