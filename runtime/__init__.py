@@ -1,7 +1,9 @@
-"""pocketlm's engine. The public API: ``LLM``, ``AsyncLLM``, ``Tokenizer``, ``GenerationConfig``."""
+"""pocketlm's engine. The public API: ``LLM``, ``LoadConfig``, ``AsyncLLM``, ``Tokenizer``,
+``GenerationConfig``."""
 
 _LAZY = {
     "LLM": ("pocketlm.api.llm", "LLM"),
+    "LoadConfig": ("pocketlm.api.config", "LoadConfig"),
     "Tokenizer": ("pocketlm.text.tokenizer", "Tokenizer"),
     "GenerationConfig": ("pocketlm.generate.loop", "GenerationConfig"),
     "GenerationChunk": ("pocketlm.generate.loop", "GenerationChunk"),
