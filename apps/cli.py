@@ -106,15 +106,13 @@ def _memory(g, args):
 
 # -- encoders ----------------------------------------------------------------------------------
 def cmd_classify(args):
-    from pocketlm import LLM
     items = args.texts
     if args.ids:
         try:
             items = [[int(t) for t in x.split()] for x in args.texts]
         except ValueError:
             raise CLIError("--ids: each TEXT must be whitespace-separated token ids") from None
-    with LLM.load(args.model, threads=args.threads, backend=args.backend,
-                  max_memory=args.max_memory, progress=_progress_printer(args.model)) as llm:
+    with _load(args) as llm:
         labels, probs = llm.classify(items)
     if args.json:
         print(json.dumps([{"label": lab, "probs": p.tolist()} for lab, p in zip(labels, probs)]))
@@ -124,9 +122,7 @@ def cmd_classify(args):
 
 
 def cmd_embed(args):
-    from pocketlm import LLM
-    with LLM.load(args.model, threads=args.threads, backend=args.backend,
-                  progress=_progress_printer(args.model)) as llm:
+    with _load(args) as llm:
         vecs = llm.embed(args.texts, batch_size=args.batch_size)
     if args.json:
         print(json.dumps([v.tolist() for v in vecs]))
@@ -261,19 +257,26 @@ def _settings(args) -> dict:
                 seed=args.seed, stop=args.stop or [])
 
 
-def _load_kwargs(args) -> dict:
-    """``LLM.load`` keyword arguments from the model flags."""
-    # the oracle policy is set up by the benchmark from a traced first pass
-    policy = "lru" if args.cache_policy == "oracle" else args.cache_policy
-    return dict(n_ctx=args.ctx_size, threads=args.threads,
-                progress=_progress_printer(args.model), sparse_attention=args.sparse_attention,
-                memory_budget=args.memory_budget, expert_policy=policy, device=args.device,
-                gpu_budget=args.gpu_budget)
+# LoadConfig field -> the flag's argparse name; each subcommand has some of these flags
+_LOAD_FLAGS = {"n_ctx": "ctx_size", "threads": "threads", "memory_budget": "memory_budget",
+               "expert_policy": "cache_policy", "sparse_attention": "sparse_attention",
+               "backend": "backend", "max_memory": "max_memory", "device": "device",
+               "gpu_budget": "gpu_budget"}
+
+
+def _load_config(args):
+    """The ``LoadConfig`` of the flags this subcommand has; a bad value or combination is a
+    one-line ValueError."""
+    from pocketlm import LoadConfig
+    given = {f: getattr(args, a) for f, a in _LOAD_FLAGS.items() if hasattr(args, a)}
+    if given.get("expert_policy") == "oracle":   # the benchmark sets it up from a traced pass
+        given["expert_policy"] = "lru"
+    return LoadConfig(**given)
 
 
 def _load(args):
     from pocketlm import LLM
-    llm = LLM.load(args.model, **_load_kwargs(args))
+    llm = LLM.load(args.model, _load_config(args), progress=_progress_printer(args.model))
     if llm.device_note:
         print(f"pocketlm: {llm.device_note}", file=sys.stderr)
     return llm
@@ -322,7 +325,7 @@ def cmd_serve(args):
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
     return serve(args.model, host=args.host, port=args.port, cors=args.cors,
-                 load_kwargs=_load_kwargs(args),
+                 config=_load_config(args), progress=_progress_printer(args.model),
                  settings=settings, system=args.system, verbose=args.verbose,
                  announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
 
@@ -349,14 +352,12 @@ def cmd_bench(args):
     if not args.model:
         raise CLIError("give a MODEL to benchmark, or --kernels")
     if args.embed:
-        from pocketlm import LLM
         from pocketlm.tools.bench_embed import bench_embed, format_embed_table
         try:
             sizes = [int(b) for b in args.batch_sizes.split(",")]
         except ValueError:
             raise CLIError(f"--batch-sizes {args.batch_sizes!r}: expected e.g. 1,32") from None
-        with LLM.load(args.model, threads=args.threads, backend=args.backend,
-                      progress=_progress_printer(args.model)) as llm:
+        with _load(args) as llm:
             r = bench_embed(llm, sizes, args.embed_tokens, args.repetitions)
         print(json.dumps(r, indent=2) if args.json else format_embed_table(r))
         return

@@ -29,6 +29,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pocketlm.api.async_llm import AsyncLLM
+from pocketlm.api.config import LoadConfig
+from pocketlm.api.llm import LLM, ProgressFn
 from pocketlm.generate.loop import ContextOverflowError
 from pocketlm.apps.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
                                    completion_prompt, error_body, settings_from_request,
@@ -313,17 +315,18 @@ async def _sse(first, chunks, adapter: StreamAdapter):
 
 # -- running -----------------------------------------------------------------------------------
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
-          cors: list[str] | None = None, load_kwargs: dict | None = None,
+          cors: list[str] | None = None, config: LoadConfig | None = None,
+          progress: ProgressFn | None = None,
           settings: dict | None = None, system: str | None = None, verbose: bool = False,
           announce: Callable[[str], None] | None = None) -> int:
     """Bind ``host:port`` (port 0: any free port), then load ``model`` in the background and
     serve until interrupted. Returns the exit code (1 if the model failed to load).
 
-    ``load_kwargs`` go to ``LLM.load``; ``settings`` (``GenerationConfig`` fields) are the
-    defaults for what a request leaves out; ``verbose`` logs requests and their timings.
+    ``config`` (a ``LoadConfig``; None: the defaults) and ``progress`` go to ``LLM.load``;
+    ``settings`` (``GenerationConfig`` fields) are the defaults for what a request leaves out;
+    ``verbose`` logs requests and their timings.
     """
     import uvicorn
-    from pocketlm.api.llm import LLM
 
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, _, _, _, addr = infos[0]
@@ -346,7 +349,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
             server.should_exit = True
 
     def load():
-        llm = LLM.load(model, **(load_kwargs or {}))
+        llm = LLM.load(model, config, progress=progress)
         llm.defaults = llm.defaults.replace(**(settings or {}))
         return llm
 

@@ -35,10 +35,10 @@ class AsyncLLM:
         self._pending_lock = threading.Lock()
 
     @classmethod
-    async def load(cls, model: str, **kwargs) -> "AsyncLLM":
-        """``LLM.load`` in a worker thread."""
+    async def load(cls, model: str, config=None, **kwargs) -> "AsyncLLM":
+        """``LLM.load`` (a ``LoadConfig`` and/or its fields as keywords) in a worker thread."""
         from pocketlm.api.llm import LLM
-        return cls(await asyncio.to_thread(LLM.load, model, **kwargs))
+        return cls(await asyncio.to_thread(LLM.load, model, config, **kwargs))
 
     @property
     def pending(self) -> int:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pocketlm.api import store
+from pocketlm.api.config import LoadConfig
 from pocketlm.api.lock import FairLock
 from pocketlm.gguf.reader import open_gguf
 from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
@@ -28,7 +29,7 @@ class LLM:
     """
 
     def __init__(self, gguf_file, model, tokenizer, template, n_ctx: int, chunk: int,
-                 load_s: float):
+                 load_s: float, config: LoadConfig | None = None):
         self.gguf = gguf_file
         self.model = model
         self.tokenizer = tokenizer
@@ -40,18 +41,20 @@ class LLM:
         # encoders run whole sequences: no KV cache
         self.cache = model.new_cache(n_ctx, chunk) if model.capabilities.generate else None
         self.max_memory: int | None = None
+        self.config = config or LoadConfig(n_ctx=n_ctx, chunk=chunk)   # what it was loaded with
         self.device, self.device_note = "cpu", None   # set by load: where the model runs, why
         self._lock = FairLock()
         self._active: threading.Event | None = None  # cancel event of the running generation
 
     @classmethod
-    def load(cls, model: str, *, n_ctx: int | None = None, threads: int | None = None,
-             chunk: int = 512, chat_template: str | None = None, pull: bool = True,
-             memory_budget: int | str | None = None, expert_policy: str = "lru",
-             progress: ProgressFn | None = None, sparse_attention: str = "auto",
-             backend: str | None = None, max_memory: int | str | None = None,
-             device: str = "cpu", gpu_budget: int | str | None = None) -> "LLM":
+    def load(cls, model: str, config: LoadConfig | None = None, *,
+             progress: ProgressFn | None = None, **overrides) -> "LLM":
         """Load a model by store name (pulled on first use) or ``.gguf`` path.
+
+        ``config`` is a ``LoadConfig``; keyword arguments are its fields and override it
+        (``LLM.load(m, n_ctx=2048)`` is ``LLM.load(m, LoadConfig(n_ctx=2048))``). The loaded
+        model keeps it as ``llm.config``. ``progress(stage, done, total)`` reports download
+        and load.
 
         ``n_ctx`` defaults to the model's training context capped at 4096; ``threads`` to all
         cores; ``chat_template`` is a path to a Jinja file overriding the model's template.
@@ -68,21 +71,20 @@ class LLM:
         reason in ``llm.device_note``); ``gpu_budget`` (bytes or a size) caps the GPU memory of
         mixture-of-experts weights, which then stream from host memory (docs/cuda.md).
         """
+        if config is not None and not isinstance(config, LoadConfig):
+            raise TypeError(f"config must be a LoadConfig, not {type(config).__name__}")
+        c = (config or LoadConfig()).replace(**overrides)   # every setting checked here, once
         from pocketlm.nn import backend as devices
-        if gpu_budget is not None and device == "cpu":
-            raise ValueError("a GPU budget needs device 'cuda' or 'auto'")
-        device, device_note = devices.resolve(device)   # auto without a GPU: the budget idles
-        if sparse_attention not in ("auto", "on", "off"):
-            raise ValueError(f"sparse_attention {sparse_attention!r}: expected auto, on or off")
+        device, device_note = devices.resolve(c.device)   # auto without a GPU: the budget idles
         from pocketlm.models import load_model
         from pocketlm import kernels
         from pocketlm.text.chat import ChatTemplate
         from pocketlm.text.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        path = store.resolve(model, pull_missing=pull, progress=progress)
-        if threads:
-            kernels.set_threads(threads)
+        path = store.resolve(model, pull_missing=c.pull, progress=progress)
+        if c.threads:
+            kernels.set_threads(c.threads)
         if progress:
             progress("load", 0, 3)
         g = open_gguf(path)
@@ -93,36 +95,33 @@ class LLM:
             caps = m.capabilities
             if caps.generate:
                 tok = Tokenizer.from_metadata(g.metadata)
-                template = ChatTemplate.from_metadata(g.metadata, override_path=chat_template)
+                template = ChatTemplate.from_metadata(g.metadata, override_path=c.chat_template)
             else:
                 tok, template = _encoder_tokenizer(g.metadata), None
-            if backend is not None:
+            if c.backend is not None:
                 if len(caps.backends) < 2:
                     raise ValueError(f"{g.arch} models have no backend choice (numba only)")
-                m.set_backend(backend)
+                m.set_backend(c.backend)
             if progress:
                 progress("load", 2, 3)
             train_ctx = int(g.get("{arch}.context_length", 4096))
-            n_ctx = n_ctx or min(train_ctx, 4096)
-            if n_ctx <= 0:
-                raise ValueError("context size must be positive")
+            n_ctx = c.n_ctx or min(train_ctx, 4096)
             memory_plan = None
-            if memory_budget is not None:
-                memory_plan = _apply_budget(g, m, n_ctx, chunk, memory_budget, expert_policy)
-            if sparse_attention == "on" and not caps.sparse_attention:
+            if c.memory_budget is not None:
+                memory_plan = _apply_budget(g, m, n_ctx, c.chunk, c.memory_budget,
+                                            c.expert_policy)
+            if c.sparse_attention == "on" and not caps.sparse_attention:
                 raise ValueError(f"{g.arch} models have no sparse attention")
             # decoders whose computation depends on run settings (context, attention mode)
             if caps.generate:
-                m.configure(n_ctx=n_ctx, sparse_attention=sparse_attention)
+                m.configure(n_ctx=n_ctx, sparse_attention=c.sparse_attention)
             if device != "cpu":
-                from pocketlm.experts.budget import parse_size
-                budget = None if gpu_budget is None else parse_size(gpu_budget)
-                m = devices.place(m, device, budget)
-            llm = cls(g, m, tok, template, n_ctx, chunk, 0.0)
+                m = devices.place(m, device, c.gpu_budget)
+            llm = cls(g, m, tok, template, n_ctx, c.chunk, 0.0, c)
             llm.memory_plan = memory_plan
             llm.device, llm.device_note = device, device_note
-            if max_memory is not None:
-                llm.set_memory_limit(max_memory)
+            if c.max_memory is not None:
+                llm.set_memory_limit(c.max_memory)
         except Exception:
             g.close()
             raise
@@ -331,14 +330,12 @@ def _encoder_tokenizer(meta: dict):
     return None
 
 
-def _apply_budget(g, model, n_ctx: int, chunk: int, budget, policy: str):
-    """Check ``budget`` against the model; routed experts then stream through a cache."""
+def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
+    """Check ``budget`` (bytes) against the model; routed experts then stream through a
+    cache evicting by ``policy`` (both checked by LoadConfig)."""
     from pocketlm import kernels
-    from pocketlm.experts.budget import parse_size, plan
-    from pocketlm.experts.cache import POLICIES, ExpertCache, ExpertStore
-    budget = parse_size(budget)
-    if policy not in POLICIES or policy == "oracle":
-        raise ValueError(f"expert policy {policy!r}: expected lru, lfu or predictive")
+    from pocketlm.experts.budget import plan
+    from pocketlm.experts.cache import ExpertCache, ExpertStore
     # the plan measures the process with the model's kernels loaded
     kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
     store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
