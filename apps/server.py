@@ -359,10 +359,11 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
     mid = model_id_for(model)
     app = create_app(load, mid, cors=cors, system=system, on_load_error=on_load_error,
                      log=log if verbose else None)
-    config = uvicorn.Config(app, http="h11", loop="asyncio", ws="none", lifespan="on",
-                            log_level="info" if verbose else "warning", access_log=verbose,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    # not named `config`: load() above reads the LoadConfig of that name when it runs
+    uv_config = uvicorn.Config(app, http="h11", loop="asyncio", ws="none", lifespan="on",
+                               log_level="info" if verbose else "warning",
+                               access_log=verbose, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uv_config)
     url_host = f"[{host}]" if ":" in host else host
     if announce is not None:
         announce(f"serving {mid} on http://{url_host}:{bound}/v1 (GET /health is 200 once "
