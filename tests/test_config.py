@@ -109,3 +109,12 @@ def test_cli_bad_flag_value_is_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith(message)
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_serve_loads_with_its_config(smallthinker_tiny_path, capsys):
+    """The server's background load gets the LoadConfig: a setting this model refuses ends
+    the server with exit code 1 and the one-line reason."""
+    from pocketlm.apps.server import serve
+    rc = serve(str(smallthinker_tiny_path), port=0, config=LoadConfig(sparse_attention="on"))
+    assert rc == 1
+    assert "pocketlm: error: smallthinker models have no sparse attention" in capsys.readouterr().err
