@@ -117,4 +117,5 @@ def test_serve_loads_with_its_config(smallthinker_tiny_path, capsys):
     from pocketlm.apps.server import serve
     rc = serve(str(smallthinker_tiny_path), port=0, config=LoadConfig(sparse_attention="on"))
     assert rc == 1
-    assert "pocketlm: error: smallthinker models have no sparse attention" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pocketlm: error: smallthinker models have no sparse attention" in err
