@@ -11,12 +11,16 @@ below 2**24, so this is exact too, with nibbles and 2-bit fields split in the fl
 
 Every driver takes ``w2`` (rows, row_bytes) uint8 raw ggml blocks, ``x`` (n, cols) float32 and
 writes ``out`` (n, rows) float32. Decode is the n == 1 case. The prepared decode drivers
-``mv_q4_0``/``mv_q4_1``/``mv_q8_0`` also take the weight's block scales as float32 (d, m).
+``mv_q4_0``/``mv_q4_1``/``mv_q8_0`` (and the float-activation ``mvf_*``) also take the weight's
+block scales as float32 (d, m). Each block family has one driver template; the per-type
+entry points only name the type.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
+
+from pocketlm.quant import type_size
 
 from ._base import OPTS, U, f32_at, h2f, round_f16
 
@@ -139,26 +143,155 @@ def scale_q3k(w, o, i):
     return F((lo | (hi << 4)) - 32)
 
 
+# ------------------------------------------------------------------------- matmul drivers
+# Activations are quantized once per call; weight rows are split across threads and each row
+# is reused from L1 for all n activation rows. One template per block family, specialised per
+# type by a literal ``kind`` (dead branches fold away), and one entry point per type below.
+
+# Kinds index the block geometry, taken from quant's block table.
+NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = range(len(NAMES))
+SIZE = tuple(type_size(q) for q in NAMES)
+
+I32 = np.int32
+I16 = np.int16
+ROW_TILE = 8   # weight rows kept in L1 while every activation row passes over them
+
+
+# 32-blocks: activations are carried as int16 and block sums in int32 (exact), which LLVM
+# turns into vpmaddwd; every intermediate is cast back to int32 because Numba would otherwise
+# widen to int64 and the block would not vectorize. ~1.7x the f32-lane version. Float math is
+# not reassociated (only contracted to FMAs, each unambiguous) so that raw and prepared scales
+# round identically whatever LLVM does with the scale's source.
+ROW_OPTS = dict(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz", "afn", "contract"})
+
+
+@njit(**ROW_OPTS)
+def _rows32(kind, prepared, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
+    """Rows r0..r1 of a 32-block weight (flat w, rb bytes a row) against one token's
+    activations. ``prepared``: the f16 block scales come pre-converted to float32 in d (and
+    Q4_1's mins in m), both (rows, nb), made once per weight by ``block_scales`` with the same
+    conversion; converting them in the loop (~15 scalar instructions per block) was the
+    largest scalar cost of decode."""
+    literally(kind)
+    literally(prepared)
+    wi = w.view(np.int8)
+    for r in range(r0, r1):
+        base = U(r) * rb
+        acc = F(0)
+        for b in range(nb):
+            o = base + U(b) * U(SIZE[kind])
+            yb = U(b) * U(32)
+            sc = d[r, b] if prepared else h2f(w[o], w[o + U(1)])
+            if kind == Q4_0:
+                acc += sc * yd[b] * (F(I32(_isum_q4(w, o + U(2), yq, yb))) - F(8) * ys[b])
+            elif kind == Q4_1:
+                # two adds, each one unambiguous FMA, whichever the scales' source
+                acc += sc * yd[b] * F(I32(_isum_q4(w, o + U(4), yq, yb)))
+                acc += (m[r, b] if prepared else h2f(w[o + U(2)], w[o + U(3)])) * ys[b]
+            elif kind == Q8_0:
+                acc += sc * yd[b] * F(I32(_isum_q8(wi, o + U(2), yq, yb)))
+            elif kind == Q5_0:
+                acc += sc * yd[b] * (_sum_q5(w, o + U(2), o + U(6), yq, yb) - F(16) * ys[b])
+            else:   # Q5_1
+                acc += (sc * yd[b] * _sum_q5(w, o + U(4), o + U(8), yq, yb)
+                        + h2f(w[o + U(2)], w[o + U(3)]) * ys[b])
+        out[r] = acc
+
+
+@njit(**PAR)
+def _mm32(kind, prepared, w2, d, m, x, out):
+    literally(kind)
+    literally(prepared)
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    w = w2.reshape(-1)
+    yq2, yd, ys = act_q8_0(x, kind == Q4_1 or kind == Q5_1)
+    yq = yq2.astype(np.int16)
+    # Numba hands each worker a contiguous range of row tiles
+    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0 = c * ROW_TILE
+        r1 = min(rows, r0 + ROW_TILE)
+        for t in range(n):
+            _rows32(kind, prepared, w, rb, r0, r1, cols // 32, d, m, yq[t], yd[t], ys[t], out[t])
+
+
+_NONE = np.zeros((0, 0), np.float32)   # no prepared scales: read the f16 ones in place
+# Entry points, one per type: (w2, x, out), and with prepared scales (w2, d, m, x, out).
+mm_q4_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_0, False, w2, _NONE, _NONE, x, out))
+mm_q4_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_1, False, w2, _NONE, _NONE, x, out))
+mm_q5_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_0, False, w2, _NONE, _NONE, x, out))
+mm_q5_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_1, False, w2, _NONE, _NONE, x, out))
+mm_q8_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q8_0, False, w2, _NONE, _NONE, x, out))
+mv_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_0, True, w2, d, m, x, out))
+mv_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_1, True, w2, d, m, x, out))
+mv_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q8_0, True, w2, d, m, x, out))
+
+
+@njit(inline="always", **OPTS)
+def _dot256(kind, w, wi, o, yq, yo, yd, bs, bo):
+    if kind == Q4_K:
+        return dot_q4_k(w, wi, o, yq, yo, yd, bs, bo)
+    if kind == Q5_K:
+        return dot_q5_k(w, wi, o, yq, yo, yd, bs, bo)
+    if kind == Q6_K:
+        return dot_q6_k(w, wi, o, yq, yo, yd, bs, bo)
+    if kind == Q2_K:
+        return dot_q2_k(w, wi, o, yq, yo, yd, bs, bo)
+    if kind == Q3_K:
+        return dot_q3_k(w, wi, o, yq, yo, yd, bs, bo)
+    return dot_q8_k(w, wi, o, yq, yo, yd, bs, bo)
+
+
+@njit(**PAR)
+def _mm256(kind, w2, x, out):
+    literally(kind)
+    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
+    nb = cols // 256
+    w = w2.reshape(-1)
+    wi = w.view(np.int8)
+    yq2, yd, bs2 = act_q8_k(x)          # (n, cols), (n, nb), (n, cols/16)
+    yq = yq2.reshape(-1).astype(np.int16)   # int16 x 4/6-bit sums vectorize as in Q4_0
+    bs = bs2.reshape(-1)
+    for r in prange(rows):
+        base = U(r) * rb
+        for t in range(n):
+            acc = F(0)
+            for b in range(nb):
+                acc += _dot256(kind, w, wi, base + U(b) * U(SIZE[kind]), yq,
+                               U(t * cols + b * 256), yd[t, b], bs, U(t * (cols // 16) + b * 16))
+            out[t, r] = acc
+
+
+mm_q2_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q2_K, w2, x, out))
+mm_q3_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q3_K, w2, x, out))
+mm_q4_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q4_K, w2, x, out))
+mm_q5_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q5_K, w2, x, out))
+mm_q6_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q6_K, w2, x, out))
+mm_q8_k = njit(**OPTS)(lambda w2, x, out: _mm256(Q8_K, w2, x, out))
+
+
 # ----------------------------------------------------------------- per-block dot products
-# Arguments: w flat uint8 weights, o byte offset of the block, yq flat activations,
-# yo offset of the block's first activation; per-block activation scalars after that.
+# Arguments: w flat uint8 weights (wi: the same bytes as int8), o byte offset of the block,
+# yq flat int16 activations, yo offset of the block's first activation; per-block activation
+# scalars after that.
 
-@njit(**OPTS)
-def dot_q4_0(w, o, yq, yo, yd, ys):
-    s = F(0)
+@njit(inline="always", **OPTS)
+def _isum_q4(w, o, yq, yo):
+    """16 bytes of nibbles at o (low nibbles: elements 0..15) times 32 activations, in int32."""
+    s = I32(0)
     for j in range(16):
-        lo, hi = nib(F(w[o + U(2 + j)]))
-        s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
-    return h2f(w[o], w[o + U(1)]) * yd * (s - F(8) * ys)
+        q = I16(w[o + U(j)])
+        s += (I32(I16(q & I16(15)) * yq[yo + U(j)])
+              + I32(I16(q >> I16(4)) * yq[yo + U(16 + j)]))
+    return s
 
 
-@njit(**OPTS)
-def dot_q4_1(w, o, yq, yo, yd, ys):
-    s = F(0)
-    for j in range(16):
-        lo, hi = nib(F(w[o + U(4 + j)]))
-        s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
-    return h2f(w[o], w[o + U(1)]) * yd * s + h2f(w[o + U(2)], w[o + U(3)]) * ys
+@njit(inline="always", **OPTS)
+def _isum_q8(wi, o, yq, yo):
+    s = I32(0)
+    for j in range(32):
+        s += I32(I16(wi[o + U(j)]) * yq[yo + U(j)])
+    return s
 
 
 @njit(inline="always", **OPTS)
@@ -171,59 +304,39 @@ def _sum_q5(w, oh, oq, yq, yo):
             lo, hi = nib(F(w[oq + U(j)]))
             lo += F(16) * bit(F(w[oh + U(k)]), i)
             hi += F(16) * bit(F(w[oh + U(2 + k)]), i)
-            s += lo * yq[yo + U(j)] + hi * yq[yo + U(16 + j)]
+            s += lo * F(yq[yo + U(j)]) + hi * F(yq[yo + U(16 + j)])
     return s
-
-
-@njit(**OPTS)
-def dot_q5_0(w, o, yq, yo, yd, ys):
-    s = _sum_q5(w, o + U(2), o + U(6), yq, yo)
-    return h2f(w[o], w[o + U(1)]) * yd * (s - F(16) * ys)
-
-
-@njit(**OPTS)
-def dot_q5_1(w, o, yq, yo, yd, ys):
-    s = _sum_q5(w, o + U(4), o + U(8), yq, yo)
-    return h2f(w[o], w[o + U(1)]) * yd * s + h2f(w[o + U(2)], w[o + U(3)]) * ys
-
-
-@njit(**OPTS)
-def dot_q8_0(w, wi, o, yq, yo, yd):
-    s = F(0)
-    for j in range(32):
-        s += F(wi[o + U(2 + j)]) * yq[yo + U(j)]
-    return h2f(w[o], w[o + U(1)]) * yd * s
 
 
 @njit(**OPTS)
 def dot_q8_k(w, wi, o, yq, yo, yd, bs, bo):
     s = F(0)
     for j in range(256):
-        s += F(wi[o + U(4 + j)]) * yq[yo + U(j)]
+        s += F(wi[o + U(4 + j)]) * F(yq[yo + U(j)])
     return f32_at(w, o) * yd * s
 
 
 @njit(**OPTS)
-def dot_q4_k(w, o, yq, yo, yd, bs, bo):
+def dot_q4_k(w, wi, o, yq, yo, yd, bs, bo):
     sumi = F(0)
     summ = F(0)
     for c in range(4):
         sc0, m0 = scale_min_k4(w, o + U(4), 2 * c)
         sc1, m1 = scale_min_k4(w, o + U(4), 2 * c + 1)
-        s0 = F(0)
-        s1 = F(0)
+        s0 = I32(0)
+        s1 = I32(0)
         for l in range(32):
-            lo, hi = nib(F(w[o + U(16 + 32 * c + l)]))
-            s0 += lo * yq[yo + U(64 * c + l)]
-            s1 += hi * yq[yo + U(64 * c + 32 + l)]
-        sumi += sc0 * s0 + sc1 * s1
+            q = I16(w[o + U(16 + 32 * c + l)])
+            s0 += I32(I16(q & I16(15)) * yq[yo + U(64 * c + l)])
+            s1 += I32(I16(q >> I16(4)) * yq[yo + U(64 * c + 32 + l)])
+        sumi += sc0 * F(I32(s0)) + sc1 * F(I32(s1))
         summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
                  + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
     return yd * (h2f(w[o], w[o + U(1)]) * sumi - h2f(w[o + U(2)], w[o + U(3)]) * summ)
 
 
 @njit(**OPTS)
-def dot_q5_k(w, o, yq, yo, yd, bs, bo):
+def dot_q5_k(w, wi, o, yq, yo, yd, bs, bo):
     sumi = F(0)
     summ = F(0)
     for c in range(4):
@@ -236,8 +349,8 @@ def dot_q5_k(w, o, yq, yo, yd, bs, bo):
             h = F(w[o + U(16 + l)])
             lo += F(16) * bit(h, 2 * c)
             hi += F(16) * bit(h, 2 * c + 1)
-            s0 += lo * yq[yo + U(64 * c + l)]
-            s1 += hi * yq[yo + U(64 * c + 32 + l)]
+            s0 += lo * F(yq[yo + U(64 * c + l)])
+            s1 += hi * F(yq[yo + U(64 * c + 32 + l)])
         sumi += sc0 * s0 + sc1 * s1
         summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
                  + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
@@ -250,30 +363,31 @@ def dot_q6_k(w, wi, o, yq, yo, yd, bs, bo):
     tot = F(0)
     for h in range(2):
         for g in range(2):
-            s1 = F(0)
-            s2 = F(0)
-            s3 = F(0)
-            s4 = F(0)
+            s1 = I32(0)
+            s2 = I32(0)
+            s3 = I32(0)
+            s4 = I32(0)
             for i in range(16):
                 l = 16 * g + i
-                a0, a1 = nib(F(w[o + U(64 * h + l)]))
-                b0, b1 = nib(F(w[o + U(64 * h + 32 + l)]))
-                c0, c1, c2, c3 = crumbs(F(w[o + U(128 + 32 * h + l)]))
+                qa = I16(w[o + U(64 * h + l)])
+                qb = I16(w[o + U(64 * h + 32 + l)])
+                qc = I16(w[o + U(128 + 32 * h + l)])
                 yb = yo + U(128 * h + l)
-                s1 += (a0 + F(16) * c0) * yq[yb]
-                s2 += (b0 + F(16) * c1) * yq[yb + U(32)]
-                s3 += (a1 + F(16) * c2) * yq[yb + U(64)]
-                s4 += (b1 + F(16) * c3) * yq[yb + U(96)]
+                s1 += I32(I16((qa & I16(15)) | ((qc & I16(3)) << I16(4))) * yq[yb])
+                s2 += I32(I16((qb & I16(15)) | ((qc & I16(12)) << I16(2))) * yq[yb + U(32)])
+                s3 += I32(I16((qa >> I16(4)) | (qc & I16(48))) * yq[yb + U(64)])
+                s4 += I32(I16((qb >> I16(4)) | ((qc >> I16(2)) & I16(48))) * yq[yb + U(96)])
             so = o + U(192 + 8 * h + g)
             sb = bo + U(8 * h + g)
-            tot += (F(wi[so]) * (s1 - F(32) * bs[sb]) + F(wi[so + U(2)]) * (s2 - F(32) * bs[sb + U(2)])
-                    + F(wi[so + U(4)]) * (s3 - F(32) * bs[sb + U(4)])
-                    + F(wi[so + U(6)]) * (s4 - F(32) * bs[sb + U(6)]))
+            tot += (F(wi[so]) * (F(I32(s1)) - F(32) * bs[sb])
+                    + F(wi[so + U(2)]) * (F(I32(s2)) - F(32) * bs[sb + U(2)])
+                    + F(wi[so + U(4)]) * (F(I32(s3)) - F(32) * bs[sb + U(4)])
+                    + F(wi[so + U(6)]) * (F(I32(s4)) - F(32) * bs[sb + U(6)]))
     return h2f(w[o + U(208)], w[o + U(209)]) * yd * tot
 
 
 @njit(**OPTS)
-def dot_q2_k(w, o, yq, yo, yd, bs, bo):
+def dot_q2_k(w, wi, o, yq, yo, yd, bs, bo):
     # scales 0..15 (low nibble scale, high nibble min), qs 16..79, d 80, dmin 82
     sumi = F(0)
     summ = F(0)
@@ -287,10 +401,10 @@ def dot_q2_k(w, o, yq, yo, yd, bs, bo):
                 l = 16 * g + i
                 c0, c1, c2, c3 = crumbs(F(w[o + U(16 + 32 * h + l)]))
                 yb = yo + U(128 * h + l)
-                s0 += c0 * yq[yb]
-                s1 += c1 * yq[yb + U(32)]
-                s2 += c2 * yq[yb + U(64)]
-                s3 += c3 * yq[yb + U(96)]
+                s0 += c0 * F(yq[yb])
+                s1 += c1 * F(yq[yb + U(32)])
+                s2 += c2 * F(yq[yb + U(64)])
+                s3 += c3 * F(yq[yb + U(96)])
             for k in range(4):
                 sc, m = nib(F(w[o + U(8 * h + 2 * k + g)]))
                 sk = s0 if k == 0 else (s1 if k == 1 else (s2 if k == 2 else s3))
@@ -300,7 +414,7 @@ def dot_q2_k(w, o, yq, yo, yd, bs, bo):
 
 
 @njit(**OPTS)
-def dot_q3_k(w, o, yq, yo, yd, bs, bo):
+def dot_q3_k(w, wi, o, yq, yo, yd, bs, bo):
     # hmask 0..31, qs 32..95, scales 96..107, d 108; q = 2-bit + 4*hbit - 4
     tot = F(0)
     for h in range(2):
@@ -314,144 +428,15 @@ def dot_q3_k(w, o, yq, yo, yd, bs, bo):
                 c0, c1, c2, c3 = crumbs(F(w[o + U(32 + 32 * h + l)]))
                 m = F(w[o + U(l)])
                 yb = yo + U(128 * h + l)
-                s0 += (c0 + F(4) * bit(m, 4 * h)) * yq[yb]
-                s1 += (c1 + F(4) * bit(m, 4 * h + 1)) * yq[yb + U(32)]
-                s2 += (c2 + F(4) * bit(m, 4 * h + 2)) * yq[yb + U(64)]
-                s3 += (c3 + F(4) * bit(m, 4 * h + 3)) * yq[yb + U(96)]
+                s0 += (c0 + F(4) * bit(m, 4 * h)) * F(yq[yb])
+                s1 += (c1 + F(4) * bit(m, 4 * h + 1)) * F(yq[yb + U(32)])
+                s2 += (c2 + F(4) * bit(m, 4 * h + 2)) * F(yq[yb + U(64)])
+                s3 += (c3 + F(4) * bit(m, 4 * h + 3)) * F(yq[yb + U(96)])
             for k in range(4):
                 isub = 8 * h + 2 * k + g
                 sk = s0 if k == 0 else (s1 if k == 1 else (s2 if k == 2 else s3))
                 tot += scale_q3k(w, o + U(96), isub) * (sk - F(4) * bs[bo + U(isub)])
     return h2f(w[o + U(108)], w[o + U(109)]) * yd * tot
-
-
-# ------------------------------------------------------------------ per-type matmul drivers
-# Activations are quantized once per call; weight rows are split across threads and each row
-# is reused from L1 for all n activation rows.
-
-I32 = np.int32
-I16 = np.int16
-ROW_TILE = 8   # weight rows kept in L1 while every activation row passes over them
-
-
-# Q4_0/Q4_1/Q8_0: activations are carried as int16 and block sums in int32 (exact), which
-# LLVM turns into vpmaddwd; every intermediate is cast back to int32 because Numba would
-# otherwise widen to int64 and the block would not vectorize. ~1.7x the f32-lane version.
-# Their float math is not reassociated (only contracted to FMAs, each unambiguous) so that
-# the raw row functions and the prepared ones below round identically whatever LLVM does
-# with the scale's source.
-ROW_OPTS = dict(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz", "afn", "contract"})
-
-
-@njit(**ROW_OPTS)
-def _rows_q4_0(w, rb, r0, r1, nb, yq, yd, ys, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(18)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(16):
-                q = I16(w[o + U(2 + j)])
-                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
-                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
-            acc += h2f(w[o], w[o + U(1)]) * yd[b] * (F(I32(s)) - F(8) * ys[b])
-        out[r] = acc
-
-
-@njit(**ROW_OPTS)
-def _rows_q4_1(w, rb, r0, r1, nb, yq, yd, ys, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(20)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(16):
-                q = I16(w[o + U(4 + j)])
-                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
-                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
-            # two adds, each one unambiguous FMA: the same in _rows_q4_1_p
-            acc += h2f(w[o], w[o + U(1)]) * yd[b] * F(I32(s))
-            acc += h2f(w[o + U(2)], w[o + U(3)]) * ys[b]
-        out[r] = acc
-
-
-@njit(**ROW_OPTS)
-def _rows_q8_0(w, rb, r0, r1, nb, yq, yd, ys, out):
-    wi = w.view(np.int8)
-    for r in range(r0, r1):
-        base = U(r) * rb
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(34)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(32):
-                s += I32(I16(wi[o + U(2 + j)]) * yq[yb + U(j)])
-            acc += h2f(w[o], w[o + U(1)]) * yd[b] * F(I32(s))
-        out[r] = acc
-
-
-# Prepared variants for decode: the f16 block scales come pre-converted to float32 in
-# ``d`` (and Q4_1's mins in ``m``), both (rows, nb), made once per weight by ``block_scales``
-# with the same conversion; converting them in the loop (~15 scalar instructions per block)
-# was the largest scalar cost.
-@njit(**ROW_OPTS)
-def _rows_q4_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(18)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(16):
-                q = I16(w[o + U(2 + j)])
-                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
-                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
-            acc += dr[b] * yd[b] * (F(I32(s)) - F(8) * ys[b])
-        out[r] = acc
-
-
-@njit(**ROW_OPTS)
-def _rows_q4_1_p(w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        mr = m[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(20)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(16):
-                q = I16(w[o + U(4 + j)])
-                s += (I32(I16(q & I16(15)) * yq[yb + U(j)])
-                      + I32(I16(q >> I16(4)) * yq[yb + U(16 + j)]))
-            acc += dr[b] * yd[b] * F(I32(s))
-            acc += mr[b] * ys[b]
-        out[r] = acc
-
-
-@njit(**ROW_OPTS)
-def _rows_q8_0_p(w, rb, r0, r1, nb, d, yq, yd, ys, out):
-    wi = w.view(np.int8)
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(34)
-            yb = U(b) * U(32)
-            s = I32(0)
-            for j in range(32):
-                s += I32(I16(wi[o + U(2 + j)]) * yq[yb + U(j)])
-            acc += dr[b] * yd[b] * F(I32(s))
-        out[r] = acc
 
 
 @njit(inline="always", **OPTS)
@@ -474,273 +459,6 @@ def block_scales(w2, bsz, off, dst):
     """f16 field at byte ``off`` of every ``bsz``-byte block of w2 -> dst (rows, nb) float32."""
     for r in prange(dst.shape[0]):
         _row_scales(w2[r], bsz, off, dst[r])
-
-
-@njit(**PAR)
-def mv_q4_0(w2, d, m, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, False)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q4_0_p(w, rb, r0, r1, cols // 32, d, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mv_q4_1(w2, d, m, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, True)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q4_1_p(w, rb, r0, r1, cols // 32, d, m, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mv_q8_0(w2, d, m, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, False)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q8_0_p(w, rb, r0, r1, cols // 32, d, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mm_q4_0(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 32
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, False)   # (n, cols), (n, nb), (n, nb)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):   # Numba hands each worker a contiguous range
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q4_0(w, rb, r0, r1, nb, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mm_q4_1(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 32
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, True)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):   # Numba hands each worker a contiguous range
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q4_1(w, rb, r0, r1, nb, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mm_q5_0(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 32
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, False)
-    yq = yq2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            yo = U(t) * U(cols)
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q5_0(w, base + U(b) * U(22), yq, yo + U(b) * U(32), yd[t, b], ys[t, b])
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q5_1(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 32
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, True)
-    yq = yq2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            yo = U(t) * U(cols)
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q5_1(w, base + U(b) * U(24), yq, yo + U(b) * U(32), yd[t, b], ys[t, b])
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q8_0(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 32
-    w = w2.reshape(-1)
-    yq2, yd, ys = act_q8_0(x, False)
-    yq = yq2.astype(np.int16)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):   # Numba hands each worker a contiguous range
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q8_0(w, rb, r0, r1, nb, yq[t], yd[t], ys[t], out[t])
-
-
-@njit(**PAR)
-def mm_q8_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    wi = w.view(np.int8)
-    yq2, yd, bs2 = act_q8_k(x)          # (n, cols), (n, nb), (n, cols/16)
-    yq = yq2.reshape(-1)
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q8_k(w, wi, base + U(b) * U(292), yq, U(t * cols + b * 256), yd[t, b],
-                                bs, U(t * (cols // 16) + b * 16))
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q4_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    yq2, yd, bs2 = act_q8_k(x)
-    yq = yq2.reshape(-1).astype(np.int16)   # int16 x nibble sums vectorize as in Q4_0
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                o = base + U(b) * U(144)
-                yb = U(t * cols + b * 256)
-                bo = U(t * (cols // 16) + b * 16)
-                sumi = F(0)
-                summ = F(0)
-                for c in range(4):
-                    sc0, m0 = scale_min_k4(w, o + U(4), 2 * c)
-                    sc1, m1 = scale_min_k4(w, o + U(4), 2 * c + 1)
-                    s0 = I32(0)
-                    s1 = I32(0)
-                    for l in range(32):
-                        q = I16(w[o + U(16 + 32 * c + l)])
-                        s0 += I32(I16(q & I16(15)) * yq[yb + U(64 * c + l)])
-                        s1 += I32(I16(q >> I16(4)) * yq[yb + U(64 * c + 32 + l)])
-                    sumi += sc0 * F(I32(s0)) + sc1 * F(I32(s1))
-                    summ += (m0 * (bs[bo + U(4 * c)] + bs[bo + U(4 * c + 1)])
-                             + m1 * (bs[bo + U(4 * c + 2)] + bs[bo + U(4 * c + 3)]))
-                acc += yd[t, b] * (h2f(w[o], w[o + U(1)]) * sumi - h2f(w[o + U(2)], w[o + U(3)]) * summ)
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q5_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    yq2, yd, bs2 = act_q8_k(x)
-    yq = yq2.reshape(-1)
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q5_k(w, base + U(b) * U(176), yq, U(t * cols + b * 256), yd[t, b],
-                                bs, U(t * (cols // 16) + b * 16))
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q6_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    wi = w.view(np.int8)
-    yq2, yd, bs2 = act_q8_k(x)
-    yq = yq2.reshape(-1).astype(np.int16)   # int16 x 6-bit sums vectorize as in Q4_0
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                # dot_q6_k written out with int32 sums (see _rows_q4_0)
-                o = base + U(b) * U(210)
-                yo = U(t * cols + b * 256)
-                bo = U(t * (cols // 16) + b * 16)
-                tot = F(0)
-                for h in range(2):
-                    for g in range(2):
-                        s1 = I32(0)
-                        s2 = I32(0)
-                        s3 = I32(0)
-                        s4 = I32(0)
-                        for i in range(16):
-                            l = 16 * g + i
-                            qa = I16(w[o + U(64 * h + l)])
-                            qb = I16(w[o + U(64 * h + 32 + l)])
-                            qc = I16(w[o + U(128 + 32 * h + l)])
-                            yb = yo + U(128 * h + l)
-                            s1 += I32(I16((qa & I16(15)) | ((qc & I16(3)) << I16(4))) * yq[yb])
-                            s2 += I32(I16((qb & I16(15)) | ((qc & I16(12)) << I16(2))) * yq[yb + U(32)])
-                            s3 += I32(I16((qa >> I16(4)) | (qc & I16(48))) * yq[yb + U(64)])
-                            s4 += I32(I16((qb >> I16(4)) | ((qc >> I16(2)) & I16(48))) * yq[yb + U(96)])
-                        so = o + U(192 + 8 * h + g)
-                        sb = bo + U(8 * h + g)
-                        tot += (F(wi[so]) * (F(I32(s1)) - F(32) * bs[sb])
-                                + F(wi[so + U(2)]) * (F(I32(s2)) - F(32) * bs[sb + U(2)])
-                                + F(wi[so + U(4)]) * (F(I32(s3)) - F(32) * bs[sb + U(4)])
-                                + F(wi[so + U(6)]) * (F(I32(s4)) - F(32) * bs[sb + U(6)]))
-                acc += h2f(w[o + U(208)], w[o + U(209)]) * yd[t, b] * tot
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q2_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    yq2, yd, bs2 = act_q8_k(x)
-    yq = yq2.reshape(-1)
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q2_k(w, base + U(b) * U(84), yq, U(t * cols + b * 256), yd[t, b],
-                                bs, U(t * (cols // 16) + b * 16))
-            out[t, r] = acc
-
-
-@njit(**PAR)
-def mm_q3_k(w2, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    nb = cols // 256
-    w = w2.reshape(-1)
-    yq2, yd, bs2 = act_q8_k(x)
-    yq = yq2.reshape(-1)
-    bs = bs2.reshape(-1)
-    for r in prange(rows):
-        base = U(r) * rb
-        for t in range(n):
-            acc = F(0)
-            for b in range(nb):
-                acc += dot_q3_k(w, base + U(b) * U(110), yq, U(t * cols + b * 256), yd[t, b],
-                                bs, U(t * (cols // 16) + b * 16))
-            out[t, r] = acc
 
 
 # ------------------------------------------------------------------------ dequantization
@@ -935,55 +653,28 @@ def deq_q3_k(w2, r0, r1, dst):
 # x (xs) carry Q4_0's -8 offset and Q4_1's min term. Reassociation is allowed here so the
 # 32-term block sums vectorize.
 @njit(**OPTS)
-def _rows_q4_0_f(w, rb, r0, r1, nb, d, x, xs, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(18)
-            xb = U(b) * U(32)
-            s = F(0)
-            for j in range(16):
-                q = I32(w[o + U(2 + j)])
-                s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
-            acc += dr[b] * (s - F(8) * xs[b])
-        out[r] = acc
-
-
-@njit(**OPTS)
-def _rows_q4_1_f(w, rb, r0, r1, nb, d, m, x, xs, out):
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        mr = m[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(20)
-            xb = U(b) * U(32)
-            s = F(0)
-            for j in range(16):
-                q = I32(w[o + U(4 + j)])
-                s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
-            acc += dr[b] * s + mr[b] * xs[b]
-        out[r] = acc
-
-
-@njit(**OPTS)
-def _rows_q8_0_f(w, rb, r0, r1, nb, d, x, xs, out):
-    wi = w.view(np.int8)
-    for r in range(r0, r1):
-        base = U(r) * rb
-        dr = d[r]
-        acc = F(0)
-        for b in range(nb):
-            o = base + U(b) * U(34)
-            xb = U(b) * U(32)
-            s = F(0)
+def _row32f(kind, w, wi, r, rb, nb, d, m, x, xs):
+    """Row r of a 32-block weight against one token's float activations x (block sums xs)."""
+    literally(kind)
+    acc = F(0)
+    for b in range(nb):
+        o = U(r) * rb + U(b) * U(SIZE[kind])
+        xb = U(b) * U(32)
+        s = F(0)
+        if kind == Q8_0:
             for j in range(32):
                 s += F(wi[o + U(2 + j)]) * x[xb + U(j)]
-            acc += dr[b] * s
-        out[r] = acc
+            acc += d[r, b] * s
+        else:
+            qo = o + U(2 if kind == Q4_0 else 4)
+            for j in range(16):
+                q = I32(w[qo + U(j)])
+                s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
+            if kind == Q4_0:
+                acc += d[r, b] * (s - F(8) * xs[b])
+            else:
+                acc += d[r, b] * s + m[r, b] * xs[b]
+    return acc
 
 
 @njit(**OPTS)
@@ -1001,66 +692,36 @@ def _block_sums(x):
 
 
 @njit(**PAR)
-def mvf_q4_0(w2, d, m, x, out):
+def _mvf(kind, w2, d, m, x, out):
+    literally(kind)
     rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
     w = w2.reshape(-1)
+    wi = w.view(np.int8)
     xs = _block_sums(x)
     for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
         for t in range(n):
-            _rows_q4_0_f(w, rb, r0, r1, cols // 32, d, x[t], xs[t], out[t])
+            for r in range(c * ROW_TILE, min(rows, (c + 1) * ROW_TILE)):
+                out[t, r] = _row32f(kind, w, wi, r, rb, cols // 32, d, m, x[t], xs[t])
 
 
-@njit(**PAR)
-def mvf_q4_1(w2, d, m, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    w = w2.reshape(-1)
-    xs = _block_sums(x)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q4_1_f(w, rb, r0, r1, cols // 32, d, m, x[t], xs[t], out[t])
-
-
-@njit(**PAR)
-def mvf_q8_0(w2, d, m, x, out):
-    rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
-    w = w2.reshape(-1)
-    xs = _block_sums(x)
-    for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0 = c * ROW_TILE
-        r1 = min(rows, r0 + ROW_TILE)
-        for t in range(n):
-            _rows_q8_0_f(w, rb, r0, r1, cols // 32, d, x[t], xs[t], out[t])
+mvf_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_0, w2, d, m, x, out))
+mvf_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_1, w2, d, m, x, out))
+mvf_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q8_0, w2, d, m, x, out))
 
 
 # Selected rows only (ReLU-gated FFNs skip the rows whose gate is zero). Each row runs the
 # full drivers' row function; LLVM may still order its block sums differently here (the
 # sums are reassociable), so results agree to float32 rounding.
 @njit(**PAR)
-def mvf_rows_q4_0(w2, d, m, x, idx, out):
+def _mvf_rows(kind, w2, d, m, x, idx, out):
+    literally(kind)
     rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
+    wi = w.view(np.int8)
     xs = _block_sums(x)
     for i in prange(idx.shape[0]):
-        r = idx[i]
-        _rows_q4_0_f(w, rb, r, r + 1, cols // 32, d, x[0], xs[0], out)
+        out[idx[i]] = _row32f(kind, w, wi, idx[i], rb, cols // 32, d, m, x[0], xs[0])
 
 
-@njit(**PAR)
-def mvf_rows_q4_1(w2, d, m, x, idx, out):
-    rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
-    xs = _block_sums(x)
-    for i in prange(idx.shape[0]):
-        r = idx[i]
-        _rows_q4_1_f(w, rb, r, r + 1, cols // 32, d, m, x[0], xs[0], out)
-
-
-@njit(**PAR)
-def mvf_rows_q8_0(w2, d, m, x, idx, out):
-    rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
-    xs = _block_sums(x)
-    for i in prange(idx.shape[0]):
-        r = idx[i]
-        _rows_q8_0_f(w, rb, r, r + 1, cols // 32, d, x[0], xs[0], out)
+mvf_rows_q4_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_0, w2, d, m, x, i, out))
+mvf_rows_q4_1 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_1, w2, d, m, x, i, out))
+mvf_rows_q8_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q8_0, w2, d, m, x, i, out))
