@@ -69,6 +69,9 @@ class ModelArgs(GGUFArgs):
     logit_scale: float = key("logit_scale", default=_default_logit_scale, convert=_logit_scale)
     n_expert: int = key("expert_count", default=0)
     n_expert_used: int = key("expert_used_count", default=0)
+    # MiniCPM-MoE routes with softmax, top-k, renormalised (none for the dense models)
+    routing: moe.Routing | None = derived(
+        lambda a: moe.Routing(a.n_expert_used, "softmax") if a.n_expert else None)
     sparse: SparseConfig = derived(lambda a: SparseConfig(**{
         f.name: int(a.get(f"sparse.{f.name}", f.default)) for f in fields(SparseConfig)}))
     n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
@@ -187,8 +190,7 @@ class Model(BaseModel):
             x = x + (o * rs if rs else o)
             h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
             if self.experts is not None:
-                sel, wts = moe.route(nn.linear(L.ffn_gate_inp, h), a.n_expert_used,
-                                     moe.GATING_SOFTMAX)
+                sel, wts = moe.route(nn.linear(L.ffn_gate_inp, h), a.routing)
                 f = moe.moe_ffn(h, sel, wts, self.experts, i, "silu")
             else:
                 f = nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
-                                  key, swa_layers)
+                                  expect_that, key, swa_layers)
 from pocketlm.nn import moe
 from pocketlm import nn
 
@@ -21,10 +21,15 @@ SWA_WINDOW = 4096
 NOPE_STEP = 4
 
 
-def _gating(a) -> int:
-    warnings.warn("GGUF has no smallthinker.expert_gating_func; assuming sigmoid gating",
-                  stacklevel=3)
-    return moe.GATING_SIGMOID
+def _routing(a) -> moe.Routing:
+    func = a.get("expert_gating_func", None)
+    if func is None:
+        warnings.warn("GGUF has no smallthinker.expert_gating_func; assuming sigmoid gating",
+                      stacklevel=3)
+        return moe.Routing(a.n_expert_used, "sigmoid")
+    expect_that(func in moe.GGUF_GATING, a.full("expert_gating_func"), func,
+                "1 (softmax) or 2 (sigmoid)")
+    return moe.Routing(a.n_expert_used, moe.GGUF_GATING[func])
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class ModelArgs(GGUFArgs):
                         default=lambda a: a.get("feed_forward_length", 0))
     n_expert: int = key("expert_count")
     n_expert_used: int = key("expert_used_count")
-    gating: int = key("expert_gating_func", default=_gating)
+    routing: moe.Routing = derived(_routing)
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
     rope_base: float = key("rope.freq_base", default=10000.0)
     rope_base_swa: float = key("rope.freq_base_swa", default="rope_base")
@@ -78,7 +83,7 @@ class Model(BaseModel):
         x = nn.embed(W.token_embd, ids)  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             # the router reads the layer input, so the experts are known before attention
-            sel, wts = moe.route(nn.linear(L.ffn_gate_inp, x), a.n_expert_used, a.gating)
+            sel, wts = moe.route(nn.linear(L.ffn_gate_inp, x), a.routing)
             if self.route_override is not None:
                 sel, wts = self.route_override(i, sel, wts)
             if self.on_route is not None:
@@ -89,7 +94,7 @@ class Model(BaseModel):
                 # the next router on this input predicts the next layer's experts well,
                 # because the residual stream changes little from one layer to the next
                 nxt = self.w.blk[i + 1].ffn_gate_inp
-                ex.hint(i + 1, moe.route(nn.linear(nxt, x), a.n_expert_used, a.gating)[0])
+                ex.hint(i + 1, moe.route(nn.linear(nxt, x), a.routing)[0])
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
             q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
             q = q.reshape(n, a.n_head, a.head_dim)

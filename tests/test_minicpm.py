@@ -206,14 +206,14 @@ def test_moe_routes_through_runtime_moe(model_paths, monkeypatch):
     seen = []
     real = moe.route
 
-    def spy(logits, k, gating, renorm=True):
-        seen.append((k, gating, renorm))
-        return real(logits, k, gating, renorm)
+    def spy(logits, routing):
+        seen.append(routing)
+        return real(logits, routing)
 
     monkeypatch.setattr(moe, "route", spy)
     with LLM.load(str(model_paths["tiny-moe"])) as llm:
         llm.eval([1, 5, 9])
-    assert seen and set(seen) == {(2, moe.GATING_SOFTMAX, True)}
+    assert seen and set(seen) == {moe.Routing(k=2, gating="softmax", renorm=True, scale=1.0)}
 
 
 # 8 blocks of 16 tokens kept: sparse from position 128 on ("on"), from 191 on ("auto")

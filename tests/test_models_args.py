@@ -102,6 +102,11 @@ def test_rope_dimensions(tmp_path):
         f"GGUF metadata minicpm.rope.dimension_count is 8, expected the head size {HD}"
 
 
+def test_gating_function(tmp_path):
+    assert _load_error(_write(tmp_path / "a.gguf", "smallthinker", expert_gating_func=3)) == \
+        "GGUF metadata smallthinker.expert_gating_func is 3, expected 1 (softmax) or 2 (sigmoid)"
+
+
 def test_vocabulary_and_missing_key(tmp_path):
     # one embedding row per token: a vocabulary of 32 does not fit a 40-token list
     p = _write(tmp_path / "a.gguf")

@@ -87,8 +87,8 @@ def test_smallthinker_router_choices(smallthinker_tiny_path, reference_dir):
     seen = []
     real_route = moe.route
 
-    def spy(logits, k, gating, renorm=True):
-        ids, w = real_route(logits, k, gating, renorm)
+    def spy(logits, routing):
+        ids, w = real_route(logits, routing)
         seen.append(ids[-1].tolist())
         return ids, w
 

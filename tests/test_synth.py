@@ -145,7 +145,7 @@ def test_options_write_their_keys(tmp_path, small_vocab):
                 assert load_model(g).args.use_rope == (False, True, True, True)
             else:
                 with pytest.warns(UserWarning, match="assuming sigmoid"):
-                    assert load_model(g).args.gating == 2
+                    assert load_model(g).args.routing.gating == "sigmoid"
 
 
 def test_weight_types_are_quant_bytes(tmp_path, small_vocab):

@@ -6,35 +6,55 @@ tensors; a streaming source (reading experts from disk under a memory budget) of
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pocketlm import kernels, nn
 from pocketlm.nn.device import OnDevice
 from pocketlm.gguf.tensor import QTensor
 
-GATING_SOFTMAX = 1
-GATING_SIGMOID = 2
+GATINGS = ("softmax", "sigmoid")
+# GGUF's expert_gating_func values (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*)
+GGUF_GATING = {1: "softmax", 2: "sigmoid"}
 
 
-def route(logits: np.ndarray, k: int, gating: int, renorm: bool = True):
+@dataclass(frozen=True)
+class Routing:
+    """How a model turns router logits into experts: the top ``k`` per token after ``gating``
+    ("softmax" or "sigmoid") over all experts, their weights optionally renormalised to sum
+    to 1 (``renorm``) and then multiplied by ``scale``."""
+
+    k: int
+    gating: str
+    renorm: bool = True
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"routing needs at least one expert per token, got k={self.k}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"unsupported expert gating function {self.gating!r} "
+                             f"(expected {' or '.join(GATINGS)})")
+
+
+def route(logits: np.ndarray, routing: Routing):
     """Top-k experts per token. logits (n, E) → ids (n, k) strongest first, weights (n, k).
 
     Gating is applied to all experts, then the top k are taken and (optionally) renormalised,
     with the sum clamped as llama.cpp does so a near-zero total cannot blow up.
     """
     z = logits.astype(np.float32)
-    if gating == GATING_SIGMOID:
+    if routing.gating == "sigmoid":
         p = 1.0 / (1.0 + np.exp(-z))
-    elif gating == GATING_SOFTMAX:
+    else:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         p = e / e.sum(axis=1, keepdims=True)
-    else:
-        raise ValueError(f"unsupported expert gating function {gating}")
-    ids = np.argsort(-p, axis=1, kind="stable")[:, :k]                    # (n, k)
+    ids = np.argsort(-p, axis=1, kind="stable")[:, :routing.k]            # (n, k)
     w = np.take_along_axis(p, ids, axis=1)                                # (n, k)
-    if renorm:
+    if routing.renorm:
         w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))
-    return ids, w.astype(np.float32)
+    return ids, (w * np.float32(routing.scale)).astype(np.float32)
 
 
 class Expert:
