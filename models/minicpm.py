@@ -101,11 +101,13 @@ class Model(BaseModel):
             if extra:
                 raise ValueError(f"minicpm: unsupported tensors {', '.join(extra)} "
                                  "(biases, fused qkv)")
-        self.experts = None
+        self.routers = self.experts = None
         if args.n_expert:
             if not all(hasattr(L, "ffn_gate_exps") for L in weights.blk):
                 raise ValueError("minicpm: MoE model lacks stacked ffn_{gate,up,down}_exps "
                                  "tensors (split per-expert tensors are not supported)")
+            self.routers = moe.Routers(tuple(L.ffn_gate_inp for L in weights.blk),
+                                       args.routing)
             self.experts = experts or moe.ResidentExperts(
                 [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
         half = args.head_dim // 2
@@ -190,7 +192,9 @@ class Model(BaseModel):
             x = x + (o * rs if rs else o)
             h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
             if self.experts is not None:
-                sel, wts = moe.route(nn.linear(L.ffn_gate_inp, h), a.routing)
+                # routed after attention: no earlier input to predict the next layer from
+                sel, wts = self.routers.route(i, h)
+                self.experts.request(i, sel)
                 f = moe.moe_ffn(h, sel, wts, self.experts, i, "silu")
             else:
                 f = nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")

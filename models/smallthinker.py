@@ -66,6 +66,7 @@ class Model(BaseModel):
     def __init__(self, args: ModelArgs, weights, experts=None):
         super().__init__(args, weights)
         self.scale = 1.0 / np.sqrt(args.head_dim)
+        self.routers = moe.Routers(tuple(L.ffn_gate_inp for L in weights.blk), args.routing)
         self.experts = experts or moe.ResidentExperts(
             [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
         # observer of routing decisions, on_route(layer, ids (n, k)): routing statistics, traces
@@ -82,19 +83,15 @@ class Model(BaseModel):
         n = len(ids)
         x = nn.embed(W.token_embd, ids)  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
-            # the router reads the layer input, so the experts are known before attention
-            sel, wts = moe.route(nn.linear(L.ffn_gate_inp, x), a.routing)
+            # the router reads the layer input, so the experts are known before attention: a
+            # streaming source reads them while attention computes, and predicts the next
+            # layer's from the same input
+            sel, wts = self.routers.route(i, x)
             if self.route_override is not None:
                 sel, wts = self.route_override(i, sel, wts)
             if self.on_route is not None:
                 self.on_route(i, sel)
-            ex = self.experts
-            ex.request(i, sel)   # a streaming source reads them while attention computes
-            if ex.wants_hints and i + 1 < a.n_layer:
-                # the next router on this input predicts the next layer's experts well,
-                # because the residual stream changes little from one layer to the next
-                nxt = self.w.blk[i + 1].ffn_gate_inp
-                ex.hint(i + 1, moe.route(nn.linear(nxt, x), a.routing)[0])
+            self.experts.request(i, sel, x)
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
             q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
             q = q.reshape(n, a.n_head, a.head_dim)

@@ -92,6 +92,7 @@ def test_smallthinker_experts_streamed_under_budget(sim):
     m = sim["smallthinker budget"]
     _close(m, 1e-4)
     assert m["slots"] == 3 and m["copies"] > m["slots"]   # experts were evicted and re-copied
+    assert m["source"]
 
 
 def test_smollm2_first_layer_on_device(sim):
@@ -285,8 +286,10 @@ def _check_model(out: dict, tag: str, path: str, n_layer, prompt, budget=None, d
                 out[f"{tag} {kind} logits"] = _metric(nn.linear(cpu.output, hd),
                                                       nn.linear(cpu.output, hc))
         if budget is not None:
+            from pocketlm.nn import moe
             ex = dev.experts
-            out[f"{tag} budget"] = _metric(hd, hc, slots=ex.n_slots, copies=ex.copies)
+            out[f"{tag} budget"] = _metric(hd, hc, slots=ex.n_slots, copies=ex.copies,
+                                           source=isinstance(ex, moe.ExpertSource))
 
 
 def _check_llm(out: dict, smollm2: str):

@@ -66,7 +66,8 @@ def test_streaming_never_changes_a_number(tiny, policy, n_slots):
         model.on_route = lambda layer, ids: trace.append((layer, np.unique(ids)))
         _run(model, IDS, 20)
         model.on_route = None
-    cache = ExpertCache(ExpertStore.from_gguf(g), n_slots, policy, trace=trace or None)
+    cache = ExpertCache(ExpertStore.from_gguf(g), n_slots, policy, trace=trace or None,
+                        routers=model.routers)
     try:
         model.experts = cache
         got = _run(model, IDS, 20)
@@ -90,7 +91,7 @@ def test_oracle_misses_no_more_than_lru(tiny):
     for policy in ("lru", "oracle"):
         # without speculative reads, misses are the policy's alone
         cache = ExpertCache(ExpertStore.from_gguf(g), 6, policy, trace=trace,
-                            speculate=False)
+                            speculate=False, routers=model.routers)
         try:
             model.experts = cache
             _run(model, IDS, 4)
@@ -99,6 +100,41 @@ def test_oracle_misses_no_more_than_lru(tiny):
             model.experts = resident
             cache.close()
     assert misses["oracle"] <= misses["lru"]
+
+
+def test_sources_conform_to_the_protocol(tiny):
+    """Resident, disk-streamed and device experts are ExpertSources (the device one checked by
+    its methods' signatures: making one needs a GPU)."""
+    import inspect
+    from pocketlm.cuda.model import DeviceExperts
+    g, model = tiny
+    cache = ExpertCache(ExpertStore.from_gguf(g), 4)
+    try:
+        assert isinstance(model.experts, moe.ExpertSource)
+        assert isinstance(cache, moe.ExpertSource)
+    finally:
+        cache.close()
+    for name in ("request", "hint", "each"):
+        want = inspect.signature(getattr(moe.ExpertSource, name)).parameters
+        got = inspect.signature(getattr(DeviceExperts, name)).parameters
+        assert list(got) == list(want), name
+
+
+def test_cache_predicts_the_next_layer_from_the_request(tiny):
+    """Given the routers, a request with the layer input hints the next layer's router choice
+    on that input; without routers, or without the input, nothing is predicted."""
+    g, model = tiny
+    x = np.random.default_rng(2).standard_normal((3, model.args.n_embd)).astype(np.float32)
+    sel = model.routers.route(0, x)[0]
+    want = {int(e) for e in np.unique(model.routers.route(1, x)[0])}
+    for routers, given, predicted in ((model.routers, x, {1: want}), (None, x, {}),
+                                      (model.routers, None, {})):
+        cache = ExpertCache(ExpertStore.from_gguf(g), 32, routers=routers)
+        try:
+            cache.request(0, sel, given)
+            assert cache.predicted == predicted
+        finally:
+            cache.close()
 
 
 def test_read_error_reaches_the_caller(tiny):
@@ -182,7 +218,8 @@ def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset
     with LLM.load(str(path), n_ctx=64, memory_budget="2GiB") as llm:
         llm.model.experts.close()
         n_slots = llm.memory_plan.n_experts // 3     # force evictions: a third fits
-        llm.model.experts = ExpertCache(ExpertStore.from_gguf(llm.gguf), n_slots, "lfu")
+        llm.model.experts = ExpertCache(ExpertStore.from_gguf(llm.gguf), n_slots, "lfu",
+                                        routers=llm.model.routers)
         got = llm.eval(ids)
         assert llm.model.experts.snapshot().evictions > 0
     assert np.array_equal(got, ref)

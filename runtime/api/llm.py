@@ -342,7 +342,7 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
     try:
         p = plan(model, g, store, n_ctx, chunk, budget)
         if store is not None:
-            model.experts = ExpertCache(store, p.n_slots, policy)
+            model.experts = ExpertCache(store, p.n_slots, policy, routers=model.routers)
     except Exception:
         if store is not None:
             store.close()

@@ -3,7 +3,7 @@ into a budgeted set of device slots.
 
 Expert streaming (mixture-of-experts models under ``gpu_budget``): every expert is a slot-sized
 set of gate/up/down planes. A model with a pre-attention router calls the expert source's
-``request(layer, ids)`` before attention; the device source then starts the host→device copies
+``request(layer, ids, x)`` before attention; the device source then starts the host→device copies
 of the missing experts on a copy stream (through pinned staging buffers), so they travel while
 attention runs on the compute stream. ``each`` makes the compute stream wait for a copy on the
 GPU (an event), not the host. Slots are evicted least-recently-used, never one the current
@@ -12,6 +12,7 @@ layer still needs.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 from numba import cuda
@@ -47,7 +48,10 @@ def upload(model, gpu_budget: int | None = None):
                 setattr(ns, name, to_device(prefix + name, v))
     model.output = to_device("output", model.output).head()
     if model.capabilities.moe:
-        model.experts = DeviceExperts(model.experts, model.args, gpu_budget)
+        # the routers as uploaded: the device source predicts from device activations
+        model.routers = replace(model.routers, weights=tuple(
+            to_device(f"blk.{i}.ffn_gate_inp", w) for i, w in enumerate(model.routers.weights)))
+        model.experts = DeviceExperts(model.experts, model.args, gpu_budget, model.routers)
     elif gpu_budget is not None:
         raise ValueError("a GPU budget applies to mixture-of-experts models only")
     host_new_cache = model.new_cache
@@ -93,8 +97,8 @@ class DeviceLayerCache(LayerCache):
 
 
 class DeviceExperts:
-    """An expert source on the GPU over a host one (the ``runtime.moe`` expert-source interface:
-    ``request``, ``hint``, ``each``).
+    """An ExpertSource (``pocketlm.nn.moe``) on the GPU over a host one. Given the model's
+    ``routers``, it predicts the next layer's experts for a host source that wants hints.
 
     ``budget``: bytes of device memory for expert slots (None: one slot per expert, so each is
     copied once). At least ``n_expert_used`` slots are needed. Experts of a host source with
@@ -102,9 +106,10 @@ class DeviceExperts:
     streaming host source as it yields them.
     """
 
-    def __init__(self, host_source, args, budget: int | None = None):
+    def __init__(self, host_source, args, budget: int | None = None, routers=None):
         self.host = host_source
-        self.wants_hints = getattr(host_source, "wants_hints", False)
+        self.routers = routers
+        self.wants_hints = host_source.wants_hints
         gen = host_source.each(0, np.zeros((1, 1), np.int64))
         _, probe = next(gen)
         gen.close()
@@ -135,7 +140,7 @@ class DeviceExperts:
     def n_slots(self) -> int:
         return len(self.slots)
 
-    def request(self, layer: int, ids):
+    def request(self, layer: int, ids, x=None):
         """The experts ``layer`` needs (pre-attention router): start their copies."""
         wanted = [int(e) for e in np.unique(ids)][: self.n_slots]
         self.protected = {(layer, e) for e in wanted}
@@ -146,6 +151,8 @@ class DeviceExperts:
             for e in wanted:
                 if (layer, e) not in self.where:
                     self._load((layer, e), self.host.get(layer, e))
+        if self.wants_hints and self.routers is not None:
+            self.routers.hint_next(self, layer, x)
 
     def hint(self, layer: int, ids):
         self.host.hint(layer, ids)

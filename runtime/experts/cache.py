@@ -279,17 +279,19 @@ POLICIES = {"lru": LRU, "lfu": LFU, "predictive": Predictive, "oracle": Oracle}
 class ExpertCache:
     """Experts in a fixed arena of ``n_slots`` slots, filled from ``store`` by I/O threads.
 
-    The model calls ``request(layer, ids)`` as soon as a layer's routing is known (before
-    attention, for a pre-attention router), optionally ``hint(layer, ids)`` with a prediction
-    for a later layer, and then iterates ``each(layer, ids)``, which yields experts as they
-    become ready, each pinned while the caller uses it.
+    An ExpertSource: the model calls ``request(layer, ids, x)`` as soon as a layer's routing
+    is known (before attention, for a pre-attention router) and then iterates
+    ``each(layer, ids)``, which yields experts as they become ready, each pinned while the
+    caller uses it. Given the model's ``routers``, the cache predicts the next layer's experts
+    from the ``x`` of a request and reads them speculatively; ``hint`` takes a prediction made
+    elsewhere (a source stacked over this one).
     """
 
     wants_hints = True
 
     def __init__(self, store: ExpertStore, n_slots: int, policy: str = "lru",
                  io_threads: int | None = None, trace=None, min_precision: float = 0.5,
-                 speculate: bool = True):
+                 speculate: bool = True, routers=None):
         if n_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
         if io_threads is None:
@@ -301,6 +303,7 @@ class ExpertCache:
             raise ValueError(f"unknown cache policy {policy!r} "
                              f"(choose from {', '.join(POLICIES)})")
         self.store = store
+        self.routers = routers
         self.n_layers = max(store.layers) + 1
         self.policy_name = policy
         self.policy = POLICIES[policy](self.n_layers, trace=trace, n_slots=n_slots)
@@ -366,8 +369,9 @@ class ExpertCache:
             return dataclasses.replace(self.stats)
 
     # -- model side ------------------------------------------------------------------------------
-    def request(self, layer: int, ids):
-        """The experts ``layer`` needs now: start reading the missing ones, urgently."""
+    def request(self, layer: int, ids, x=None):
+        """The experts ``layer`` needs now: start reading the missing ones, urgently; then,
+        with routers and the layer input ``x``, the next layer's predicted ones."""
         keys = {(layer, int(e)) for e in np.unique(ids)}
         with self.cv:
             self.step += 1
@@ -388,6 +392,8 @@ class ExpertCache:
                         self._enqueue(k, URGENT)
                 self.policy.touch(k, self.step, s)
             self.cv.notify_all()
+        if self.routers is not None:   # outside the lock: the I/O threads need it meanwhile
+            self.routers.hint_next(self, layer, x)
 
     def hint(self, layer: int, ids):
         """A prediction of the experts ``layer`` will need: read them if slots allow."""

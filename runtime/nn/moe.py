@@ -1,12 +1,14 @@
 """Mixture-of-experts FFN: routing and expert evaluation, one mechanism for every MoE model.
 
-Experts come from an expert source: ``ResidentExperts`` serves planes of the memory-mapped 3-D
-tensors; a streaming source (reading experts from disk under a memory budget) offers the same
-``get(layer, expert)`` interface.
+A model declares its ``Routing`` and holds its ``Routers``; it routes a layer and announces
+the choice to its ``ExpertSource``, which serves the experts: ``ResidentExperts`` (planes of
+the memory-mapped 3-D tensors), the disk-streaming cache (``pocketlm.experts``) or the GPU's
+slots (``pocketlm.cuda.model``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,6 +59,26 @@ def route(logits: np.ndarray, routing: Routing):
     return ids, (w * np.float32(routing.scale)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Routers:
+    """A model's routers: one router weight (n_expert, n_embd) per layer, sharing a Routing."""
+
+    weights: tuple
+    routing: Routing
+
+    def route(self, layer: int, x: np.ndarray):
+        """Layer ``layer``'s experts for its router input x (n, n_embd): ids, weights (n, k)."""
+        return route(nn.linear(self.weights[layer], x), self.routing)
+
+    def hint_next(self, source, layer: int, x: np.ndarray | None):
+        """Hint ``source`` with the experts the next layer's router picks on x, the input of
+        ``layer``'s pre-attention router: the residual stream changes little from one layer
+        to the next, so they predict the next layer's experts well. Nothing after the last
+        layer, or without x (a router that reads something else)."""
+        if x is not None and layer + 1 < len(self.weights):
+            source.hint(layer + 1, self.route(layer + 1, x)[0])
+
+
 class Expert:
     """One expert's three matrices: gate, up (n_ff, n_embd) and down (n_embd, n_ff)."""
 
@@ -64,6 +86,28 @@ class Expert:
 
     def __init__(self, gate: QTensor, up: QTensor, down: QTensor, down_t: bool = False):
         self.gate, self.up, self.down, self.down_t = gate, up, down, down_t
+
+
+@runtime_checkable
+class ExpertSource(Protocol):
+    """Where a model's experts come from.
+
+    The model routes a layer and calls ``request(layer, ids, x)`` with the router's choice
+    (n, k) as soon as it is known (a streaming source starts reading); ``x`` is the router's
+    input when that is the layer input (pre-attention routers), from which a source given
+    the model's ``Routers`` predicts the next layer. ``moe_ffn`` then takes the experts from
+    ``each(layer, ids)``: (id, Expert) pairs for the unique ids, in the order they are ready.
+    ``hint(layer, ids)`` passes a prediction for a later layer to a source that
+    ``wants_hints`` (so a source over another forwards its predictions).
+    """
+
+    wants_hints: bool
+
+    def request(self, layer: int, ids: np.ndarray, x: np.ndarray | None = None) -> None: ...
+
+    def hint(self, layer: int, ids: np.ndarray) -> None: ...
+
+    def each(self, layer: int, ids: np.ndarray) -> Iterator[tuple[int, Expert]]: ...
 
 
 def _plane(t: QTensor, e: int) -> QTensor:
@@ -84,12 +128,8 @@ def down_transposed(gate_shape, down_shape) -> bool:
 
 
 class ResidentExperts:
-    """Experts read straight from the memory-mapped expert tensors (no budget).
-
-    The expert-source interface: ``request(layer, ids)`` announces what a layer needs (a
-    streaming source starts reading), ``hint(layer, ids)`` passes a prediction when
-    ``wants_hints``, and ``each(layer, ids)`` yields (id, Expert) pairs.
-    """
+    """The ExpertSource of experts read straight from the memory-mapped expert tensors (no
+    budget): everything is ready, so requests and predictions need no work."""
 
     wants_hints = False
 
@@ -108,8 +148,11 @@ class ResidentExperts:
             self._planes[(layer, e)] = ex
         return ex
 
-    def request(self, layer: int, ids):
-        pass   # everything is mapped already
+    def request(self, layer: int, ids, x=None):
+        pass
+
+    def hint(self, layer: int, ids):
+        pass
 
     def each(self, layer: int, ids):
         for e in np.unique(ids):
@@ -158,8 +201,8 @@ def _expert(ex: Expert, xe: np.ndarray, act: str) -> np.ndarray:
     return nn.linear(ex.down, h)
 
 
-def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts, layer: int,
-            act: str) -> np.ndarray:
+def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertSource,
+            layer: int, act: str) -> np.ndarray:
     """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd); tokens are grouped by expert so each
     expert's weights are read once per call. Experts are taken in the order the source has
     them ready; each token's terms are still added in its own fixed order (strongest first),
