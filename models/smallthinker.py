@@ -69,11 +69,6 @@ class Model(BaseModel):
         self.routers = moe.Routers(tuple(L.ffn_gate_inp for L in weights.blk), args.routing)
         self.experts = experts or moe.ResidentExperts(
             [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
-        # observer of routing decisions, on_route(layer, ids (n, k)): routing statistics, traces
-        self.on_route = None
-        # replacement of routing decisions, route_override(layer, ids, weights) -> (ids,
-        # weights): benchmarks' worst case (uniform random experts)
-        self.route_override = None
 
     def layer_windows(self) -> list[int]:
         return [SWA_WINDOW if s else 0 for s in self.args.is_swa]
@@ -87,10 +82,6 @@ class Model(BaseModel):
             # streaming source reads them while attention computes, and predicts the next
             # layer's from the same input
             sel, wts = self.routers.route(i, x)
-            if self.route_override is not None:
-                sel, wts = self.route_override(i, sel, wts)
-            if self.on_route is not None:
-                self.on_route(i, sel)
             self.experts.request(i, sel, x)
             h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
             q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)

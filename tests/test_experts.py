@@ -10,6 +10,7 @@ from pocketlm.models import load_model
 from pocketlm.nn import moe
 from pocketlm.experts.budget import MemoryBudgetError, parse_size, plan
 from pocketlm.experts.cache import POLICIES, ExpertCache, ExpertStore
+from pocketlm.experts.stats import tap_routing
 from pocketlm.gguf.reader import open_gguf
 from pocketlm.generate.loop import prefill
 
@@ -63,9 +64,8 @@ def test_streaming_never_changes_a_number(tiny, policy, n_slots):
     ref = _run(model, IDS, 20)
     trace = []
     if policy == "oracle":
-        model.on_route = lambda layer, ids: trace.append((layer, np.unique(ids)))
-        _run(model, IDS, 20)
-        model.on_route = None
+        with tap_routing(model, lambda layer, ids: trace.append((layer, np.unique(ids)))):
+            _run(model, IDS, 20)
     cache = ExpertCache(ExpertStore.from_gguf(g), n_slots, policy, trace=trace or None,
                         routers=model.routers)
     try:
@@ -84,9 +84,8 @@ def test_streaming_never_changes_a_number(tiny, policy, n_slots):
 def test_oracle_misses_no_more_than_lru(tiny):
     g, model = tiny
     resident, trace = model.experts, []
-    model.on_route = lambda layer, ids: trace.append((layer, np.unique(ids)))
-    _run(model, IDS, 4)
-    model.on_route = None
+    with tap_routing(model, lambda layer, ids: trace.append((layer, np.unique(ids)))):
+        _run(model, IDS, 4)
     misses = {}
     for policy in ("lru", "oracle"):
         # without speculative reads, misses are the policy's alone

@@ -13,6 +13,7 @@ import numpy as np
 
 from pocketlm import kernels
 from pocketlm.nn import moe
+from pocketlm.experts.stats import tap_routing
 from pocketlm.generate.loop import peak_rss, prefill
 
 
@@ -29,16 +30,19 @@ def _random_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, n_vocab - 1, size=n).tolist()
 
 
-def _uniform_router(n_expert: int, seed: int):
-    """A route_override picking k distinct experts uniformly at random per token and layer,
-    equally weighted: the worst case for an expert cache."""
-    rng = np.random.default_rng(seed)
+class _UniformRouters:
+    """Routers picking k distinct experts uniformly at random per token and layer, equally
+    weighted: the worst case for an expert cache. They stand in for the model's own, which
+    its expert source keeps for its predictions."""
 
-    def override(layer, ids, weights):
-        n, k = ids.shape
-        sel = np.argsort(rng.random((n, n_expert)), axis=1)[:, :k]
-        return sel, np.full((n, k), 1.0 / k, np.float32)
-    return override
+    def __init__(self, n_expert: int, k: int, seed: int):
+        self.n_expert, self.k = n_expert, k
+        self.rng = np.random.default_rng(seed)
+
+    def route(self, layer: int, x):
+        n = x.shape[0]
+        sel = np.argsort(self.rng.random((n, self.n_expert)), axis=1)[:, :self.k]
+        return sel, np.full((n, self.k), 1.0 / self.k, np.float32)
 
 
 def _run(llm, kind: str, n: int, depth: int, r: int, tokens) -> float:
@@ -98,34 +102,37 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
     tests = _tests(n_prompt, n_gen)
 
     def runs():
+        routers = model.routers if experts is not None else None
         if routing == "uniform":
-            model.route_override = _uniform_router(model.args.n_expert, seed)
+            model.routers = _UniformRouters(model.args.n_expert, routers.routing.k, seed)
         out = []
-        for kind, n in tests:
-            samples, stats, active = [], [], []
-            for r in range(reps + 1):  # the first run warms caches and JIT
-                before = experts.snapshot() if streamed else None
-                neurons = (moe.relu_stats.active, moe.relu_stats.total)
-                dt = _run(llm, kind, n, depth, r, tokens)
-                if r > 0:
-                    samples.append(n / dt)
-                    if streamed:
-                        stats.append(experts.snapshot().minus(before).as_dict(n))
-                    total = moe.relu_stats.total - neurons[1]
-                    if total:
-                        active.append((moe.relu_stats.active - neurons[0]) / total)
-                if progress:
-                    progress(f"{kind}{n}", r, reps)
-            out.append((kind, n, samples, stats, active))
-        model.route_override = None
+        try:
+            for kind, n in tests:
+                samples, stats, active = [], [], []
+                for r in range(reps + 1):  # the first run warms caches and JIT
+                    before = experts.snapshot() if streamed else None
+                    if experts is not None:   # ReGLU experts count their active neurons
+                        experts.neurons = moe.NeuronStats()
+                    dt = _run(llm, kind, n, depth, r, tokens)
+                    if r > 0:
+                        samples.append(n / dt)
+                        if streamed:
+                            stats.append(experts.snapshot().minus(before).as_dict(n))
+                        if experts is not None and experts.neurons.total:
+                            active.append(experts.neurons.fraction)
+                    if progress:
+                        progress(f"{kind}{n}", r, reps)
+                out.append((kind, n, samples, stats, active))
+        finally:
+            if experts is not None:
+                model.routers, experts.neurons = routers, None
         return out
 
     if oracle:
         trace = []
-        model.on_route, prev = (lambda layer, ids: trace.append((layer, ids))), model.on_route
         experts.set_policy("lru")
-        runs()
-        model.on_route = prev
+        with tap_routing(model, lambda layer, ids: trace.append((layer, ids))):
+            runs()
         experts.reset()
         experts.set_policy("oracle", trace=_steps(trace))
     results = []

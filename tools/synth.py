@@ -223,17 +223,18 @@ def trace_routing(llm, ids: list[int]) -> list[np.ndarray]:
     The prompt is evaluated in prefill chunks of ``llm.chunk``; the router reads each layer's
     input, which is the same function of the prefix as in one-token decode steps.
     """
+    from pocketlm.experts.stats import tap_routing
     from pocketlm.generate.loop import prefill
     model = llm.model
-    if not hasattr(model, "on_route"):
+    if not model.capabilities.moe:
         raise ValueError(f"{llm.gguf.path}: architecture {llm.gguf.arch!r} has no expert "
                          "routing to measure")
     per_layer: dict[int, list[np.ndarray]] = {}
-    model.on_route = lambda layer, sel: per_layer.setdefault(layer, []).append(sel.copy())
-    try:
+
+    def record(layer, sel):
+        per_layer.setdefault(layer, []).append(sel.copy())
+    with tap_routing(model, record):
         prefill(model, model.new_cache(len(ids), llm.chunk), ids, llm.chunk)
-    finally:
-        model.on_route = None
     return [np.concatenate(per_layer[i]) for i in sorted(per_layer)]
 
 

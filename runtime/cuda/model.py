@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from pocketlm.nn.kvcache import KVCache, LayerCache
-from pocketlm.nn.moe import Expert
+from pocketlm.nn.moe import Expert, ExpertSource
 from pocketlm.gguf.tensor import QTensor
 
 from . import kernels as K
@@ -96,7 +96,7 @@ class DeviceLayerCache(LayerCache):
         self.d_slot_pos.copy_to_device(self.slot_pos, stream=ops.stream())
 
 
-class DeviceExperts:
+class DeviceExperts(ExpertSource):
     """An ExpertSource (``pocketlm.nn.moe``) on the GPU over a host one. Given the model's
     ``routers``, it predicts the next layer's experts for a host source that wants hints.
 

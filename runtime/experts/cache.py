@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketlm import kernels
-from pocketlm.nn.moe import Expert, down_transposed
+from pocketlm.nn.moe import Expert, ExpertSource, down_transposed
 from pocketlm.gguf.tensor import QTensor
 
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
@@ -276,7 +276,7 @@ POLICIES = {"lru": LRU, "lfu": LFU, "predictive": Predictive, "oracle": Oracle}
 
 
 # -- the cache ------------------------------------------------------------------------------------
-class ExpertCache:
+class ExpertCache(ExpertSource):
     """Experts in a fixed arena of ``n_slots`` slots, filled from ``store`` by I/O threads.
 
     An ExpertSource: the model calls ``request(layer, ids, x)`` as soon as a layer's routing

@@ -88,6 +88,18 @@ class Expert:
         self.gate, self.up, self.down, self.down_t = gate, up, down, down_t
 
 
+class NeuronStats:
+    """Counts of ReLU-gated neurons that were active (gate > 0) in decode steps."""
+
+    def __init__(self):
+        self.active = 0
+        self.total = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.active / self.total if self.total else 0.0
+
+
 @runtime_checkable
 class ExpertSource(Protocol):
     """Where a model's experts come from.
@@ -98,10 +110,14 @@ class ExpertSource(Protocol):
     the model's ``Routers`` predicts the next layer. ``moe_ffn`` then takes the experts from
     ``each(layer, ids)``: (id, Expert) pairs for the unique ids, in the order they are ready.
     ``hint(layer, ids)`` passes a prediction for a later layer to a source that
-    ``wants_hints`` (so a source over another forwards its predictions).
+    ``wants_hints`` (so a source over another forwards its predictions). ``neurons``, when
+    set (benchmarks), counts decode's active ReLU-gated neurons in the experts served.
+
+    Sources subclass it for the defaults: no hints wanted, nothing counted.
     """
 
-    wants_hints: bool
+    wants_hints: bool = False
+    neurons: NeuronStats | None = None
 
     def request(self, layer: int, ids: np.ndarray, x: np.ndarray | None = None) -> None: ...
 
@@ -127,11 +143,9 @@ def down_transposed(gate_shape, down_shape) -> bool:
                      f"({n_embd}, {n_ff})")
 
 
-class ResidentExperts:
+class ResidentExperts(ExpertSource):
     """The ExpertSource of experts read straight from the memory-mapped expert tensors (no
     budget): everything is ready, so requests and predictions need no work."""
-
-    wants_hints = False
 
     def __init__(self, layers):
         # layers: per layer (gate_exps, up_exps, down_exps) QTensors of shape (E, rows, cols)
@@ -159,39 +173,26 @@ class ResidentExperts:
             yield int(e), self.get(layer, int(e))
 
 
-class NeuronStats:
-    """Counts of ReLU-gated neurons that were active (gate > 0) in decode steps."""
-
-    def __init__(self):
-        self.active = 0
-        self.total = 0
-
-    @property
-    def fraction(self) -> float:
-        return self.active / self.total if self.total else 0.0
-
-
-relu_stats = NeuronStats()
-
-
-def _expert(ex: Expert, xe: np.ndarray, act: str) -> np.ndarray:
-    """One expert on its tokens xe (m, n_embd) -> (m, n_embd)."""
+def _expert(ex: Expert, xe: np.ndarray, act: str, neurons: NeuronStats | None) -> np.ndarray:
+    """One expert on its tokens xe (m, n_embd) -> (m, n_embd); ReLU decode counts its active
+    neurons in ``neurons`` when given."""
     if isinstance(xe, OnDevice):   # a model on a GPU: its backend runs the whole expert
         return xe.ops.expert(ex, xe, act)
     if len(xe) == 1 and not ex.down_t:
         fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act)
         if fused is not None:   # the calls below in one kernel, same numbers
-            if act == "relu":
-                relu_stats.active += fused[1]
-                relu_stats.total += ex.gate.shape[-2]
+            if act == "relu" and neurons is not None:
+                neurons.active += fused[1]
+                neurons.total += ex.gate.shape[-2]
             return fused[0][None, :]
     g = nn.linear(ex.gate, xe)                                           # (m, n_ff)
     if act == "relu" and len(xe) == 1:
         # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
         # rows of up are computed (exact: each is the same dot product as in the full matvec)
         active = np.flatnonzero(g[0] > 0)
-        relu_stats.active += len(active)
-        relu_stats.total += g.shape[1]
+        if neurons is not None:
+            neurons.active += len(active)
+            neurons.total += g.shape[1]
         u = kernels.matvec_rows(ex.up, xe[0], active)[None, :]
     else:
         u = nn.linear(ex.up, xe)
@@ -211,7 +212,8 @@ def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: Expert
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
     for e, ex in experts.each(layer, ids):
         tok, slot = np.nonzero(ids == e)
-        parts[tok, slot] = weights[tok, slot][:, None] * _expert(ex, x[tok], act)
+        parts[tok, slot] = weights[tok, slot][:, None] * _expert(ex, x[tok], act,
+                                                                 experts.neurons)
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]
