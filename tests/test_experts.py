@@ -9,7 +9,9 @@ import pytest
 from pocketlm.models import load_model
 from pocketlm.nn import moe
 from pocketlm.experts.budget import MemoryBudgetError, parse_size, plan
-from pocketlm.experts.cache import POLICIES, ExpertCache, ExpertStore
+from pocketlm.experts.cache import ExpertCache
+from pocketlm.experts.policies import POLICIES
+from pocketlm.experts.store import ExpertStore
 from pocketlm.experts.stats import tap_routing
 from pocketlm.gguf.reader import open_gguf
 from pocketlm.generate.loop import prefill
@@ -226,7 +228,7 @@ def test_budget_streams_every_moe_model_unchanged(tmp_path, smollm2_path, preset
 
 def test_policies_pick_their_victims():
     """Each policy's choice on a hand-made history (slots 0..3 hold experts 0..3 of layer 0)."""
-    from pocketlm.experts.cache import LFU, LRU, Predictive
+    from pocketlm.experts.policies import LFU, LRU, Predictive
     keys = [(0, e) for e in range(4)]
     where = {k: s for s, k in enumerate(keys)}
     slots = np.arange(4)

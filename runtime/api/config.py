@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from pocketlm.experts.budget import parse_size
-from pocketlm.experts.cache import POLICIES
+from pocketlm.experts.policies import POLICIES
 from pocketlm.models.minicpm import SPARSE_MODES
 from pocketlm.nn.backend import DEVICES
 from pocketlm.nn.encoder import BACKENDS

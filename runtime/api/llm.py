@@ -335,7 +335,8 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
     cache evicting by ``policy`` (both checked by LoadConfig)."""
     from pocketlm import kernels
     from pocketlm.experts.budget import plan
-    from pocketlm.experts.cache import ExpertCache, ExpertStore
+    from pocketlm.experts.cache import ExpertCache
+    from pocketlm.experts.store import ExpertStore
     # the plan measures the process with the model's kernels loaded
     kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
     store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
