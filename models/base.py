@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pocketlm import nn
-from pocketlm.nn.kvcache import KVCache, LayerCache
+from pocketlm.nn.kvcache import KVCache
 
 # GGUF namespaces that are not prefixed by the architecture name
 ABSOLUTE = ("general.", "tokenizer.", "sentence_transformers.")
@@ -226,11 +226,14 @@ def load_weights(gguf_file) -> SimpleNamespace:
 
 
 class BaseModel:
-    """A decoder: ``forward_hidden`` (per model file) then the output head (here)."""
+    """A decoder: ``forward_hidden`` (per model file) then the output head (here), computed
+    with ``self.ops`` (``nn.Ops``: CPU kernels by default; ``nn.backend.place`` sets a
+    device's)."""
 
     def __init__(self, args, weights: SimpleNamespace):
         self.args = args
         self.w = weights
+        self.ops: nn.Ops = nn.CPU
         if len(weights.blk) != args.n_layer:
             raise ValueError(f"model has {len(weights.blk)} layers, metadata says {args.n_layer}")
         for name in self.required_tensors():
@@ -250,22 +253,26 @@ class BaseModel:
         raise NotImplementedError
 
     def new_cache(self, n_ctx: int, chunk: int = 512) -> KVCache:
+        """A KV cache where the model's ops keep it."""
         a = self.args
-        return KVCache([LayerCache(a.n_head_kv, a.head_dim, n_ctx, w, chunk)
+        return KVCache([self.ops.layer_cache(a.n_head_kv, a.head_dim, n_ctx, w, chunk)
                         for w in self.layer_windows()], n_ctx)
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
+                       ops: nn.Ops) -> np.ndarray:
         raise NotImplementedError
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
+    def logits(self, hidden: np.ndarray, ops: nn.Ops) -> np.ndarray:
         """(n, n_embd) final hidden states → (n, n_vocab) logits."""
-        return nn.linear(self.output, hidden)
+        return ops.linear(self.output, hidden)
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
-                n_logits: int = 1) -> np.ndarray | None:
-        """Run ``ids`` at ``positions`` through the model, extending ``cache``.
+                n_logits: int = 1, ops: nn.Ops | None = None) -> np.ndarray | None:
+        """Run ``ids`` at ``positions`` through the model, extending ``cache``, on ``ops``
+        (default ``self.ops``; prompts run on ``self.ops.prompt``).
 
         Returns float32 logits (n_logits, n_vocab) of the last ``n_logits`` tokens (None: none).
         """
-        h = self.forward_hidden(ids, positions, cache)
-        return self.logits(h[len(h) - n_logits:]) if n_logits > 0 else None
+        ops = ops or self.ops
+        h = self.forward_hidden(ids, positions, cache, ops)
+        return self.logits(h[len(h) - n_logits:], ops) if n_logits > 0 else None

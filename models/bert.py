@@ -89,18 +89,18 @@ class Model:
 
     def set_backend(self, name: str) -> None:
         """"numba" (kernels on the stored blocks) or "numpy" (no JIT; weights held as float32)."""
-        self.backend = be = encoder.backend(name)
-        self.layers = [{n: be.weight(getattr(L, n)) for n in _LAYER_TENSORS}
+        self.ops = o = nn.backend_ops(name)
+        self.layers = [{n: o.weight(getattr(L, n)) for n in _LAYER_TENSORS}
                        | {n + "_b": getattr(L, n + "_b") for n in _LAYER_TENSORS + _LAYER_NORMS}
                        | {n: getattr(L, n) for n in _LAYER_NORMS}
                        for L in self.w.blk]
 
     def hidden(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Last-layer states (B, T, n_embd) of padded ids (B, T); lengths (B,) real tokens."""
-        a, be = self.args, self.backend
+        a, be = self.args, self.ops
         B, T = ids.shape
         H, D = a.n_head, a.n_embd // a.n_head
-        x = nn.embed(self.tok, ids.reshape(-1)).reshape(B, T, a.n_embd)
+        x = be.embed(self.tok, ids.reshape(-1)).reshape(B, T, a.n_embd)
         x += self.pos[:T] + self.type0
         x = be.layer_norm(x.reshape(B * T, a.n_embd), *self.embd_norm, a.norm_eps)  # (B*T, d)
         for L in self.layers:

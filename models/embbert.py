@@ -15,7 +15,6 @@ import numpy as np
 
 from pocketlm.models.base import Capabilities, GGUFArgs, key
 from pocketlm import nn
-from pocketlm.kernels.tinyops import ops
 
 F = np.float32
 
@@ -118,8 +117,7 @@ class Model:
 
     def set_backend(self, backend: str) -> None:
         """"numba" (compiled kernels) or "numpy" (no JIT at all)."""
-        self.ops = ops(backend)
-        self.backend = backend
+        self.ops = nn.backend_ops(backend)
 
     def activation_values(self, n_tokens: int) -> int:
         """Peak live activation values as the paper counts them: the x/Q buffer, the score
@@ -150,8 +148,8 @@ class Model:
             raise ValueError(f"embbert: token id {int(bad[0])} is outside the vocabulary "
                              f"of {self.tok_embd.rows}")
         valid = ids != a.pad_id                                             # (T,) key mask
-        x = (self._lin(self.tok_proj, nn.embed(self.tok_embd, ids))
-             + self._lin(self.pos_proj, nn.embed(self.pos_embd, np.arange(T)))
+        x = (self._lin(self.tok_proj, o.embed(self.tok_embd, ids))
+             + self._lin(self.pos_proj, o.embed(self.pos_embd, np.arange(T)))
              + self.seg[self.segments(ids)])                               # (T, d)
         scale = F(1.0 / np.sqrt(a.n_embd))
         for i, L in enumerate(self.layers):

@@ -12,7 +12,6 @@ import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
                                   key, rope_linear_scale, swa_layers)
-from pocketlm import nn
 
 
 @dataclass(frozen=True)
@@ -50,31 +49,31 @@ class Model(BaseModel):
     def layer_windows(self) -> list[int]:
         return [self.args.window if s else 0 for s in self.args.is_swa]
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache, ops) -> np.ndarray:
         a, W = self.args, self.w
         n = len(ids)
-        x = nn.embed(W.token_embd, ids) * np.float32(np.sqrt(a.n_embd))  # (n, n_embd)
+        x = ops.embed(W.token_embd, ids) * np.float32(np.sqrt(a.n_embd))  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             swa = a.is_swa[i]
             base, fscale = (a.rope_base_swa, 1.0) if swa else (a.rope_base, a.rope_freq_scale)
-            h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            h = ops.rms_norm(x, L.attn_norm, a.rms_eps)
+            q, k, v = ops.linears([L.attn_q, L.attn_k, L.attn_v], h)
             q = q.reshape(n, a.n_head, a.head_dim)
             k = k.reshape(n, a.n_head_kv, a.head_dim)
             v = v.reshape(n, a.n_head_kv, a.head_dim)
-            q = nn.rope(nn.head_norm(q, L.attn_q_norm, a.rms_eps), positions, a.head_dim, base,
-                        "neox", fscale)
-            k = nn.rope(nn.head_norm(k, L.attn_k_norm, a.rms_eps), positions, a.head_dim, base,
-                        "neox", fscale)
-            o = nn.attention(q * np.float32(a.query_scale), k, v, c, positions, 1.0)
-            x = x + nn.rms_norm(nn.linear(L.attn_output, o), L.post_attention_norm, a.rms_eps)
-            h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
-            f = nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "gelu")
-            x = x + nn.rms_norm(f, L.post_ffw_norm, a.rms_eps)
-        return nn.rms_norm(x, W.output_norm, a.rms_eps)
+            q = ops.rope(ops.head_norm(q, L.attn_q_norm, a.rms_eps), positions, a.head_dim, base,
+                         "neox", fscale)
+            k = ops.rope(ops.head_norm(k, L.attn_k_norm, a.rms_eps), positions, a.head_dim, base,
+                         "neox", fscale)
+            o = ops.attention(q * np.float32(a.query_scale), k, v, c, positions, 1.0)
+            x = x + ops.rms_norm(ops.linear(L.attn_output, o), L.post_attention_norm, a.rms_eps)
+            h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)
+            f = ops.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "gelu")
+            x = x + ops.rms_norm(f, L.post_ffw_norm, a.rms_eps)
+        return ops.rms_norm(x, W.output_norm, a.rms_eps)
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        out = super().logits(hidden)
+    def logits(self, hidden: np.ndarray, ops) -> np.ndarray:
+        out = super().logits(hidden, ops)
         if self.args.final_softcap > 0:
             cap = np.float32(self.args.final_softcap)
             out = np.tanh(out / cap) * cap

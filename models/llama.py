@@ -7,7 +7,6 @@ import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
                                   key, rope_linear_scale)
-from pocketlm import nn
 
 
 @dataclass(frozen=True)
@@ -39,20 +38,20 @@ class Model(BaseModel):
     def layer_windows(self) -> list[int]:
         return [0] * self.args.n_layer
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache, ops) -> np.ndarray:
         a, W = self.args, self.w
         n = len(ids)
-        x = nn.embed(W.token_embd, ids)  # (n, n_embd)
+        x = ops.embed(W.token_embd, ids)  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
-            h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            h = ops.rms_norm(x, L.attn_norm, a.rms_eps)
+            q, k, v = ops.linears([L.attn_q, L.attn_k, L.attn_v], h)
             q = q.reshape(n, a.n_head, a.head_dim)
             k = k.reshape(n, a.n_head_kv, a.head_dim)
             v = v.reshape(n, a.n_head_kv, a.head_dim)
-            q = nn.rope(q, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
-            k = nn.rope(k, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
-            o = nn.attention(q, k, v, c, positions, self.scale)
-            x = x + nn.linear(L.attn_output, o)
-            h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
-            x = x + nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
-        return nn.rms_norm(x, W.output_norm, a.rms_eps)
+            q = ops.rope(q, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
+            k = ops.rope(k, positions, a.rope_dims, a.rope_base, "norm", a.rope_freq_scale)
+            o = ops.attention(q, k, v, c, positions, self.scale)
+            x = x + ops.linear(L.attn_output, o)
+            h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)
+            x = x + ops.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
+        return ops.rms_norm(x, W.output_norm, a.rms_eps)

@@ -8,7 +8,7 @@ the original model divides by n_embd/256; it is kept for parity with llama.cpp, 
 The converter permutes q/k for interleaved (NORM) RoPE. MiniCPM4's LongRoPE stores global
 frequency-factor tensors; as in llama.cpp the long list is used when the configured context
 exceeds the original one, and no magnitude factor is applied. A model with experts
-(``expert_count`` > 0) routes with softmax, top-k and renormalisation, through runtime.moe.
+(``expert_count`` > 0) routes with softmax, top-k and renormalisation, through pocketlm.nn.moe.
 
 InfLLM v2 block-sparse attention (MiniCPM4) is opt-in at load time (``configure``); its
 parameters come from ``minicpm.sparse.*`` keys when present, else MiniCPM4's defaults.
@@ -23,8 +23,7 @@ import numpy as np
 from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
                                   expect_that, key)
 from pocketlm.nn import moe
-from pocketlm import nn
-from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
+from pocketlm.nn import CompressedKeys, SparseConfig
 
 SPARSE_MODES = ("auto", "on", "off")
 
@@ -163,43 +162,44 @@ class Model(BaseModel):
                             for _ in range(a.n_layer)] if self.sparse else None
         return cache
 
-    def _rope(self, x, positions):
+    def _rope(self, ops, x, positions):
         a = self.args
-        x = nn.rope(x, positions, a.head_dim, a.rope_base, "norm", a.rope_freq_scale,
-                    freq_factors=self.rope_factors)
+        x = ops.rope(x, positions, a.head_dim, a.rope_base, "norm", a.rope_freq_scale,
+                     freq_factors=self.rope_factors)
         if a.rope_attn_factor != 1.0:
             x *= np.float32(a.rope_attn_factor)   # ggml scales cos and sin by it
         return x
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache, ops) -> np.ndarray:
         a, W = self.args, self.w
         n = len(ids)
         rs = np.float32(a.residual_scale)
         sparse = getattr(cache, "compressed", None) if self.sparse else None
-        x = nn.embed(W.token_embd, ids)  # (n, n_embd)
+        x = ops.embed(W.token_embd, ids)  # (n, n_embd)
         if a.embedding_scale:
             x *= np.float32(a.embedding_scale)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
-            h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q = self._rope(nn.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim), positions)
-            k = self._rope(nn.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim), positions)
-            v = nn.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
+            h = ops.rms_norm(x, L.attn_norm, a.rms_eps)
+            q = ops.linear(L.attn_q, h).reshape(n, a.n_head, a.head_dim)
+            k = ops.linear(L.attn_k, h).reshape(n, a.n_head_kv, a.head_dim)
+            q, k = self._rope(ops, q, positions), self._rope(ops, k, positions)
+            v = ops.linear(L.attn_v, h).reshape(n, a.n_head_kv, a.head_dim)
             if sparse is not None:
-                o = nn.sparse_attention(q, k, v, c, positions, self.scale, sparse[i])
+                o = ops.sparse_attention(q, k, v, c, positions, self.scale, sparse[i])
             else:
-                o = nn.attention(q, k, v, c, positions, self.scale)
-            o = nn.linear(L.attn_output, o)
+                o = ops.attention(q, k, v, c, positions, self.scale)
+            o = ops.linear(L.attn_output, o)
             x = x + (o * rs if rs else o)
-            h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
+            h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)
             if self.experts is not None:
                 # routed after attention: no earlier input to predict the next layer from
-                sel, wts = self.routers.route(i, h)
+                sel, wts = self.routers.route(i, h, ops)
                 self.experts.request(i, sel)
-                f = moe.moe_ffn(h, sel, wts, self.experts, i, "silu")
+                f = moe.moe_ffn(ops, h, sel, wts, self.experts, i, "silu")
             else:
-                f = nn.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
+                f = ops.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
             x = x + (f * rs if rs else f)
-        return nn.rms_norm(x, W.output_norm, a.rms_eps)
+        return ops.rms_norm(x, W.output_norm, a.rms_eps)
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return super().logits(hidden) / np.float32(self.args.logit_scale)
+    def logits(self, hidden: np.ndarray, ops) -> np.ndarray:
+        return super().logits(hidden, ops) / np.float32(self.args.logit_scale)

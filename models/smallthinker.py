@@ -15,7 +15,6 @@ import numpy as np
 from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
                                   expect_that, key, swa_layers)
 from pocketlm.nn import moe
-from pocketlm import nn
 
 SWA_WINDOW = 4096
 NOPE_STEP = 4
@@ -73,27 +72,27 @@ class Model(BaseModel):
     def layer_windows(self) -> list[int]:
         return [SWA_WINDOW if s else 0 for s in self.args.is_swa]
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache, ops) -> np.ndarray:
         a, W = self.args, self.w
         n = len(ids)
-        x = nn.embed(W.token_embd, ids)  # (n, n_embd)
+        x = ops.embed(W.token_embd, ids)  # (n, n_embd)
         for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
             # the router reads the layer input, so the experts are known before attention: a
             # streaming source reads them while attention computes, and predicts the next
             # layer's from the same input
-            sel, wts = self.routers.route(i, x)
+            sel, wts = self.routers.route(i, x, ops)
             self.experts.request(i, sel, x)
-            h = nn.rms_norm(x, L.attn_norm, a.rms_eps)
-            q, k, v = nn.linears([L.attn_q, L.attn_k, L.attn_v], h)
+            h = ops.rms_norm(x, L.attn_norm, a.rms_eps)
+            q, k, v = ops.linears([L.attn_q, L.attn_k, L.attn_v], h)
             q = q.reshape(n, a.n_head, a.head_dim)
             k = k.reshape(n, a.n_head_kv, a.head_dim)
             v = v.reshape(n, a.n_head_kv, a.head_dim)
             if a.use_rope[i]:
                 base = a.rope_base_swa if a.is_swa[i] else a.rope_base
-                q = nn.rope(q, positions, a.head_dim, base, "neox")
-                k = nn.rope(k, positions, a.head_dim, base, "neox")
-            o = nn.attention(q, k, v, c, positions, self.scale)
-            x = x + nn.linear(L.attn_output, o)
-            h = nn.rms_norm(x, L.ffn_norm, a.rms_eps)
-            x = x + moe.moe_ffn(h, sel, wts, self.experts, i, "relu")
-        return nn.rms_norm(x, W.output_norm, a.rms_eps)
+                q = ops.rope(q, positions, a.head_dim, base, "neox")
+                k = ops.rope(k, positions, a.head_dim, base, "neox")
+            o = ops.attention(q, k, v, c, positions, self.scale)
+            x = x + ops.linear(L.attn_output, o)
+            h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)
+            x = x + moe.moe_ffn(ops, h, sel, wts, self.experts, i, "relu")
+        return ops.rms_norm(x, W.output_norm, a.rms_eps)

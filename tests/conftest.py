@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +22,15 @@ def _need(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def exact_numerics():
-    """Float activations for the test ("exact" numerics), the default restored after."""
-    from pocketlm import kernels
-    with kernels.numerics("exact"):
-        yield
+def decode_steps(model, ids, ops):
+    """Logits of ``ids`` fed one token at a time through ``model.forward`` on ``ops`` (the
+    decode path, not the prompt's), from a new cache."""
+    cache = model.new_cache(len(ids), 1)
+    out = []
+    for i, t in enumerate(ids):
+        out.append(model.forward(np.array([t], np.int64), np.array([i]), cache, ops=ops))
+        cache.n_past += 1
+    return np.concatenate(out)
 
 
 @pytest.fixture(scope="session")

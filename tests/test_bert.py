@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from pocketlm import LLM
+from pocketlm import LLM, nn
 from pocketlm.text.tokenizer import Tokenizer
 
 REF = "minilm-embeddings.json"
@@ -109,7 +109,7 @@ from pocketlm import LLM
 with LLM.load({str(minilm_q8_0_path)!r}, backend="numpy") as llm:
     v = llm.embed(["no JIT here", "none at all"])
 assert v.shape == (2, 384), v.shape
-compiled = [f"{{m}}.{{k}}" for m, mod in list(sys.modules.items()) if m.startswith("runtime")
+compiled = [f"{{m}}.{{k}}" for m, mod in list(sys.modules.items()) if m.startswith("pocketlm")
             for k, f in vars(mod).items()
             if isinstance(f, numba.core.dispatcher.Dispatcher) and f.signatures]
 print("compiled:", compiled)
@@ -212,7 +212,6 @@ def test_convert_bad_input(tmp_path, minilm_hf_dir):
 
 # -- kernels ----------------------------------------------------------------------------------
 def test_layer_norm_and_gelu_kernels():
-    from pocketlm.nn import encoder
     from pocketlm.kernels import layernorm
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((37, 384)) * 3 + 0.5).astype(np.float32)
@@ -221,8 +220,8 @@ def test_layer_norm_and_gelu_kernels():
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-12) * w + b
     for got in (layernorm.layer_norm(x, w, b, 1e-12),
-                encoder.NumpyBackend.layer_norm(x, w, b, 1e-12)):
+                nn.NUMPY.layer_norm(x, w, b, 1e-12)):
         assert np.abs(got - ref).max() < 5e-6
     gref = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))(x64)
-    for got in (layernorm.gelu_erf(x), encoder.NumpyBackend.gelu(x)):
+    for got in (layernorm.gelu_erf(x), nn.NUMPY.gelu(x)):
         assert np.abs(got - gref).max() < 2e-6

@@ -177,7 +177,8 @@ def _check_kernels(out: dict, rng):
             if q in CPU_ROUNDS_X:
                 cpu = kernels.matmul(w, x, method="blas")
             else:
-                cpu = kernels.matvec(w, x[0])[None] if n == 1 else kernels.matmul(w, x)
+                cpu = (kernels.matvec(w, x[0], numerics="exact")[None] if n == 1
+                       else kernels.matmul(w, x, numerics="exact"))
             out[f"matmul {q} n={n} vs cpu"] = _metric(y, cpu)
         ids = np.array([3, 0, 2, 3])
         out[f"embed {q}"] = _metric(ops.embed(dw, ids).numpy(), ref_w[ids])
@@ -204,7 +205,7 @@ def _check_kernels(out: dict, rng):
 
 def _check_attention(out: dict, rng):
     from pocketlm.cuda import ops
-    from pocketlm.cuda.model import DeviceLayerCache
+    from pocketlm.cuda.ops import DeviceLayerCache
     from pocketlm.kernels.attention import attend
     from pocketlm.nn.kvcache import LayerCache
     dev = lambda a: ops.DArray(ops.upload(np.asarray(a, np.float32)))  # noqa: E731
@@ -276,15 +277,15 @@ def _check_model(out: dict, tag: str, path: str, n_layer, prompt, budget=None, d
         n_past = 0
         for kind, ids in steps:
             pos = np.arange(n_past, n_past + len(ids))
-            hc = cpu.forward_hidden(ids, pos, cc)
-            hd = dev.forward_hidden(ids, pos, dc).numpy()
+            hc = cpu.forward_hidden(ids, pos, cc, nn.EXACT)   # float activations, as the device
+            hd = dev.forward_hidden(ids, pos, dc, dev.ops).numpy()
             n_past += len(ids)
             if budget is not None:
                 continue
             out[f"{tag} {kind} hidden"] = _metric(hd, hc)
             if tag == "smallthinker":   # the 49152-row head on the host: the simulator is slow
-                out[f"{tag} {kind} logits"] = _metric(nn.linear(cpu.output, hd),
-                                                      nn.linear(cpu.output, hc))
+                out[f"{tag} {kind} logits"] = _metric(nn.EXACT.linear(cpu.output, hd),
+                                                      nn.EXACT.linear(cpu.output, hc))
         if budget is not None:
             from pocketlm.nn import moe
             ex = dev.experts
@@ -326,8 +327,6 @@ def main(smallthinker: str, smollm2: str):
     if not REAL:
         _simulator_shared_fix()
         sys.setswitchinterval(1e-4)   # the block manager polls threads: hand the GIL over sooner
-    from pocketlm import kernels
-    kernels.set_numerics("exact")   # the device keeps activations float32, as "exact" does
     rng = np.random.default_rng(1234)
     out: dict = {}
     with open_gguf(smallthinker) as g:

@@ -13,6 +13,7 @@ from pocketlm.apps.cli import main
 from pocketlm.models import load_model
 from pocketlm import LLM
 from pocketlm.gguf.reader import open_gguf
+from pocketlm import nn
 from pocketlm.kernels import tinyops as K
 from pocketlm.api.memory import MemoryLimitError, account
 from pocketlm.tools import convert_embbert as C
@@ -139,7 +140,7 @@ def test_conv_silu_matches_loop_reference(backend, fe, n_out):
     x = rng.standard_normal((13, 6)).astype(np.float32)
     w = rng.standard_normal((6 * fe, 5)).astype(np.float32)
     b = rng.standard_normal(6 * fe).astype(np.float32)
-    got = K.ops(backend).conv_silu(x, np.ascontiguousarray(w.T), b, n_out)
+    got = nn.backend_ops(backend).conv_silu(x, np.ascontiguousarray(w.T), b, n_out)
     np.testing.assert_allclose(got, _conv_ref(x, w, b, n_out), rtol=1e-5, atol=1e-5)
 
 
@@ -164,14 +165,14 @@ def test_linear_i8_exact_integer_reference(backend):
     assert np.abs(xq).max() <= 127
     acc = xq @ q.astype(np.int64).T                         # exact int accumulate
     ref = acc * (amax.astype(np.float64) / 127)[:, None] * s[None, :] + b
-    got = K.ops(backend).linear_i8(x, q, s, b)
+    got = nn.backend_ops(backend).linear_i8(x, q, s, b)
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-5)
 
 
 def test_linear_i8_backends_agree_and_respect_quantization_bound():
     x, w, q, s, b = _i8_case(2)
-    a = K.ops("numba").linear_i8(x, q, s, b)
-    np.testing.assert_allclose(a, K.ops("numpy").linear_i8(x, q, s, b), rtol=1e-6, atol=1e-6)
+    a = nn.CPU.linear_i8(x, q, s, b)
+    np.testing.assert_allclose(a, nn.NUMPY.linear_i8(x, q, s, b), rtol=1e-6, atol=1e-6)
     # |x_hat - x| <= sx/2 per value (sx = absmax/127) and |w_hat - w| <= s/2: the W8A8 output
     # differs from float x·wᵀ by at most sx/2·Σ|w_hat| + s/2·Σ|x| (+ float rounding)
     sx = np.abs(x).max(1) / 127

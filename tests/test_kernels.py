@@ -1,4 +1,4 @@
-"""runtime.kernels vs numpy references: activation-quantized emulation (tight) and float math
+"""pocketlm.kernels vs numpy references: activation-quantized emulation (tight) and float math
 on gguf-py dequantized weights (loose, 8-bit activations)."""
 from __future__ import annotations
 
@@ -153,13 +153,11 @@ def test_dequantize(qtype):
 
 @pytest.fixture
 def llama_numerics(monkeypatch):
-    """The portable 8-bit-activation path for prepared weights (the AVX2 kernels switched
-    off, as on hosts without them), restored afterwards."""
-    before = K.get_numerics()
-    K.set_numerics("llama")
+    """The registry as on hosts without AVX2: "llama" numerics on the portable kernels
+    (prepared weights for Q4_0/Q4_1/Q8_0), restored afterwards."""
     monkeypatch.setattr(K._simd, "AVAILABLE", False)
-    yield
-    K.set_numerics(before)
+    monkeypatch.setattr(K, "_REGISTRY", {(n, q): K._entry(n, q)
+                                         for n in K.NUMERICS for q in K.QTYPES})
 
 
 SIMD_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
@@ -171,7 +169,7 @@ def test_simd_matvec(qtype):
     """The AVX2 kernels (default numerics) against the float64 emulation of llama.cpp's
     8-bit path, for one row, small batches and selected rows."""
     from pocketlm.gguf.tensor import QTensor
-    assert K.get_numerics() == "llama"
+    assert type(K.kernel(qtype)).__name__ == "_Avx2"
     rows, cols = 37, 1536
     data = random_weights(qtype, rows, cols)
     data[3, :2] = 0          # a zero and a subnormal block scale
@@ -223,7 +221,7 @@ def test_real_tensors(smollm2_path, gemma3_path, llama_numerics):
         seen.add(w.qtype)
         x = RNG.standard_normal(w.cols).astype(np.float32)
         got = check_matvec(w.qtype, w.data[3:70], w.cols, x)   # odd row count, offset slice
-        np.testing.assert_array_equal(K.matvec(w, x)[3:70], got)
+        np.testing.assert_array_equal(K.matvec(w, x)[3:70], got, err_msg=f"{name} {w.qtype}")
     assert seen == {"Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
 
 
@@ -261,7 +259,7 @@ def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_exact_numerics(qtype, exact_numerics):
+def test_exact_numerics(qtype):
     """"exact" numerics: float activations, within f32 rounding of float64 math on the
     dequantized weights, for one row (decode) and small batches alike."""
     from pocketlm.gguf.tensor import QTensor
@@ -274,12 +272,13 @@ def test_exact_numerics(qtype, exact_numerics):
     exact = x.astype(np.float64) @ wf.T
     scale = np.abs(x) @ np.abs(wf).T
     for t in range(5):
-        assert np.all(np.abs(K.matvec(w, x[t]) - exact[t]) <= 1e-6 * scale[t])
-    small = K.matmul(w, x)
+        assert np.all(np.abs(K.matvec(w, x[t], numerics="exact") - exact[t]) <= 1e-6 * scale[t])
+    small = K.matmul(w, x, numerics="exact")
     assert np.all(np.abs(small - exact) <= 1e-6 * scale)
-    np.testing.assert_array_equal(small[2], K.matvec(w, x[2]))   # batch == decode, bit for bit
-    with pytest.raises(ValueError):
-        K.set_numerics("fast")
+    # batch == decode, bit for bit
+    np.testing.assert_array_equal(small[2], K.matvec(w, x[2], numerics="exact"))
+    with pytest.raises(ValueError, match="numerics 'fast'"):
+        K.matvec(w, x[0], numerics="fast")
 
 
 # --------------------------------------------------------------------------- small ops
@@ -357,7 +356,7 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_matvec_rows_equals_matvec_on_selected_rows(qtype, exact_numerics):
+def test_matvec_rows_equals_matvec_on_selected_rows(qtype):
     """Under "exact" numerics the row-selecting matvec (ReGLU sparsity) gives matvec's values
     on the chosen rows (to float32 rounding: LLVM may order the block sums differently in
     the two drivers) and leaves the others zero; both agree with float64 numpy on
@@ -367,8 +366,8 @@ def test_matvec_rows_equals_matvec_on_selected_rows(qtype, exact_numerics):
     w = QTensor(qtype, (80, 256), quant.quantize(qtype, w32).reshape(80, -1))
     x = rng.standard_normal(256).astype(np.float32)
     rows = np.flatnonzero(rng.random(80) < 0.4)
-    got = K.matvec_rows(w, x, rows)
-    full = K.matvec(w, x)
+    got = K.matvec_rows(w, x, rows, numerics="exact")
+    full = K.matvec(w, x, numerics="exact")
     np.testing.assert_allclose(got[rows], full[rows], rtol=1e-6, atol=1e-6 * np.abs(full).max())
     assert not np.any(np.delete(got, rows))
     ref = w.dequantize().astype(np.float64)[rows] @ x.astype(np.float64)

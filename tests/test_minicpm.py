@@ -13,11 +13,13 @@ import gguf
 import numpy as np
 import pytest
 
-from pocketlm import LLM, kernels
+from pocketlm import LLM, kernels, nn
 from pocketlm.generate.loop import prefill
 from pocketlm.gguf.reader import open_gguf
-from pocketlm.kernels.sparse_attention import SparseConfig
+from pocketlm.nn import SparseConfig
 from pocketlm.tools import minicpm_reference as ref
+
+from conftest import decode_steps
 
 DATA = Path(__file__).parent / "data"
 
@@ -157,14 +159,12 @@ def test_matches_llama_cpp_and_float64(run, reference, model_paths):
             assert d[-1] <= tol, f"{run} prompt {i}: next-token max |Δlogit| {d[-1]:.4f}"
             assert np.median(d) <= 0.1 * want.std(), f"{run} prompt {i}: {np.median(d):.4f}"
             f64 = exact.logits(np.array(p))
-            with kernels.numerics("exact"):   # float activations: float64 math's rounding
-                got = llm.eval(p)
+            got = llm.eval(p)   # a prompt: float activations, float64 math's rounding
             rel = np.abs(got - f64).max() / f64.std()
             assert rel <= 1e-3, f"{run} prompt {i}: {rel:.1e} of the logit scale from float64"
         # one token at a time through the cache gives the batch result (float activations:
         # with 8-bit ones decode and BLAS batches round differently, as in llama.cpp)
-        with kernels.numerics("exact"):
-            steps = prefill(llm.model, llm.model.new_cache(len(p), 1), p, chunk=1, n_logits=None)
+        steps = decode_steps(llm.model, p, nn.EXACT)
         np.testing.assert_allclose(steps, got, atol=1e-4)
 
 
@@ -201,7 +201,7 @@ def test_longrope_factor_choice_follows_context(reference, model_paths):
 
 
 def test_moe_routes_through_runtime_moe(model_paths, monkeypatch):
-    """MiniCPM-MoE uses runtime.moe: softmax gating, top-2, renormalised."""
+    """MiniCPM-MoE uses pocketlm.nn.moe: softmax gating, top-2, renormalised."""
     from pocketlm.nn import moe
     seen = []
     real = moe.route
@@ -221,7 +221,7 @@ SMALL = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=
                      dense_len=192)
 
 
-def test_sparse_attention_in_the_model(model_paths, exact_numerics):
+def test_sparse_attention_in_the_model(model_paths):
     """InfLLM v2 with small blocks on a 250-token input: exact below the switch length and
     while all blocks fit, close to dense after; prefill in chunks of 7 (crossing the switch)
     and then token-by-token decode give the one-batch result (float activations, so that

@@ -144,7 +144,7 @@ def test_layer_path_chunked_equals_stepwise_and_survives_rewrites():
 
     def run(chunk, k=k):
         cache, keys = LayerCache(KVH, D, T), CompressedKeys(KVH, D, T, SMALL)
-        outs = [nn.sparse_attention(q[s:s + chunk], k[s:s + chunk], v[s:s + chunk], cache,
+        outs = [nn.CPU.sparse_attention(q[s:s + chunk], k[s:s + chunk], v[s:s + chunk], cache,
                                     pos[s:s + chunk], 0.25, keys) for s in range(0, T, chunk)]
         return np.concatenate(outs), cache, keys
 
@@ -155,7 +155,7 @@ def test_layer_path_chunked_equals_stepwise_and_survives_rewrites():
     k2 = k.copy()
     k2[200:] = rng.standard_normal((T - 200, KVH, D))
     cache.truncate(200)
-    got = nn.sparse_attention(q[200:], k2[200:], v[200:], cache, pos[200:], 0.25, keys)
+    got = nn.CPU.sparse_attention(q[200:], k2[200:], v[200:], cache, pos[200:], 0.25, keys)
     np.testing.assert_allclose(got, run(T, k2)[0][200:], atol=1e-5)
 
 
@@ -165,6 +165,6 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="must be positive"):
         SparseConfig(topk=0)
     with pytest.raises(ValueError, match="global"):
-        nn.sparse_attention(np.zeros((1, 2, 16), np.float32), np.zeros((1, 1, 16), np.float32),
+        nn.CPU.sparse_attention(np.zeros((1, 2, 16), np.float32), np.zeros((1, 1, 16), np.float32),
                             np.zeros((1, 1, 16), np.float32), LayerCache(1, 16, 64, window=8),
                             np.zeros(1, np.int64), 0.25, CompressedKeys(1, 16, 64, SMALL))

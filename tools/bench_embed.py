@@ -50,7 +50,7 @@ def bench_embed(llm, batch_sizes=(1, 32), n_tokens: int = 128, reps: int = 5,
                         "trial_seconds": times})
     g = llm.gguf
     return {"model": g.path, "arch": g.arch, "size_bytes": g.file_size,
-            "backend": llm.model.backend.name, "threads": kernels.get_threads(),
+            "backend": llm.model.ops.name, "threads": kernels.get_threads(),
             "load_s": llm.load_s, "peak_rss_bytes": peak_rss(), "results": results}
 
 

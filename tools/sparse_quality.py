@@ -64,21 +64,21 @@ def model_quality(llm, ids: list[int], queries: int, cfg: SparseConfig) -> dict:
     prefill(model, cache, head, llm.chunk, n_logits=1)
     t_prefill = time.perf_counter() - t0
     captured = []
-    real = nn.attention
 
-    def spy(q, k, v, c, positions, scale, *rest):
-        out = real(q, k, v, c, positions, scale, *rest)
-        if c.window == 0:
-            captured.append((q.copy(), c, positions.copy(), scale))
-        return out
+    class Spy(nn.CPUOps):
+        """CPU ops keeping each global layer's attention inputs (sparse attention runs on
+        the CPU only)."""
 
-    nn.attention = spy
-    try:
-        n_past = cache.n_past
-        pos = np.arange(n_past, n_past + queries)
-        dense_logits = model.forward(np.array(tail), pos, cache, n_logits=queries)
-    finally:
-        nn.attention = real
+        def attention(self, q, k, v, c, positions, scale, *rest):
+            out = super().attention(q, k, v, c, positions, scale, *rest)
+            if c.window == 0:
+                captured.append((q.copy(), c, positions.copy(), scale))
+            return out
+
+    spy = Spy(model.ops.numerics)
+    n_past = cache.n_past
+    pos = np.arange(n_past, n_past + queries)
+    dense_logits = model.forward(np.array(tail), pos, cache, n_logits=queries, ops=spy)
     layers = [layer_quality(q, c, p, s, cfg) for q, c, p, s in captured]
     out = {"n_tokens": len(ids), "queries": queries, "prefill_s": round(t_prefill, 1),
            "layers": layers,

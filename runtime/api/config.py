@@ -10,7 +10,7 @@ from pocketlm.experts.budget import parse_size
 from pocketlm.experts.policies import POLICIES
 from pocketlm.models.minicpm import SPARSE_MODES
 from pocketlm.nn.backend import DEVICES
-from pocketlm.nn.encoder import BACKENDS
+from pocketlm.nn.ops import BACKENDS
 
 # the oracle replays a traced first pass: only the benchmark can set it up
 EXPERT_POLICIES = tuple(p for p in POLICIES if p != "oracle")

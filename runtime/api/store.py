@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pocketlm.paths import home
+
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -69,10 +71,6 @@ REGISTRY: dict[str, ModelSpec] = {
         convert="F16"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def home() -> Path:
-    return Path(os.environ.get("POCKETLM_HOME") or Path.home() / ".cache" / "pocketlm")
 
 
 def models_dir() -> Path:

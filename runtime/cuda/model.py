@@ -17,7 +17,6 @@ from dataclasses import replace
 import numpy as np
 from numba import cuda
 
-from pocketlm.nn.kvcache import KVCache, LayerCache
 from pocketlm.nn.moe import Expert, ExpertSource
 from pocketlm.gguf.tensor import QTensor
 
@@ -49,51 +48,14 @@ def upload(model, gpu_budget: int | None = None):
     model.output = to_device("output", model.output).head()
     if model.capabilities.moe:
         # the routers as uploaded: the device source predicts from device activations
-        model.routers = replace(model.routers, weights=tuple(
+        model.routers = replace(model.routers, ops=ops.CUDA, weights=tuple(
             to_device(f"blk.{i}.ffn_gate_inp", w) for i, w in enumerate(model.routers.weights)))
         model.experts = DeviceExperts(model.experts, model.args, gpu_budget, model.routers)
     elif gpu_budget is not None:
         raise ValueError("a GPU budget applies to mixture-of-experts models only")
-    host_new_cache = model.new_cache
-    # np.zeros pages are never touched, so the host cache made here costs no memory
-    model.new_cache = lambda n_ctx, chunk=512: KVCache(
-        [DeviceLayerCache(c) for c in host_new_cache(n_ctx, chunk).layers], n_ctx)
+    model.ops = ops.CUDA   # activations, KV cache and the blocks on the device from now on
     model.device = "cuda"
     return model
-
-
-class DeviceLayerCache(LayerCache):
-    """A LayerCache whose keys and values live on the device; slot bookkeeping stays on the
-    host (``slot_pos``) and is mirrored to ``d_slot_pos`` for the attention kernel."""
-
-    def __init__(self, host: LayerCache):
-        self.window, self.capacity = host.window, host.capacity
-        kvh, d, s = host.kt.shape
-        st = ops.stream()
-        self.kt = cuda.device_array((kvh, d, s), np.float32, stream=st)   # (KVH, D, S)
-        self.v = cuda.device_array((s, kvh, d), np.float32, stream=st)    # (S, KVH, D)
-        self.slot_pos = host.slot_pos                                     # (S,) host
-        self.d_slot_pos = ops.upload(self.slot_pos)                       # (S,) device
-        self.n_slots = 0
-
-    def store(self, k, v, positions: np.ndarray):
-        """Write device k, v (n, KVH, D) for ``positions`` (n,)."""
-        positions = np.asarray(positions, np.int64)
-        slots = self.claim(positions)
-        if isinstance(slots, slice):
-            slots = np.arange(slots.start, slots.stop, dtype=np.int64)
-        K.kv_store[len(slots), k.shape[1], ops.stream()](
-            k.a, v.a, ops.upload(slots), ops.upload(positions), self.kt, self.v,
-            self.d_slot_pos)
-
-    def truncate(self, n: int) -> bool:
-        ok = super().truncate(n)
-        self.d_slot_pos.copy_to_device(self.slot_pos, stream=ops.stream())
-        return ok
-
-    def clear(self):
-        super().clear()
-        self.d_slot_pos.copy_to_device(self.slot_pos, stream=ops.stream())
 
 
 class DeviceExperts(ExpertSource):

@@ -1,4 +1,4 @@
-"""The CUDA side of ``runtime.nn``: device arrays, device weights and the building blocks on them.
+"""The CUDA side of ``pocketlm.nn``: device arrays, device weights, and ``CudaOps`` on them.
 
 All kernels run on one compute stream (copies of streamed experts use another, see
 ``runtime.cuda.model``). Activations are ``DArray``: float32 device arrays that add, scale,
@@ -7,13 +7,12 @@ reshape and slice on the device; anything else numpy does to them works on a hos
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 from numba import cuda
 
-from pocketlm.nn.device import OnDevice
 from pocketlm.gguf.tensor import QTensor
+from pocketlm.nn.kvcache import LayerCache
+from pocketlm.nn.ops import Ops
 
 from . import kernels as K
 
@@ -45,17 +44,13 @@ def upload(a: np.ndarray, s=None):
     return cuda.to_device(np.ascontiguousarray(a), stream=s or stream())
 
 
-class DArray(OnDevice):
+class DArray:
     """A float32 C-contiguous device array standing in for a numpy activation."""
 
     __slots__ = ("a",)
 
     def __init__(self, a):
         self.a = a
-
-    @property
-    def ops(self):
-        return sys.modules[__name__]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -127,7 +122,7 @@ class DArray(OnDevice):
         return self.numpy().astype(dtype)
 
 
-class DeviceTensor(OnDevice):
+class DeviceTensor:
     """A weight's raw blocks on the device (``w`` uint8 and ``h``, its f16/f32 view).
 
     ``host`` is the QTensor it came from; ``to_host`` makes ``linear`` return numpy (the output
@@ -154,10 +149,6 @@ class DeviceTensor(OnDevice):
     def head(self) -> "DeviceTensor":
         """The same device memory as an output head (results to the host)."""
         return DeviceTensor(self.qtype, self.shape, self.w, self.host, to_host=True)
-
-    @property
-    def ops(self):
-        return sys.modules[__name__]
 
     @property
     def rows(self) -> int:
@@ -189,7 +180,7 @@ def linear(w: DeviceTensor, x: DArray):
     """x (n, cols) → (n, rows): x·wᵀ, on the device (numpy out for an output head)."""
     if not isinstance(w, DeviceTensor):
         raise ValueError("a weight on the host met a device activation; place the whole "
-                         "model with runtime.backend.place")
+                         "model with pocketlm.nn.backend.place")
     n, cols = x.shape
     if cols != w.cols:
         raise ValueError(f"x has {cols} columns, weight has {w.cols}")
@@ -222,7 +213,7 @@ def rms_norm(x: DArray, weight, eps: float) -> DArray:
 
 def rope(x: DArray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
          freq_scale: float = 1.0) -> DArray:
-    """Rotary embedding of x (n, heads, head_dim) in place, as ``runtime.kernels.rope``."""
+    """Rotary embedding of x (n, heads, head_dim) in place, as ``pocketlm.kernels.rope``."""
     if mode not in ("neox", "norm"):
         raise ValueError(f"rope mode {mode!r}: expected 'neox' or 'norm'")
     n, heads, _ = x.shape
@@ -257,9 +248,78 @@ def attention(q: DArray, k: DArray, v: DArray, cache, positions: np.ndarray, sca
 
 
 def expert(ex, x: DArray, act: str) -> DArray:
-    """One MoE expert (runtime.moe.Expert of DeviceTensors) on its tokens x (m, n_embd):
+    """One MoE expert (pocketlm.nn.moe.Expert of DeviceTensors) on its tokens x (m, n_embd):
     down(act(gate·x) * up·x), dense (on the GPU all rows cost about the same)."""
     h = glu(linear(ex.gate, x), linear(ex.up, x), act)                  # (m, n_ff)
     if ex.down_t:   # stored (n_ff, n_embd): the host multiplies by its dequantized plane
         return DArray(upload(h.numpy() @ ex.down.dequantize()))
     return linear(ex.down, h)
+
+
+class DeviceLayerCache(LayerCache):
+    """A LayerCache whose keys and values live on the device; slot bookkeeping stays on the
+    host (``slot_pos``) and is mirrored to ``d_slot_pos`` for the attention kernel."""
+
+    def __init__(self, host: LayerCache):
+        self.window, self.capacity = host.window, host.capacity
+        kvh, d, s = host.kt.shape
+        st = stream()
+        self.kt = cuda.device_array((kvh, d, s), np.float32, stream=st)   # (KVH, D, S)
+        self.v = cuda.device_array((s, kvh, d), np.float32, stream=st)    # (S, KVH, D)
+        self.slot_pos = host.slot_pos                                     # (S,) host
+        self.d_slot_pos = upload(self.slot_pos)                       # (S,) device
+        self.n_slots = 0
+
+    def store(self, k, v, positions: np.ndarray):
+        """Write device k, v (n, KVH, D) for ``positions`` (n,)."""
+        positions = np.asarray(positions, np.int64)
+        slots = self.claim(positions)
+        if isinstance(slots, slice):
+            slots = np.arange(slots.start, slots.stop, dtype=np.int64)
+        K.kv_store[len(slots), k.shape[1], stream()](
+            k.a, v.a, upload(slots), upload(positions), self.kt, self.v,
+            self.d_slot_pos)
+
+    def truncate(self, n: int) -> bool:
+        ok = super().truncate(n)
+        self.d_slot_pos.copy_to_device(self.slot_pos, stream=stream())
+        return ok
+
+    def clear(self):
+        super().clear()
+        self.d_slot_pos.copy_to_device(self.slot_pos, stream=stream())
+
+
+class CudaOps(Ops):
+    """``nn.Ops`` on the GPU: device activations (``DArray``), weights (``DeviceTensor``) and
+    KV cache (``DeviceLayerCache``); activations stay float32, as "exact" numerics do."""
+
+    name = "cuda"
+    device = "cuda"
+    linear = staticmethod(linear)
+    embed = staticmethod(embed)
+    rms_norm = staticmethod(rms_norm)
+    glu = staticmethod(glu)
+    attention = staticmethod(attention)
+
+    def rope(self, x, positions, n_dims, base, mode="neox", freq_scale=1.0, freq_factors=None):
+        if freq_factors is not None:
+            raise ValueError("rope frequency factors (LongRoPE) have no CUDA kernel; "
+                             "use device 'cpu'")
+        return rope(x, positions, n_dims, base, mode, freq_scale)
+
+    def linears(self, ws, x):
+        return [linear(w, x) for w in ws]
+
+    def sparse_attention(self, *args):
+        raise ValueError("sparse attention has no CUDA kernel; use device 'cpu'")
+
+    def expert(self, ex, x, act, neurons=None):
+        return expert(ex, x, act)
+
+    def layer_cache(self, n_head_kv, head_dim, n_ctx, window, chunk):
+        # np.zeros pages are never touched, so the host cache made here costs no memory
+        return DeviceLayerCache(LayerCache(n_head_kv, head_dim, n_ctx, window, chunk))
+
+
+CUDA = CudaOps()

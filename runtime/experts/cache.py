@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-from pocketlm import kernels
 from pocketlm.experts.policies import POLICIES, Predictive
 from pocketlm.experts.stats import CacheStats
 from pocketlm.experts.store import ExpertStore
@@ -329,7 +328,8 @@ class ExpertCache(ExpertSource):
             rows, cols = plane.shape
             a = base + start
             data = self._arena_np[a:a + plane.nbytes].reshape(rows, plane.nbytes // rows)
-            mats.append(kernels.refresh(QTensor(plane.qtype, plane.shape, data)))
+            # a new QTensor: scales prepared from the old contents belong to the old one
+            mats.append(QTensor(plane.qtype, plane.shape, data))
         return Expert(*mats, down_t=self.store.down_t[layer])
 
     def close(self):

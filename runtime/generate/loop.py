@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -15,7 +14,6 @@ from typing import Iterator
 import numpy as np
 import psutil
 
-from pocketlm import kernels
 from pocketlm.nn.kvcache import KVCache
 from pocketlm.generate.sampling import make_logits_processors, make_sampler
 from pocketlm.generate.textstream import IncrementalDecoder, StopMatcher
@@ -133,12 +131,8 @@ def prefill(model, cache: KVCache, ids: list[int], chunk: int,
         part = np.asarray(ids[s:s + chunk], dtype=np.int64)
         pos = np.arange(cache.n_past, cache.n_past + len(part), dtype=np.int64)
         k = s + len(part) - max(want_from, s)
-        # Prompts take float activations at any length (a chunk of 16+ tokens runs through
-        # BLAS): a prompt re-run after a cached prefix then gets the logits of a fresh run
-        # (to float rounding), not the 8-bit-activation decode numerics.
-        with kernels.numerics("exact") if len(part) < kernels.PREPARED_MAX_ROWS \
-                else contextlib.nullcontext():
-            logits = model.forward(part, pos, cache, n_logits=max(k, 0))
+        # prompts run on the model's prompt ops (on the CPU: float activations at any length)
+        logits = model.forward(part, pos, cache, n_logits=max(k, 0), ops=model.ops.prompt)
         cache.n_past += len(part)
         cache.tokens.extend(int(t) for t in part)
         if logits is not None:

@@ -1,7 +1,7 @@
 """QTensor: a weight kept as its raw quantized blocks; the qtype picks the kernel."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,6 +11,8 @@ class QTensor:
     qtype: str                # ggml type name: "Q4_0", "Q4_K", "F32", ...
     shape: tuple[int, ...]    # numpy order; shape[-1] is the contiguous (input) dimension
     data: np.ndarray          # uint8 (prod(shape[:-1]), row_bytes): raw blocks, one row per line
+    # derived data the kernels attach on first use (``kernels.Prepared``: f32 block scales)
+    prepared: object = field(default=None, compare=False, repr=False)
 
     @property
     def rows(self) -> int:

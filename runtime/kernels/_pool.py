@@ -1,6 +1,6 @@
 """Worker threads for work that runs outside Numba's parallel regions (BLAS calls).
 
-numpy's BLAS is held to one thread (see ``runtime.kernels``), so prefill splits its matrix
+numpy's BLAS is held to one thread (see ``pocketlm.kernels``), so prefill splits its matrix
 products into tasks and runs them here, one BLAS call stream per core; numpy and our serial
 kernels release the GIL. Tasks submitted from a worker run inline (no nested waiting).
 """

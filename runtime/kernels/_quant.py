@@ -167,14 +167,15 @@ ROW_OPTS = dict(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz", "afn", 
 
 
 @njit(**ROW_OPTS)
-def _rows32(kind, prepared, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
+def _rows32(kind, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
     """Rows r0..r1 of a 32-block weight (flat w, rb bytes a row) against one token's
-    activations. ``prepared``: the f16 block scales come pre-converted to float32 in d (and
-    Q4_1's mins in m), both (rows, nb), made once per weight by ``block_scales`` with the same
-    conversion; converting them in the loop (~15 scalar instructions per block) was the
-    largest scalar cost of decode."""
+    activations. Prepared weights (d not empty) bring their f16 block scales pre-converted
+    to float32 in d (and Q4_1's mins in m), both (rows, nb), made once per weight by
+    ``block_scales`` with the same conversion; converting them in the loop (~15 scalar
+    instructions per block) was the largest scalar cost of decode. Raw and prepared weights
+    run this same machine code, so they round alike."""
     literally(kind)
-    literally(prepared)
+    prepared = d.shape[0] > 0
     wi = w.view(np.int8)
     for r in range(r0, r1):
         base = U(r) * rb
@@ -200,9 +201,8 @@ def _rows32(kind, prepared, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
 
 
 @njit(**PAR)
-def _mm32(kind, prepared, w2, d, m, x, out):
+def _mm32(kind, w2, d, m, x, out):
     literally(kind)
-    literally(prepared)
     rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
     w = w2.reshape(-1)
     yq2, yd, ys = act_q8_0(x, kind == Q4_1 or kind == Q5_1)
@@ -212,19 +212,19 @@ def _mm32(kind, prepared, w2, d, m, x, out):
         r0 = c * ROW_TILE
         r1 = min(rows, r0 + ROW_TILE)
         for t in range(n):
-            _rows32(kind, prepared, w, rb, r0, r1, cols // 32, d, m, yq[t], yd[t], ys[t], out[t])
+            _rows32(kind, w, rb, r0, r1, cols // 32, d, m, yq[t], yd[t], ys[t], out[t])
 
 
 _NONE = np.zeros((0, 0), np.float32)   # no prepared scales: read the f16 ones in place
 # Entry points, one per type: (w2, x, out), and with prepared scales (w2, d, m, x, out).
-mm_q4_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_0, False, w2, _NONE, _NONE, x, out))
-mm_q4_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_1, False, w2, _NONE, _NONE, x, out))
-mm_q5_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_0, False, w2, _NONE, _NONE, x, out))
-mm_q5_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_1, False, w2, _NONE, _NONE, x, out))
-mm_q8_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q8_0, False, w2, _NONE, _NONE, x, out))
-mv_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_0, True, w2, d, m, x, out))
-mv_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_1, True, w2, d, m, x, out))
-mv_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q8_0, True, w2, d, m, x, out))
+mm_q4_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_0, w2, _NONE, _NONE, x, out))
+mm_q4_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_1, w2, _NONE, _NONE, x, out))
+mm_q5_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_0, w2, _NONE, _NONE, x, out))
+mm_q5_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_1, w2, _NONE, _NONE, x, out))
+mm_q8_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q8_0, w2, _NONE, _NONE, x, out))
+mv_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_0, w2, d, m, x, out))
+mv_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_1, w2, d, m, x, out))
+mv_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q8_0, w2, d, m, x, out))
 
 
 @njit(inline="always", **OPTS)
@@ -444,14 +444,6 @@ def _row_scales(row, bsz, off, dst_row):
     for b in range(dst_row.shape[0]):
         o = U(b * bsz + off)
         dst_row[b] = h2f(row[o], row[o + U(1)])
-
-
-@njit(**OPTS)
-def block_scales_serial(w2, bsz, off, dst):
-    """``block_scales`` on the calling thread only: for I/O threads preparing freshly read
-    experts while the main thread's parallel kernels run."""
-    for r in range(dst.shape[0]):
-        _row_scales(w2[r], bsz, off, dst[r])
 
 
 @njit(**PAR)

@@ -10,7 +10,7 @@ are converted and accumulated with the block scale in an 8-lane float register; 
 summed once per row. Per-block constant terms (Q4_0's -8, Q5_0's -16 and Q6_K's -32
 offsets, Q4_1's and Q4_K's mins) use the activation block sums and accumulate separately.
 
-Numerics are "llama" (``runtime.kernels.set_numerics``): activations quantized per block as
+Numerics are "llama" (see ``pocketlm.kernels``): activations quantized per block as
 ggml does (Q8_0; Q8_1 for Q4_1; Q8_K for K-quants), exact integer block dots, float32
 accumulation. Used only when the host has AVX2, FMA and F16C (``AVAILABLE``); otherwise the
 portable kernels run.
@@ -23,6 +23,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from pocketlm.quant import type_size
+
 from ._base import VEC_OPTS, silu_f32
 from ._quant import act_q8_0, act_q8_k
 
@@ -34,9 +36,10 @@ _F32, _F16 = ir.FloatType(), ir.HalfType()
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
 _V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
 
-# qtype -> (block bytes, offset of the quants, weight offset applied through block sums)
-LAYOUT = {"Q4_0": (18, 2, -8.0), "Q4_1": (20, 4, 0.0), "Q5_0": (22, 6, -16.0),
-          "Q8_0": (34, 2, 0.0)}
+# qtype -> (block bytes from quant's table, offset of the quants, weight offset applied
+# through block sums)
+LAYOUT = {q: (type_size(q), qoff, offset) for q, qoff, offset in
+          (("Q4_0", 2, -8.0), ("Q4_1", 4, 0.0), ("Q5_0", 6, -16.0), ("Q8_0", 2, 0.0))}
 
 
 def _declare(module, name, ret, args):

@@ -4,9 +4,8 @@
 - W8A8 linear: int8 weights with one scale per output row, activations quantized per token
   (row absmax -> int8) at call time, integer dot products, int32 accumulate.
 
-``ops("numba")`` and ``ops("numpy")`` return the same vocabulary (rms_norm, softmax,
-conv_silu, linear_f32, linear_i8); a model takes one at load time. The numpy twins are the
-fallback where compiling is not possible and the references the kernel tests check.
+The numpy twins (also of GELU, RMSNorm and softmax) serve ``pocketlm.nn.ops.NumpyOps``, the
+fallback where compiling is not possible, and are the references the kernel tests check.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from ._base import OPTS
 
 F = np.float32
 SER = dict(OPTS)   # serial: these models are a few hundred KB, smaller than a thread fork costs
-BACKENDS = ("numba", "numpy")
 
 
 # ------------------------------------------------------------------------- Numba kernels
@@ -108,6 +106,31 @@ def np_dwconv_silu(x, wt, b, n_out, out=None):
     return out
 
 
+# Abramowitz & Stegun 7.1.26: 1 - erf(z) = t*poly(t) * exp(-z^2), t = 1/(1 + p*z), z >= 0,
+# |error| < 1.5e-7 (numpy has no erf)
+_AS_P = F(0.3275911)
+_AS_A = tuple(F(a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+
+
+def np_gelu(x: np.ndarray) -> np.ndarray:
+    """0.5 * x * (1 + erf(x / sqrt(2))) in float32, in place on temporaries."""
+    z = np.abs(x) * F(0.7071067811865476)
+    t = z * _AS_P
+    t += F(1)
+    np.reciprocal(t, out=t)
+    poly = t * _AS_A[0]
+    for a in _AS_A[1:]:
+        poly += a
+        poly *= t
+    np.square(z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    poly *= z                     # 1 - erf(|x|/sqrt(2))
+    poly *= F(0.5)
+    # x >= 0: x * (1 - poly/2); x < 0: x * poly/2
+    return x * np.where(x >= 0, F(1) - poly, poly)
+
+
 def np_rms_norm(x, w, eps, out=None):
     """numpy twin of ``kernels.rms_norm`` (sum of squares in f64, scale in f32)."""
     ms = (x.astype(np.float64) ** 2).mean(axis=-1, keepdims=True).astype(F)
@@ -125,50 +148,3 @@ def np_softmax(x, out=None):
         return res
     out[...] = res
     return out
-
-
-# ------------------------------------------------------------------------- dispatch
-class Ops:
-    """One backend's vocabulary. All inputs and outputs are float32 C arrays."""
-
-    def __init__(self, name: str):
-        if name not in BACKENDS:
-            raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
-        self.name = name
-        jit = name == "numba"
-        self._conv = dwconv_silu_rows if jit else np_dwconv_silu
-        self._i8 = linear_i8_rows if jit else np_linear_i8
-        if jit:
-            from pocketlm import kernels
-            self.rms_norm, self.softmax = kernels.rms_norm, kernels.softmax
-        else:
-            self.rms_norm, self.softmax = np_rms_norm, np_softmax
-
-    def conv_silu(self, x: np.ndarray, wt: np.ndarray, b: np.ndarray, n_out: int) -> np.ndarray:
-        """Causal depthwise conv + SiLU of x (T, d) for the first ``n_out`` rows -> (n_out, C);
-        wt (K, C) holds the taps of each output channel in a column."""
-        out = np.empty((n_out, wt.shape[1]), F)
-        self._conv(np.ascontiguousarray(x, F), wt, b, n_out, out)
-        return out
-
-    def linear_i8(self, x: np.ndarray, wq: np.ndarray, ws: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """x (n, k) through int8 rows wq (rows, k) with scales ws: W8A8 per token -> (n, rows)."""
-        out = np.empty((x.shape[0], wq.shape[0]), F)
-        self._i8(np.ascontiguousarray(x, F), wq, ws, b, out)
-        return out
-
-    @staticmethod
-    def linear_f32(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """x (n, k) @ w (rows, k)ᵀ + b in f32 (BLAS: the same on both backends)."""
-        return (x @ w.T + b).astype(F, copy=False)
-
-
-_OPS: dict[str, Ops] = {}
-
-
-def ops(name: str) -> Ops:
-    """The shared ``Ops`` of a backend, "numba" or "numpy"."""
-    if name not in _OPS:
-        _OPS[name] = Ops(name)
-    return _OPS[name]
-

@@ -1,9 +1,8 @@
 """Compute devices: the CPU (default) and an optional CUDA GPU through Numba CUDA.
 
-Models never name a device. ``place(model, device)`` uploads a model's weights once; from then
-on its activations are device arrays and ``runtime.nn``'s building blocks dispatch on them
-(``OnDevice.ops`` is the backend module that implements the blocks). Nothing here imports
-``numba.cuda`` until a GPU is asked for.
+Models never name a device. ``place(model, device)`` uploads a model's weights once and gives
+it the device's ops (``model.ops``, ``pocketlm.nn.ops``): from then on its activations and KV
+cache live on the device. Nothing here imports ``numba.cuda`` until a GPU is asked for.
 """
 from __future__ import annotations
 

@@ -1,115 +1,13 @@
-"""Building blocks for bidirectional encoders (BERT family), on one of two backends.
-
-``backend("numba")`` runs the Numba kernels (quantized weights stay in their blocks);
-``backend("numpy")`` is plain numpy with weights dequantized to float32 once at load: nothing
-is compiled, so it works where Numba cannot JIT, and is the reference the kernels are tested
-against. Both offer the same vocabulary: ``weight``, ``linear``, ``layer_norm``, ``gelu``,
-``softmax``. Attention with a padding mask, pooling and L2 normalisation are shared numpy.
+"""Blocks for bidirectional encoders (BERT family) that are numpy on every backend:
+attention with a padding mask, pooling and L2 normalisation. The rest comes from the model's
+ops (``pocketlm.nn.ops``: ``weight``, ``linear``, ``layer_norm``, ``gelu``, ``softmax``).
 """
 from __future__ import annotations
 
 import numpy as np
 
 F = np.float32
-BACKENDS = ("numba", "numpy")
 _NEG = F(-1e30)   # masked score: finite, because the Numba softmax assumes no infinities
-
-
-# Abramowitz & Stegun 7.1.26: 1 - erf(z) = t*poly(t) * exp(-z^2), t = 1/(1 + p*z), z >= 0,
-# |error| < 1.5e-7 (numpy has no erf)
-_AS_P = F(0.3275911)
-_AS_A = tuple(F(a) for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
-
-
-def _np_gelu(x: np.ndarray) -> np.ndarray:
-    """0.5 * x * (1 + erf(x / sqrt(2))) in float32, in place on temporaries."""
-    z = np.abs(x) * F(0.7071067811865476)
-    t = z * _AS_P
-    t += F(1)
-    np.reciprocal(t, out=t)
-    poly = t * _AS_A[0]
-    for a in _AS_A[1:]:
-        poly += a
-        poly *= t
-    np.square(z, out=z)
-    np.negative(z, out=z)
-    np.exp(z, out=z)
-    poly *= z                     # 1 - erf(|x|/sqrt(2))
-    poly *= F(0.5)
-    # x >= 0: x * (1 - poly/2); x < 0: x * poly/2
-    return x * np.where(x >= 0, F(1) - poly, poly)
-
-
-class NumpyBackend:
-    name = "numpy"
-
-    @staticmethod
-    def weight(w):
-        """A QTensor as float32 (rows, cols), dequantized once."""
-        return w.dequantize()
-
-    @staticmethod
-    def linear(w: np.ndarray, x: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """x (n, cols) · wᵀ + b -> (n, rows)."""
-        out = x @ w.T
-        out += b
-        return out
-
-    @staticmethod
-    def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-        """As the kernel: mean and variance summed in f64, the rest in f32."""
-        xc = x - x.mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
-        var = np.square(xc).mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
-        xc *= F(1) / np.sqrt(var + F(eps))
-        xc *= w
-        xc += b
-        return xc
-
-    gelu = staticmethod(_np_gelu)
-
-    @staticmethod
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        e /= e.sum(axis=-1, keepdims=True)
-        return e
-
-
-class NumbaBackend:
-    name = "numba"
-
-    def __init__(self):
-        from pocketlm import kernels, nn
-        from pocketlm.kernels import layernorm
-        self._linear, self._softmax = nn.linear, kernels.softmax
-        self._ln, self._gelu = layernorm.layer_norm, layernorm.gelu_erf
-
-    @staticmethod
-    def weight(w):
-        """QTensors stay quantized: the kernels read their blocks."""
-        return w
-
-    def linear(self, w, x: np.ndarray, b: np.ndarray) -> np.ndarray:
-        out = self._linear(w, x)
-        out += b
-        return out
-
-    def layer_norm(self, x, w, b, eps):
-        return self._ln(x, w, b, eps)
-
-    def gelu(self, x):
-        return self._gelu(x)
-
-    def softmax(self, x):
-        return self._softmax(np.ascontiguousarray(x))
-
-
-def backend(name: str):
-    """The ``"numba"`` or ``"numpy"`` backend."""
-    if name == "numba":
-        return NumbaBackend()
-    if name == "numpy":
-        return NumpyBackend()
-    raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, scale: float,

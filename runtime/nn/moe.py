@@ -12,9 +12,8 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from pocketlm import kernels, nn
-from pocketlm.nn.device import OnDevice
 from pocketlm.gguf.tensor import QTensor
+from pocketlm.nn.ops import CPU, Ops
 
 GATINGS = ("softmax", "sigmoid")
 # GGUF's expert_gating_func values (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*)
@@ -61,14 +60,17 @@ def route(logits: np.ndarray, routing: Routing):
 
 @dataclass(frozen=True)
 class Routers:
-    """A model's routers: one router weight (n_expert, n_embd) per layer, sharing a Routing."""
+    """A model's routers: one router weight (n_expert, n_embd) per layer, sharing a Routing,
+    on the ops their weights live on (predictions run there)."""
 
     weights: tuple
     routing: Routing
+    ops: Ops = CPU
 
-    def route(self, layer: int, x: np.ndarray):
-        """Layer ``layer``'s experts for its router input x (n, n_embd): ids, weights (n, k)."""
-        return route(nn.linear(self.weights[layer], x), self.routing)
+    def route(self, layer: int, x: np.ndarray, ops: Ops | None = None):
+        """Layer ``layer``'s experts for its router input x (n, n_embd): ids, weights (n, k);
+        ``ops``: those of the running forward (default: the routers' own)."""
+        return route((ops or self.ops).linear(self.weights[layer], x), self.routing)
 
     def hint_next(self, source, layer: int, x: np.ndarray | None):
         """Hint ``source`` with the experts the next layer's router picks on x, the input of
@@ -173,47 +175,19 @@ class ResidentExperts(ExpertSource):
             yield int(e), self.get(layer, int(e))
 
 
-def _expert(ex: Expert, xe: np.ndarray, act: str, neurons: NeuronStats | None) -> np.ndarray:
-    """One expert on its tokens xe (m, n_embd) -> (m, n_embd); ReLU decode counts its active
-    neurons in ``neurons`` when given."""
-    if isinstance(xe, OnDevice):   # a model on a GPU: its backend runs the whole expert
-        return xe.ops.expert(ex, xe, act)
-    if len(xe) == 1 and not ex.down_t:
-        fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act)
-        if fused is not None:   # the calls below in one kernel, same numbers
-            if act == "relu" and neurons is not None:
-                neurons.active += fused[1]
-                neurons.total += ex.gate.shape[-2]
-            return fused[0][None, :]
-    g = nn.linear(ex.gate, xe)                                           # (m, n_ff)
-    if act == "relu" and len(xe) == 1:
-        # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
-        # rows of up are computed (exact: each is the same dot product as in the full matvec)
-        active = np.flatnonzero(g[0] > 0)
-        if neurons is not None:
-            neurons.active += len(active)
-            neurons.total += g.shape[1]
-        u = kernels.matvec_rows(ex.up, xe[0], active)[None, :]
-    else:
-        u = nn.linear(ex.up, xe)
-    h = nn.glu(g, u, act)                                                # (m, n_ff)
-    if ex.down_t:
-        return h @ ex.down.dequantize()
-    return nn.linear(ex.down, h)
-
-
-def moe_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertSource,
+def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertSource,
             layer: int, act: str) -> np.ndarray:
-    """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd); tokens are grouped by expert so each
-    expert's weights are read once per call. Experts are taken in the order the source has
+    """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd), each expert on ``ops`` (its
+    ``expert`` block); tokens are grouped by expert so each expert's weights are read once
+    per call. Experts are taken in the order the source has
     them ready; each token's terms are still added in its own fixed order (strongest first),
     so the result does not depend on that order."""
     n, k = ids.shape
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
     for e, ex in experts.each(layer, ids):
         tok, slot = np.nonzero(ids == e)
-        parts[tok, slot] = weights[tok, slot][:, None] * _expert(ex, x[tok], act,
-                                                                 experts.neurons)
+        parts[tok, slot] = weights[tok, slot][:, None] * ops.expert(ex, x[tok], act,
+                                                                    experts.neurons)
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]

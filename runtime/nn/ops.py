@@ -1,0 +1,260 @@
+"""The ops a model computes with: one object per device and numerics.
+
+A model never names a kernel or a device. It holds an ``Ops`` (``model.ops``) and calls its
+building blocks; ``CPUOps`` runs them on the Numba kernels under one numerics ("llama" or
+"exact", see ``pocketlm.kernels``), ``NumpyOps`` in plain numpy with weights dequantized to
+float32 (nothing is compiled, so it works where Numba cannot JIT, and is the reference the
+encoder kernels are tested against), and the CUDA backend's ``CudaOps`` on device arrays
+(``pocketlm.cuda.ops``). Quantization is invisible too: the QTensor's qtype picks the kernel.
+
+Decoders use rms_norm, rope, linear(s), embed, attention, glu and expert; encoders weight,
+linear with a bias, layer_norm, gelu and softmax; the tiny encoders conv_silu, linear_i8 and
+linear_f32. An ops object offers what its device can run; the model's capabilities say which
+backends it takes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pocketlm import kernels, quant
+from pocketlm.gguf.tensor import QTensor
+from pocketlm.kernels import layernorm, tinyops
+from pocketlm.kernels.attention import attend
+from pocketlm.kernels.sparse_attention import CompressedKeys, attend_sparse
+from pocketlm.nn.kvcache import LayerCache
+
+F = np.float32
+BACKENDS = ("numba", "numpy")
+
+_GLU = {"silu": kernels.silu_mul, "gelu": kernels.gelu_tanh_mul, "relu": kernels.relu_mul}
+
+
+class Ops:
+    """Blocks composed from the others, shared by every device."""
+
+    name = "ops"
+    device = "cpu"
+
+    @property
+    def prompt(self) -> "Ops":
+        """The ops prompts run on (CPU: float activations, see ``CPUOps``)."""
+        return self
+
+    @staticmethod
+    def embed(table: QTensor, ids):
+        """Rows of an embedding table (any qtype) as float32 (n, dim)."""
+        return quant.dequantize(table.qtype, table.data[ids], (len(ids), table.cols))
+
+    def head_norm(self, x, weight, eps: float):
+        """RMSNorm over the last axis of x (n, heads, head_dim), as q/k norms need."""
+        n, h, d = x.shape
+        return self.rms_norm(x.reshape(n * h, d), weight, eps).reshape(n, h, d)
+
+    def glu_ffn(self, x, gate: QTensor, up: QTensor, down: QTensor, act: str):
+        """down(act(gate·x) * up·x) for x (n, dim)."""
+        g, u = self.linears([gate, up], x)
+        return self.linear(down, self.glu(g, u, act))
+
+    def layer_cache(self, n_head_kv: int, head_dim: int, n_ctx: int, window: int,
+                    chunk: int) -> LayerCache:
+        """One layer's KV cache where this device keeps it."""
+        return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk)
+
+
+class CPUOps(Ops):
+    """The Numba kernels under ``numerics`` "llama" (8-bit activations in decode, as
+    llama.cpp) or "exact" (float activations)."""
+
+    name = "numba"
+
+    def __init__(self, numerics: str = "llama"):
+        if numerics not in kernels.NUMERICS:
+            raise ValueError(f"numerics {numerics!r}: expected 'llama' or 'exact'")
+        self.numerics = numerics
+
+    @property
+    def prompt(self) -> "CPUOps":
+        # Prompts take float activations at any length (a chunk of 16+ tokens runs through
+        # BLAS): a prompt re-run after a cached prefix then gets the logits of a fresh run
+        # (to float rounding), not the 8-bit-activation decode numerics.
+        return EXACT
+
+    # ------------------------------------------------------------------------ decoders
+    def rms_norm(self, x, weight, eps: float):
+        """RMS-normalize each row of x (..., d) and multiply by weight (d,)."""
+        return kernels.rms_norm(x, weight, eps)
+
+    def rope(self, x, positions, n_dims: int, base: float, mode: str = "neox",
+             freq_scale: float = 1.0, freq_factors=None):
+        """Rotary embedding of x (n, heads, head_dim) in place; see ``kernels.rope``."""
+        return kernels.rope(x, positions, n_dims, base, mode, freq_scale,
+                            freq_factors=freq_factors)
+
+    def linear(self, w, x, b=None):
+        """x (n, cols) → (n, rows): x·wᵀ (+ b). One token takes the matvec (decode) path."""
+        if x.shape[0] == 1:
+            out = kernels.matvec(w, x[0], numerics=self.numerics)[None, :]
+        else:
+            out = kernels.matmul(w, x, numerics=self.numerics)
+        if b is not None:
+            out += b
+        return out
+
+    def linears(self, ws: list, x):
+        """``[linear(w, x) for w in ws]`` for weights sharing the input (q/k/v, gate/up): in
+        decode one kernel call serves them all."""
+        return kernels.matmul_many(ws, x, numerics=self.numerics)
+
+    def attention(self, q, k, v, cache: LayerCache, positions, scale: float,
+                  softcap: float = 0.0):
+        """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D) → (n, H*D)."""
+        cache.store(k, v, positions)
+        out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
+                     cache.window, softcap)
+        return out.reshape(q.shape[0], -1)
+
+    def sparse_attention(self, q, k, v, cache: LayerCache, positions, scale: float,
+                         keys: CompressedKeys):
+        """``attention`` with InfLLM v2 block selection (``keys``: the layer's compressed
+        keys) once the sequence reaches the switch length; dense, by the same kernels,
+        before."""
+        if cache.window > 0:
+            raise ValueError("sparse attention needs a global (non-sliding-window) layer")
+        last = int(positions.max())
+        if last + 1 < keys.cfg.dense_len:
+            return self.attention(q, k, v, cache, positions, scale)
+        cache.store(k, v, positions)
+        keys.update(cache.kt, int(positions.min()), last)
+        out = attend_sparse(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions,
+                            scale, keys)
+        return out.reshape(q.shape[0], -1)
+
+    def glu(self, g, u, act: str):
+        """act(g) * u with act one of silu, gelu (tanh approximation), relu."""
+        return _GLU[act](g, u)
+
+    def expert(self, ex, xe, act: str, neurons=None):
+        """One MoE expert (``moe.Expert``) on its tokens xe (m, n_embd) → (m, n_embd); ReLU
+        decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given."""
+        if len(xe) == 1 and not ex.down_t:
+            fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self.numerics)
+            if fused is not None:   # the calls below in one kernel, same numbers
+                if act == "relu" and neurons is not None:
+                    neurons.active += fused[1]
+                    neurons.total += ex.gate.shape[-2]
+                return fused[0][None, :]
+        g = self.linear(ex.gate, xe)                                         # (m, n_ff)
+        if act == "relu" and len(xe) == 1:
+            # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
+            # rows of up are computed (exact: each is the same dot product as in the matvec)
+            active = np.flatnonzero(g[0] > 0)
+            if neurons is not None:
+                neurons.active += len(active)
+                neurons.total += g.shape[1]
+            u = kernels.matvec_rows(ex.up, xe[0], active, numerics=self.numerics)[None, :]
+        else:
+            u = self.linear(ex.up, xe)
+        h = self.glu(g, u, act)                                              # (m, n_ff)
+        if ex.down_t:
+            # stored (n_ff, n_embd), as PowerInfer's converter may write it: h · down
+            return h @ ex.down.dequantize()
+        return self.linear(ex.down, h)
+
+    # ------------------------------------------------------------------------ encoders
+    @staticmethod
+    def weight(w):
+        """A weight as this backend reads it: QTensors stay quantized."""
+        return w
+
+    def layer_norm(self, x, w, b, eps: float):
+        return layernorm.layer_norm(x, w, b, eps)
+
+    def gelu(self, x):
+        """GELU with the exact erf."""
+        return layernorm.gelu_erf(x)
+
+    def softmax(self, x):
+        """Softmax over the last axis."""
+        return kernels.softmax(np.ascontiguousarray(x))
+
+    # ------------------------------------------------------------------- tiny encoders
+    def conv_silu(self, x, wt, b, n_out: int):
+        """Causal depthwise conv + SiLU of x (T, d) for the first ``n_out`` rows → (n_out, C);
+        wt (K, C) holds the taps of each output channel in a column."""
+        out = np.empty((n_out, wt.shape[1]), F)
+        tinyops.dwconv_silu_rows(np.ascontiguousarray(x, F), wt, b, n_out, out)
+        return out
+
+    def linear_i8(self, x, wq, ws, b):
+        """x (n, k) through int8 rows wq (rows, k) with scales ws: W8A8 per token → (n, rows)."""
+        out = np.empty((x.shape[0], wq.shape[0]), F)
+        tinyops.linear_i8_rows(np.ascontiguousarray(x, F), wq, ws, b, out)
+        return out
+
+    @staticmethod
+    def linear_f32(x, w, b):
+        """x (n, k) @ w (rows, k)ᵀ + b in f32 (BLAS: the same on both backends)."""
+        return (x @ w.T + b).astype(F, copy=False)
+
+
+class NumpyOps(Ops):
+    """Plain numpy, weights dequantized to float32 once: the encoders' no-JIT backend."""
+
+    name = "numpy"
+
+    @staticmethod
+    def weight(w):
+        """A QTensor as float32 (rows, cols), dequantized once."""
+        return w.dequantize()
+
+    @staticmethod
+    def linear(w, x, b=None):
+        """x (n, cols) · wᵀ (+ b) → (n, rows)."""
+        out = x @ w.T
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def rms_norm(x, weight, eps: float):
+        return tinyops.np_rms_norm(x, weight, eps)
+
+    @staticmethod
+    def layer_norm(x, w, b, eps: float):
+        """As the kernel: mean and variance summed in f64, the rest in f32."""
+        xc = x - x.mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
+        var = np.square(xc).mean(axis=-1, keepdims=True, dtype=np.float64).astype(F)
+        xc *= F(1) / np.sqrt(var + F(eps))
+        xc *= w
+        xc += b
+        return xc
+
+    @staticmethod
+    def gelu(x):
+        return tinyops.np_gelu(x)
+
+    @staticmethod
+    def softmax(x):
+        return tinyops.np_softmax(x)
+
+    def conv_silu(self, x, wt, b, n_out: int):
+        return tinyops.np_dwconv_silu(np.ascontiguousarray(x, F), wt, b, n_out)
+
+    def linear_i8(self, x, wq, ws, b):
+        return tinyops.np_linear_i8(np.ascontiguousarray(x, F), wq, ws, b)
+
+    linear_f32 = staticmethod(CPUOps.linear_f32)
+
+
+CPU = CPUOps("llama")
+EXACT = CPUOps("exact")
+NUMPY = NumpyOps()
+
+
+def backend_ops(name: str) -> Ops:
+    """The ops of a CPU backend: "numba" (kernels, llama numerics) or "numpy"."""
+    if name == "numba":
+        return CPU
+    if name == "numpy":
+        return NUMPY
+    raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
