@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import subprocess
 import sys
@@ -144,3 +145,31 @@ def test_no_file_imports_a_folder_by_its_generic_name():
                      [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
             bad += [f"{f.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in generic]
     assert not bad
+
+
+def test_model_files_reach_kernels_only_through_ops():
+    """Architectures compute with their ops object (``pocketlm.nn``): no model file imports
+    the kernels, the CUDA backend or a device check."""
+    mods = _modules()
+    bad = {name: sorted(t for t in _imports(name, path, mods)
+                        if t.startswith(("pocketlm.kernels", "pocketlm.cuda")))
+           for name, path in mods.items() if name.startswith("pocketlm.models")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_importing_the_kernels_configures_nothing(tmp_path):
+    """Importing the kernels leaves numpy's BLAS thread pool as it was (the kernels set it on
+    their first BLAS call), and starts no thread."""
+    code = """
+import threading
+import numpy
+from threadpoolctl import threadpool_info
+before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+n = threading.active_count()
+import pocketlm.kernels
+after = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+assert after == before and threading.active_count() == n, (before, after)
+"""
+    env = {**os.environ, "POCKETLM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
