@@ -112,6 +112,19 @@ class GGUFArgs:
         return full_key(self.arch, name)
 
 
+@dataclass(frozen=True)
+class DecoderArgs(GGUFArgs):
+    """The fields every decoder architecture reads alike; its own fields follow (and may
+    default to these)."""
+
+    n_embd: int = key("embedding_length", min=1)
+    n_layer: int = key("block_count")
+    n_head: int = key("attention.head_count", min=1)
+    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
+    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
+
+
 def _converter(annotation) -> Callable:
     """int, float, bool, str or tuple from a field's annotation (a string under postponed
     evaluation); anything else is kept as computed."""

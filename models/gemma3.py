@@ -10,17 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
                                   key, rope_linear_scale, swa_layers)
 
 
 @dataclass(frozen=True)
-class ModelArgs(GGUFArgs):
-    n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
-    n_head: int = key("attention.head_count", min=1)
-    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
-    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+class ModelArgs(DecoderArgs):
     n_ff: int = key("feed_forward_length")
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
     rope_base: float = key("rope.freq_base", default=1e6)
@@ -37,7 +32,6 @@ class ModelArgs(GGUFArgs):
     # llama.cpp caps logits only when the model has no sliding-window layers
     final_softcap: float = derived(
         lambda a: 0.0 if a.window else a.get("final_logit_softcapping", 0.0))
-    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
     def check(self, w) -> None:
         check_decoder(self, w, self.head_dim)

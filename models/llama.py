@@ -5,24 +5,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
                                   key, rope_linear_scale)
 
 
 @dataclass(frozen=True)
-class ModelArgs(GGUFArgs):
-    n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
-    n_head: int = key("attention.head_count", min=1)
-    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
-    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+class ModelArgs(DecoderArgs):
     n_ff: int = key("feed_forward_length")
     n_ctx_train: int = key("context_length", default=2048)
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-5)
     rope_base: float = key("rope.freq_base", default=10000.0)
     rope_dims: int = key("rope.dimension_count", default="head_dim")
     rope_freq_scale: float = derived(rope_linear_scale)
-    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
     def check(self, w) -> None:
         check_decoder(self, w, self.rope_dims)

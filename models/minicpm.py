@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
                                   expect_that, key)
 from pocketlm.nn import moe
 from pocketlm.nn import CompressedKeys, SparseConfig
@@ -47,12 +47,7 @@ def _rope_freq_scale(a) -> float:
 
 
 @dataclass(frozen=True)
-class ModelArgs(GGUFArgs):
-    n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
-    n_head: int = key("attention.head_count", min=1)
-    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
-    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+class ModelArgs(DecoderArgs):
     rope_dims: int = key("rope.dimension_count", default="head_dim")
     n_ff: int = key("feed_forward_length")
     n_ctx_train: int = key("context_length", default=4096)
@@ -73,7 +68,6 @@ class ModelArgs(GGUFArgs):
         lambda a: moe.Routing(a.n_expert_used, "softmax") if a.n_expert else None)
     sparse: SparseConfig = derived(lambda a: SparseConfig(**{
         f.name: int(a.get(f"sparse.{f.name}", f.default)) for f in fields(SparseConfig)}))
-    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
     def __post_init__(self):
         expect_that(self.rope_dims == self.head_dim, self.key_name("rope.dimension_count"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, GGUFArgs, check_decoder, derived,
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
                                   expect_that, key, swa_layers)
 from pocketlm.nn import moe
 
@@ -32,12 +32,7 @@ def _routing(a) -> moe.Routing:
 
 
 @dataclass(frozen=True)
-class ModelArgs(GGUFArgs):
-    n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
-    n_head: int = key("attention.head_count", min=1)
-    n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
-    head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
+class ModelArgs(DecoderArgs):
     n_ff_exp: int = key("expert_feed_forward_length",
                         default=lambda a: a.get("feed_forward_length", 0))
     n_expert: int = key("expert_count")
@@ -53,7 +48,6 @@ class ModelArgs(GGUFArgs):
         if a.layout_21b else (False,) * a.n_layer)
     use_rope: tuple[bool, ...] = derived(lambda a: tuple(
         i % NOPE_STEP != 0 for i in range(a.n_layer)) if a.layout_21b else (True,) * a.n_layer)
-    n_vocab: int = key("tokenizer.ggml.tokens", convert=len)
 
     def check(self, w) -> None:
         check_decoder(self, w, self.head_dim)
