@@ -164,14 +164,13 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise RequestError("'encoding_format' must be float or base64", "encoding_format")
-        embed = getattr(llm, "embed", None)
-        if embed is None:
+        if not llm.model.capabilities.embed:
             raise RequestError(f"model '{state.model_id}' does not produce embeddings "
                                "(serve an encoder model for /v1/embeddings)", "model",
                                code="embeddings_not_supported")
 
         def work():
-            vecs = np.asarray(embed(texts), dtype=np.float32)
+            vecs = np.asarray(llm.embed(texts), dtype=np.float32)
             n_tokens = sum(len(llm.tokenize(t)) for t in texts)
             return vecs, n_tokens
 

@@ -257,3 +257,15 @@ def test_policies_pick_their_victims():
         p.layer_call(0, 1)
     p.predicted = {keys[0], keys[1], keys[2]}      # the router says these come next
     assert p.victim(slots, 2, 1, keys, where) == 3
+
+
+def test_closing_the_llm_closes_a_wrapped_disk_cache(smallthinker_tiny_path):
+    """close() reaches the disk cache through sources that wrap it (a routing tap): its I/O
+    threads end and its file is released."""
+    from pocketlm import LLM
+    llm = LLM.load(str(smallthinker_tiny_path), n_ctx=64, memory_budget="2GiB")
+    cache = llm.model.experts
+    assert isinstance(cache, ExpertCache) and any(t.is_alive() for t in cache.threads)
+    with tap_routing(llm.model, lambda layer, ids: None):
+        llm.close()
+    assert not any(t.is_alive() for t in cache.threads)

@@ -301,9 +301,8 @@ class LLM:
         with self._lock:
             self.cache = None
             m = self.model
-            experts = m.experts if m is not None and m.capabilities.moe else None
-            if hasattr(experts, "close"):   # sources that hold files (the disk cache)
-                experts.close()
+            if m is not None and m.capabilities.moe:
+                m.experts.close()   # the disk cache holds files and I/O threads
             self.model = None
             if self.gguf is not None:
                 self.gguf.close()

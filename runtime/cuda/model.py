@@ -119,6 +119,9 @@ class DeviceExperts(ExpertSource):
     def hint(self, layer: int, ids):
         self.host.hint(layer, ids)
 
+    def close(self):
+        self.host.close()   # a disk cache below holds files and I/O threads
+
     def each(self, layer: int, ids):
         """Yield (expert id, Expert on the device) for the unique ``ids``: resident ones first,
         then the others as the host source delivers them."""

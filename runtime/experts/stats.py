@@ -31,6 +31,9 @@ class RoutingTap(ExpertSource):
     def hint(self, layer: int, ids):
         self.source.hint(layer, ids)
 
+    def close(self):
+        self.source.close()
+
     def each(self, layer: int, ids):
         return self.source.each(layer, ids)
 

@@ -127,6 +127,9 @@ class ExpertSource(Protocol):
 
     def each(self, layer: int, ids: np.ndarray) -> Iterator[tuple[int, Expert]]: ...
 
+    def close(self) -> None:
+        """Release what the source holds (files, threads); nothing for most."""
+
 
 def _plane(t: QTensor, e: int) -> QTensor:
     rows = t.shape[1]
