@@ -1,4 +1,4 @@
-"""Parity with llama.cpp's own outputs (../shared/reference; methods and tolerances in its README).
+"""Parity with llama.cpp's own outputs (tests/data/reference; methods and tolerances in its README).
 
 Next-token logits, teacher-forced greedy steps and perplexity, for SmolLM2 Q4_1, its Q4_0/Q8_0
 requantizations, Gemma-3 Q4_K_M and the tiny synthetic SmallThinker.

@@ -1,4 +1,4 @@
-"""Synthetic model generator (tools.synth): the written GGUF against the shared tiny model,
+"""Synthetic model generator (tools.synth): the written GGUF against the reference tiny model,
 gguf's own reader and llama.cpp's converter keys; layouts, errors and routing statistics."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pocketlm.generate.loop import prefill
 from pocketlm.gguf.reader import open_gguf
 from pocketlm.tools.synth import Options, routing_stats, synthesize, trace_routing
 
-SHARED_TINY_SHA256 = "930e82dee3d6d4d57cec60c825b88bf3c13cede56905eb372a2fa9e5695d0433"
+from conftest import TINY_DESCRIPTION, TINY_NAME, TINY_SHA256
+
 PROMPT = "Mixture-of-experts layers route each token to a few experts. The router reads"
 
 
@@ -46,14 +47,12 @@ def tiny(tmp_path_factory, smollm2_path):
     return out
 
 
-def test_plain_recipe_reproduces_the_shared_tiny_model(tmp_path, smollm2_path,
-                                                       smallthinker_tiny_path):
-    with open_gguf(smallthinker_tiny_path) as g:
-        name, desc = g.metadata["general.name"], g.metadata["general.description"]
+def test_plain_recipe_reproduces_the_reference_tiny_model(tmp_path, smollm2_path):
+    """Byte for byte the file llama.cpp's tiny-model references were made from."""
     out = tmp_path / "tiny-plain.gguf"
-    synthesize("tiny", out, Options(recipe="plain", seed=1234, name=name, description=desc),
-               tokenizer=smollm2_path)
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == SHARED_TINY_SHA256
+    synthesize("tiny", out, Options(recipe="plain", seed=1234, name=TINY_NAME,
+                                    description=TINY_DESCRIPTION), tokenizer=smollm2_path)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == TINY_SHA256
 
 
 def test_gguf_reader_parses_it_with_converter_keys(tmp_path, small_vocab):
@@ -88,8 +87,8 @@ def test_gguf_reader_parses_it_with_converter_keys(tmp_path, small_vocab):
     assert types["output_norm.weight"] == ("F32", [256])
 
 
-def test_same_layout_as_the_shared_tiny_model(tiny, smallthinker_tiny_path):
-    """Same keys, tensors, shapes and types as the shared tiny model (the plain recipe)."""
+def test_same_layout_as_the_reference_tiny_model(tiny, smallthinker_tiny_path):
+    """Same keys, tensors, shapes and types as the reference tiny model (the plain recipe)."""
     def scalars(g):
         return [(k, v) for k, v in g.metadata.items() if not k.startswith("general.")
                 and not isinstance(v, (list, np.ndarray))]
@@ -240,7 +239,7 @@ def test_routing_stats_match_an_independent_count(tiny):
 
 def test_routed_recipe_routes_more_diversely_than_plain(tiny, smallthinker_tiny_path,
                                                        papers_path):
-    """The plain N(0, 0.02) recipe (the shared model) lets deep layers converge on a few
+    """The plain N(0, 0.02) recipe (the reference model) lets deep layers converge on a few
     experts; the routed recipe keeps routing closer to per-token choice."""
     text = papers_path.read_text()
     stats = {}

@@ -1,6 +1,6 @@
 """Tokenizer parity with llama.cpp.
 
-Reference dumps for SmolLM2 and Gemma 3 (shared/reference/tokenize-*.json), and llama.cpp's own
+Reference dumps for SmolLM2 and Gemma 3 (tests/data/reference/tokenize-*.json), and llama.cpp's own
 vocab test vectors (models/ggml-vocab-*.gguf with .inp/.out, run as tests/test-tokenizer-0 does).
 """
 from __future__ import annotations
