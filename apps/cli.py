@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from pocketlm.api.store import DEFAULT_MODEL
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
@@ -61,7 +63,7 @@ def cmd_list(args):
         return
     print(f"models in {store.models_dir()}")
     if not rows:
-        print("  (none; try: pocketlm pull smollm2-135m)")
+        print(f"  (none; try: pocketlm pull {DEFAULT_MODEL})")
     for name, path, size in rows:
         print(f"  {name:<16} {size / 2**20:8.1f} MiB  {path}")
     missing = [n for n in store.REGISTRY if n not in {r[0] for r in rows}]
@@ -472,15 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("chat", help="chat in the terminal (default model: smollm2-135m)")
-    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", "smollm2-135m"),
+    s = sub.add_parser("chat", help=f"chat in the terminal (default model: {DEFAULT_MODEL})")
+    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", DEFAULT_MODEL),
                    help="[POCKETLM_MODEL]")
     add_model_flags(s)
     add_generation_flags(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see docs/server.md)")
-    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", "smollm2-135m"),
+    s.add_argument("model", metavar="MODEL", nargs="?", default=_env("MODEL", DEFAULT_MODEL),
                    help="[POCKETLM_MODEL]")
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1: this machine only; "

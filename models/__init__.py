@@ -5,6 +5,7 @@ import importlib
 
 ARCHITECTURES = {
     "llama": "pocketlm.models.llama",
+    "qwen2": "pocketlm.models.qwen2",
     "gemma3": "pocketlm.models.gemma3",
     "smallthinker": "pocketlm.models.smallthinker",
     "embbert": "pocketlm.models.embbert",

@@ -153,6 +153,20 @@ def expect(w: SimpleNamespace, name: str, rows: int | None = None,
         raise ValueError(f"tensor {name} has shape {got}, expected {want}")
 
 
+def expect_vector(w: SimpleNamespace, name: str, n: int, required: bool = True) -> None:
+    """Vector ``name`` (a norm or bias, GGUF name as in ``expect``) of ``w`` has ``n`` float32
+    entries; absent is an error only when ``required``."""
+    parts = name.split(".")
+    ns = w.blk[int(parts[1])] if parts[0] == "blk" else w
+    t = vars(ns).get(parts[-1])
+    if t is None:
+        if required:
+            raise ValueError(f"model lacks tensor {name}")
+        return
+    if not isinstance(t, np.ndarray) or t.shape != (n,):
+        raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected ({n},) float32")
+
+
 def check_decoder(a, w: SimpleNamespace, rope_dims: int) -> None:
     """The checks every decoder shares: heads, RoPE dimensions, attention and embedding
     shapes against ``a`` (n_embd, n_head, n_head_kv, head_dim, n_vocab)."""
@@ -169,6 +183,10 @@ def check_decoder(a, w: SimpleNamespace, rope_dims: int) -> None:
         expect(w, f"blk.{i}.attn_k", rows=kv, cols=a.n_embd)
         expect(w, f"blk.{i}.attn_v", rows=kv, cols=a.n_embd)
         expect(w, f"blk.{i}.attn_output", rows=a.n_embd, cols=q)
+        for name, n in (("attn_q_b", q), ("attn_k_b", kv), ("attn_v_b", kv),
+                        ("attn_output_b", a.n_embd)):   # optional biases
+            expect_vector(w, f"blk.{i}.{name}", n, required=False)
+    expect_vector(w, "output_b", a.n_vocab, required=False)
 
 
 @dataclass(frozen=True)
@@ -253,6 +271,7 @@ class BaseModel:
             if not hasattr(weights, name) and not hasattr(weights.blk[0], name):
                 raise ValueError(f"model lacks tensor {name}")
         self.output = getattr(weights, "output", None) or weights.token_embd  # tied head
+        self.output_b = vars(weights).get("output_b")   # a head bias, where the file has one
 
     def required_tensors(self) -> tuple[str, ...]:
         return ("token_embd", "output_norm")
@@ -277,7 +296,7 @@ class BaseModel:
 
     def logits(self, hidden: np.ndarray, ops: nn.Ops) -> np.ndarray:
         """(n, n_embd) final hidden states → (n, n_vocab) logits."""
-        return ops.linear(self.output, hidden)
+        return ops.linear(self.output, hidden, self.output_b)
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
                 n_logits: int = 1, ops: nn.Ops | None = None) -> np.ndarray | None:

@@ -13,7 +13,7 @@ _LAZY = {
 
 
 def __getattr__(name):
-    # Imported on first use so that `import runtime.gguf` stays light (no Numba compile).
+    # Imported on first use so that `import pocketlm.gguf` stays light (no Numba compile).
     if name in _LAZY:
         import importlib
         mod, attr = _LAZY[name]

@@ -65,6 +65,12 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_path() -> Path:
+    from pocketlm.api import store
+    return store.pull("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     from pocketlm.api import store
     return store.pull("gemma3-270m")

@@ -124,8 +124,9 @@ def _layer(t, i):
 
 
 class Tiny:
-    """A tiny decoder: llama, gemma3 (``window``: SWA period ``pattern``), smallthinker (MoE in
-    every layer; ``swa``: the 21B layout) or minicpm (``mup`` scales; MoE with ``n_expert``)."""
+    """A tiny decoder: llama, qwen2 (q/k/v biases, NEOX RoPE), gemma3 (``window``: SWA period
+    ``pattern``), smallthinker (MoE in every layer; ``swa``: the 21B layout) or minicpm (``mup``
+    scales; MoE with ``n_expert``)."""
 
     def __init__(self, path, arch, qtype="F32", seed=0, n_layer=3, d=64, H=4, KVH=2, hd=16,
                  ff=96, window=0, pattern=2, n_expert=0, n_used=0, gating=SOFTMAX, swa=False,
@@ -180,6 +181,10 @@ class Tiny:
             add(p + "attn_k.weight", (KVH * hd, d))
             add(p + "attn_v.weight", (KVH * hd, d))
             add(p + "attn_output.weight", (d, H * hd))
+            if arch == "qwen2":
+                add(p + "attn_q.bias", (H * hd,))
+                add(p + "attn_k.bias", (KVH * hd,))
+                add(p + "attn_v.bias", (KVH * hd,))
             add(p + "ffn_norm.weight", (d,), norm=True)
             if n_expert:
                 add(p + "ffn_gate_inp.weight", (n_expert, d), 0.3, f32=True)
@@ -211,9 +216,9 @@ class Tiny:
             if self.arch == "smallthinker":   # the router reads the layer input
                 z = x @ L["ffn_gate_inp.weight"].T
             h = _rms(x, L["attn_norm.weight"])
-            q = (h @ L["attn_q.weight"].T).reshape(n, self.H, self.hd)
-            k = (h @ L["attn_k.weight"].T).reshape(n, self.KVH, self.hd)
-            v = (h @ L["attn_v.weight"].T).reshape(n, self.KVH, self.hd)
+            q = (h @ L["attn_q.weight"].T + L.get("attn_q.bias", 0)).reshape(n, self.H, self.hd)
+            k = (h @ L["attn_k.weight"].T + L.get("attn_k.bias", 0)).reshape(n, self.KVH, self.hd)
+            v = (h @ L["attn_v.weight"].T + L.get("attn_v.bias", 0)).reshape(n, self.KVH, self.hd)
             if self.arch == "gemma3":
                 swa = bool(self.window) and i % self.pattern < self.pattern - 1
                 base = 1e4 if swa else self.base
@@ -374,6 +379,8 @@ class TinyEmbBert:
 CASES = {
     "llama": (Tiny, dict(arch="llama")),
     "llama-Q8_0": (Tiny, dict(arch="llama", qtype="Q8_0")),
+    "qwen2": (Tiny, dict(arch="qwen2")),
+    "qwen2-Q8_0": (Tiny, dict(arch="qwen2", qtype="Q8_0")),
     "gemma3": (Tiny, dict(arch="gemma3")),
     "gemma3-swa": (Tiny, dict(arch="gemma3", window=4)),
     "gemma3-swa-Q4_0": (Tiny, dict(arch="gemma3", qtype="Q4_0", window=4)),

@@ -1,7 +1,7 @@
 """Parity with llama.cpp's own outputs (tests/data/reference; methods and tolerances in its README).
 
 Next-token logits, teacher-forced greedy steps and perplexity, for SmolLM2 Q4_1, its Q4_0/Q8_0
-requantizations, Gemma-3 Q4_K_M and the tiny synthetic SmallThinker.
+requantizations, Gemma-3 Q4_K_M, Qwen2.5-Coder-0.5B Q4_K_M and the tiny synthetic SmallThinker.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ MODELS = {
     "SmolLM2-135M-Instruct.requant-Q4_0": ("smollm2_q4_0_path", 1.0),
     "SmolLM2-135M-Instruct.requant-Q8_0": ("smollm2_q8_0_path", 1.0),
     "gemma-3-270m-Q4_K_M": ("gemma3_path", 1.5),
+    "qwen2.5-coder-0.5b-instruct-q4_k_m": ("qwen2_path", 1.0),
     "smallthinker-tiny-synthetic-Q4_0": ("smallthinker_tiny_path", 0.05),
 }
 

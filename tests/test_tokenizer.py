@@ -19,6 +19,7 @@ from pocketlm.text.tokenizer import ATTR_USER_DEFINED, Tokenizer, UnsupportedTok
 REFERENCES = {
     "smollm2": "tokenize-SmolLM2-135M-Instruct.Q4_1.json",
     "gemma3": "tokenize-gemma-3-270m-Q4_K_M.json",
+    "qwen2": "tokenize-qwen2.5-coder-0.5b-instruct-q4_k_m.json",
 }
 
 # every ggml-vocab-*.gguf of llama.cpp (as vendored by llama-cpp-python 0.3.36) with test vectors
@@ -39,15 +40,17 @@ def _sha256_file(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(smollm2_path, gemma3_path):
-    return {"smollm2": Tokenizer.load(smollm2_path), "gemma3": Tokenizer.load(gemma3_path)}
+def tokenizers(smollm2_path, gemma3_path, qwen2_path):
+    return {"smollm2": Tokenizer.load(smollm2_path), "gemma3": Tokenizer.load(gemma3_path),
+            "qwen2": Tokenizer.load(qwen2_path)}
 
 
 @pytest.fixture(scope="module")
-def references(reference_dir, smollm2_path, gemma3_path):
+def references(reference_dir, smollm2_path, gemma3_path, qwen2_path):
     refs = {k: json.loads((reference_dir / f).read_text(encoding="utf-8"))
             for k, f in REFERENCES.items()}
-    for key, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path)):
+    for key, path in (("smollm2", smollm2_path), ("gemma3", gemma3_path),
+                      ("qwen2", qwen2_path)):
         assert _sha256_file(path) == refs[key]["model_sha256"], f"{path} is not the reference model"
     return refs
 
@@ -62,7 +65,9 @@ def test_reference_header(model, tokenizers, references):
     assert tok.n_vocab == info["n_vocab"]
     assert tok.add_bos == info["add_bos"]
     assert tok.add_eos == info["add_eos"]
-    assert str(tok.add_space_prefix).lower() == info["add_space_prefix"]
+    # the dump records the GGUF key; without it llama.cpp prefixes a space for SPM only
+    want = info["add_space_prefix"] or str(info["model"] == "llama").lower()
+    assert str(tok.add_space_prefix).lower() == want
     assert tok.bos_id == info["bos_id"]
     assert tok.eos_id == info["eos_id"]
 

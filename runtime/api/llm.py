@@ -47,9 +47,10 @@ class LLM:
         self._active: threading.Event | None = None  # cancel event of the running generation
 
     @classmethod
-    def load(cls, model: str, config: LoadConfig | None = None, *,
+    def load(cls, model: str | None = None, config: LoadConfig | None = None, *,
              progress: ProgressFn | None = None, **overrides) -> "LLM":
-        """Load a model by store name (pulled on first use) or ``.gguf`` path.
+        """Load a model by store name (pulled on first use) or ``.gguf`` path; without one, the
+        store's default (``store.DEFAULT_MODEL``, Qwen2.5-Coder-0.5B-Instruct).
 
         ``config`` is a ``LoadConfig``; keyword arguments are its fields and override it
         (``LLM.load(m, n_ctx=2048)`` is ``LLM.load(m, LoadConfig(n_ctx=2048))``). The loaded
@@ -82,7 +83,7 @@ class LLM:
         from pocketlm.text.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        path = store.resolve(model, pull_missing=c.pull, progress=progress)
+        path = store.resolve(model or store.DEFAULT_MODEL, pull_missing=c.pull, progress=progress)
         if c.threads:
             kernels.set_threads(c.threads)
         if progress:

