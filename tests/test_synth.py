@@ -179,7 +179,7 @@ def test_down_transposed_gives_the_same_logits(tmp_path, small_vocab):
     assert np.allclose(logits[True], logits[False], rtol=0, atol=1e-5 * np.abs(logits[False]).max())
 
 
-def test_bad_requests_are_one_line_errors(tmp_path, capsys, smollm2_path):
+def test_bad_requests_are_one_line_errors(tmp_path, capsys, smollm2_path, papers_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a model")
     bad = [
@@ -190,8 +190,11 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys, smollm2_path):
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--attn-scale", "0"], "positive"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--set", "layers=2"], "FIELD"),
         (["synth", "tiny", str(tmp_path / "x.gguf"), "--tokenizer", str(junk)], "not a GGUF"),
-        (["synth", "stats", str(tmp_path / "x.gguf")], "x.gguf"),
-        (["synth", "stats", str(smollm2_path), "--tokens", "8"], "no expert routing"),
+        (["synth", "stats", str(tmp_path / "x.gguf")], "x.gguf"),   # before the missing text
+        (["synth", "stats", str(smollm2_path), "--text", str(tmp_path / "none.txt")],
+         "none.txt"),
+        (["synth", "stats", str(smollm2_path), "--text", str(papers_path), "--tokens", "8"],
+         "no expert routing"),
     ]
     for argv, words in bad:
         assert main(argv) == 1, argv

@@ -11,9 +11,8 @@ six files: summary.json (machine, each step's outcome, memory), tests.xml, one J
 and logs.txt. Sized for about 8 minutes; a step that fails is recorded and the next one runs.
 
 Models come from the store (``$POCKETLM_HOME``): SmolLM2 is pulled if missing, which needs a
-network; the tests also read the tiny SmallThinker from ``$POCKETLM_SHARED``/data/models
-(``../shared`` by default), and the synthetic model takes its tokenizer from SmolLM2, else
-from that tiny model.
+network; the tests regenerate the tiny SmallThinker with SmolLM2's tokenizer, and the
+synthetic model takes its tokenizer from SmolLM2 too (no SmolLM2: no synthetic bench).
 """
 from __future__ import annotations
 
@@ -122,12 +121,11 @@ def main(argv: list[str]) -> int:
                                                                    "-d", "512", "-r", "2"], 150))
         probes.append((smollm2, None))
     synth = Path(tempfile.gettempdir()) / f"smallthinker-{SYNTH_PRESET}-synthetic-Q4_0.gguf"
-    if (ROOT / "tools" / "synth.py").exists():
-        tok = smollm2 or str(Path(os.environ.get("POCKETLM_SHARED", ROOT.parent / "shared"))
-                             / "data" / "models" / "smallthinker-tiny-synthetic-Q4_0.gguf")
+    if smollm2 and (ROOT / "tools" / "synth.py").exists():
         if not synth.exists():
-            steps.append(_run("synth", [sys.executable, "-m", "pocketlm.apps.cli", "synth", SYNTH_PRESET,
-                                        str(synth), "--tokenizer", tok], out, 240))
+            steps.append(_run("synth", [sys.executable, "-m", "pocketlm.apps.cli", "synth",
+                                        SYNTH_PRESET, str(synth), "--tokenizer", smollm2], out,
+                              240))
         if synth.exists():
             from pocketlm.gguf.reader import open_gguf
             with open_gguf(synth) as g:

@@ -276,8 +276,10 @@ def model_routing(model: str, text_path: str | os.PathLike | None = None, n_toke
     """Routing statistics of ``model`` (store name or path) over the first ``n_tokens`` tokens
     of a UTF-8 text file (default: ``default_text()``)."""
     from pocketlm import LLM
+    from pocketlm.api import store
     if n_tokens < 2:
         raise ValueError(f"--tokens must be at least 2, got {n_tokens}")
+    model = store.resolve(model, pull_missing=True)   # a missing model is the first problem
     text_path = Path(text_path) if text_path else default_text()
     if not text_path.is_file():
         raise ValueError(f"text file {text_path} not found; pass --text FILE")
