@@ -103,6 +103,70 @@ def test_bad_settings_rejected(llm):
         llm.generate(PROMPT, temperature=-1)
     with pytest.raises(TypeError, match="unknown generation setting"):
         llm.generate(PROMPT, temprature=0.5)
+    # numpy scalars are numbers like any other
+    assert llm.generate(PROMPT, max_tokens=np.int64(2), temperature=np.float32(0)).tokens
+
+
+@pytest.mark.parametrize("name,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("top_p", float("nan")),
+    ("top_k", 1.5), ("top_k", True), ("max_tokens", 2.0), ("seed", -1), ("seed", "7"),
+    ("repeat_penalty", 0), ("repeat_penalty", -1), ("top_p", 0), ("top_p", 1.5),
+    ("min_p", -0.1), ("frequency_penalty", float("-inf")), ("repeat_last_n", -2),
+    ("stop", [1]),
+])
+def test_out_of_range_settings_are_one_line_errors(llm, name, value):
+    from pocketlm import GenerationConfig
+    with pytest.raises(ValueError, match=f"^{name} .*: expected [^\n]*$"):
+        llm.generate(PROMPT, **{"max_tokens": 1, name: value})
+    with pytest.raises(ValueError, match=f"^{name} "):
+        GenerationConfig(**{name: value})
+
+
+def test_closed_llm_is_a_clear_error(smollm2_path):
+    m = LLM.load(str(smollm2_path), n_ctx=64)
+    m.close()
+    m.close()   # a second close is a no-op
+    for call in (lambda: m.eval([1, 2]), lambda: m.generate(PROMPT), lambda: m.tokenize("a"),
+                 lambda: m.detokenize([1]), lambda: m.chat([{"role": "user", "content": "a"}]),
+                 lambda: m.embed(["a"]), lambda: m.classify(["a"]),
+                 lambda: m.set_memory_limit("1GiB")):
+        with pytest.raises(ValueError, match="^this LLM is closed$"):
+            call()
+
+
+def test_paused_stream_then_same_thread_call_is_an_error(llm):
+    """A stream paused on a thread holds the model: a second call (or close) on that thread
+    must fail at once rather than wait forever; other threads still queue behind it."""
+    outcome = []
+
+    def same_thread():
+        it = llm.generate(PROMPT, max_tokens=4, temperature=0, stream=True)
+        next(it)
+        for call in (lambda: llm.generate(PROMPT, max_tokens=1),
+                     lambda: llm.generate(PROMPT, max_tokens=1, stream=True),
+                     lambda: llm.eval([1, 2]), llm.close):
+            try:
+                call()
+                outcome.append("no error")
+            except RuntimeError as e:
+                outcome.append(str(e))
+        other = threading.Thread(target=lambda: outcome.append(
+            llm.generate(PROMPT, max_tokens=2, temperature=0).completion_tokens))
+        other.start()
+        other.join(0.5)
+        outcome.append(other.is_alive())        # queued behind the open stream
+        rest = list(it)                         # finishing the stream lets it run
+        other.join(60)
+        outcome.append(bool(rest[-1].finish_reason))
+
+    t = threading.Thread(target=same_thread, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), f"deadlocked after {outcome}"
+    assert outcome[:4] == ["a streamed generation of this LLM is still open on this thread; "
+                           "finish or close it first"] * 4
+    assert outcome[4:] == [True, 2, True]
+    assert llm.generate(PROMPT, max_tokens=1).completion_tokens == 1   # still open
 
 
 def test_cli_run(smollm2_path, capsys):

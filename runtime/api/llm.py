@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,6 +20,14 @@ from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, Generatio
                               collect, prefill, stream_generate)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class LLMClosedError(ValueError):
+    """A method of an LLM was called after ``close()``."""
+
+
+class StreamOpenError(RuntimeError):
+    """A call on the thread whose streamed generation of the same LLM is paused."""
 
 
 class LLM:
@@ -45,6 +54,7 @@ class LLM:
         self.device, self.device_note = "cpu", None   # set by load: where the model runs, why
         self._lock = FairLock()
         self._active: threading.Event | None = None  # cancel event of the running generation
+        self._holder: int | None = None   # thread id of the call holding the lock
 
     @classmethod
     def load(cls, model: str | None = None, config: LoadConfig | None = None, *,
@@ -138,6 +148,7 @@ class LLM:
         refused at once."""
         from pocketlm.api import memory
         from pocketlm.experts.budget import parse_size
+        self._check_open()
         if limit is None:
             self.max_memory = None
             return
@@ -153,6 +164,7 @@ class LLM:
         Text is tokenized with the model's tokenizer and truncated to the model's positions.
         """
         from pocketlm.api import memory
+        self._check_open()
         m = self.model
         if not m.capabilities.classify:
             raise ValueError(f"{self.gguf.arch} models are not classifiers")
@@ -163,7 +175,7 @@ class LLM:
             for i, ids in enumerate(seqs):
                 memory.check(memory.account(self.gguf, m, len(ids)), self.max_memory,
                              f"input {i} ({len(ids)} tokens)")
-        with self._lock:
+        with self._turn():
             logits = np.stack([m.classify_logits(ids) for ids in seqs]) if seqs else \
                 np.zeros((0, len(m.labels)), np.float32)
         if logits.shape[1] == 1:
@@ -182,6 +194,7 @@ class LLM:
         it, keeping the closing ``[SEP]``; ``truncate=False`` makes that an error instead.
         Inputs run in padded, masked batches of ``batch_size``, longest first.
         """
+        self._check_open()
         m = self.model
         if not m.capabilities.embed:
             raise ValueError(f"{self._name} is not an embedding model")
@@ -201,9 +214,7 @@ class LLM:
             seqs.append(ids)
         out = np.empty((len(seqs), m.args.n_embd), np.float32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # less padding per batch
-        with self._lock:
-            if self.model is None:
-                raise ValueError("the model is closed")
+        with self._turn():
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 out[idx] = m.embed([seqs[i] for i in idx])
@@ -213,7 +224,31 @@ class LLM:
     def _name(self) -> str:
         return str(self.gguf.metadata.get("general.name") or os.path.basename(self.gguf.path))
 
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise LLMClosedError("this LLM is closed")
+
+    def _check_no_paused_stream(self) -> None:
+        # a stream paused on this thread holds the lock: waiting for it would never end
+        if self._holder == threading.get_ident():
+            raise StreamOpenError("a streamed generation of this LLM is still open on this "
+                                  "thread; finish or close it first")
+
+    @contextmanager
+    def _turn(self, closing: bool = False):
+        """Hold the model for one call; calls from other threads queue in arrival order."""
+        self._check_no_paused_stream()
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                if not closing:   # close() after close() is a no-op
+                    self._check_open()
+                yield
+            finally:
+                self._holder = None
+
     def _decoder_only(self, what: str) -> None:
+        self._check_open()
         if not self.model.capabilities.generate:
             raise ValueError(f"{self._name} is an encoder: it has no {what} (use embed or "
                              "classify)")
@@ -227,9 +262,11 @@ class LLM:
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._check_open()
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, ids) -> str:
+        self._check_open()
         return self.tokenizer.decode(list(ids))
 
     # -- raw evaluation ------------------------------------------------------------------------
@@ -240,7 +277,7 @@ class LLM:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("eval needs at least one token")
-        with self._lock:
+        with self._turn():
             cache = self.model.new_cache(len(ids), self.chunk)
             return prefill(self.model, cache, ids, self.chunk, n_logits=last_n)
 
@@ -250,9 +287,7 @@ class LLM:
 
     def _run(self, prompt_ids: list[int], cfg: GenerationConfig,
              cancel: threading.Event) -> Iterator[GenerationChunk]:
-        with self._lock:
-            if self.model is None:
-                raise ValueError("the model is closed")
+        with self._turn():
             self._active = cancel
             try:
                 yield from stream_generate(self.model, self.tokenizer, self.cache, prompt_ids,
@@ -269,6 +304,7 @@ class LLM:
         runs or still waits its turn; it ends with finish_reason "cancelled".
         """
         self._decoder_only("generate")
+        self._check_no_paused_stream()   # now, not at a stream's first chunk
         cfg = self._config(settings)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         chunks = self._run(ids, cfg, cancel or threading.Event())
@@ -298,8 +334,9 @@ class LLM:
     # -- lifetime ------------------------------------------------------------------------------
     def close(self):
         """Release the KV cache and the mapped model file."""
+        self._check_no_paused_stream()   # before cancelling that stream
         self.cancel()
-        with self._lock:
+        with self._turn(closing=True):
             self.cache = None
             m = self.model
             if m is not None and m.capabilities.moe:

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -59,19 +61,45 @@ class GenerationConfig:
         cfg.validate()
         return cfg
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self):
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError("min_p must be in [0, 1]")
+        """One-line ValueError naming the setting and its allowed range (the API, the CLI
+        and server requests all come through here)."""
+        _integer("max_tokens", self.max_tokens, ">= 0", lambda v: v >= 0, optional=True)
+        _integer("top_k", self.top_k, ">= 0 (0: off)", lambda v: v >= 0)
+        _integer("repeat_last_n", self.repeat_last_n, ">= -1 (-1: all, 0: off)",
+                 lambda v: v >= -1)
+        # numpy's generator refuses negative seeds
+        _integer("seed", self.seed, ">= 0", lambda v: v >= 0, optional=True)
+        _real("temperature", self.temperature, ">= 0 (0: greedy)", lambda v: v >= 0)
+        _real("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        _real("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
+        # a penalty <= 0 flips or zeroes the logits of every seen token
+        _real("repeat_penalty", self.repeat_penalty, "> 0 (1: off)", lambda v: v > 0)
+        _real("frequency_penalty", self.frequency_penalty, "(0: off)", lambda v: True)
+        _real("presence_penalty", self.presence_penalty, "(0: off)", lambda v: True)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or \
+                not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop {self.stop!r}: expected a string or a list of strings")
+        self.stop = list(self.stop)
+
+
+def _integer(name: str, value, allowed: str, ok, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    # bool is an int subclass: True would silently mean 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(value):
+        raise ValueError(f"{name} {value!r}: expected an integer {allowed}")
+
+
+def _real(name: str, value, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} {value!r}: expected a finite number {allowed}")
 
 
 @dataclass
