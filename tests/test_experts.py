@@ -158,8 +158,8 @@ def test_parse_size():
     assert parse_size("800M") == 800 << 20
     assert parse_size("2GB") == 2 * 10**9
     assert parse_size(4096) == 4096
-    for bad in ("", "lots", "1XB", "-1G", "0"):
-        with pytest.raises(ValueError, match="memory size"):
+    for bad in ("", "lots", "1XB", "-1G", "0", "inf", float("inf"), float("nan"), -5, 0.0):
+        with pytest.raises(ValueError, match="^memory size [^\n]*$"):
             parse_size(bad)
 
 
@@ -173,13 +173,61 @@ def test_budget_plan(tiny):
         p = plan(model, g, store, 256, 64, 1 << 30, baseline=base)
         assert p.n_slots == p.n_experts == 32           # everything fits
         small = plan(model, g, store, 256, 64, p.minimum, baseline=base)
-        assert small.n_slots == 2 * model.args.n_expert_used
+        # the fewest workable slots, and what rounding the minimum up to a MiB buys
+        fewest = 2 * model.args.n_expert_used
+        assert fewest <= small.n_slots <= fewest + (1 << 20) // small.slot_bytes
         assert small.minimum == p.minimum
+        assert small.minimum % (1 << 20) == 0     # the message gives it exactly, in MiB
         # the parts add up to what the budget must cover
         assert small.baseline + small.resident + small.kv_cache + small.scratch + \
             small.arena <= small.budget
     finally:
         store.close()
+
+
+def _reported_minimum(error) -> str:
+    import re
+    return re.search(r"needs at least (\d+ MiB) \(", str(error)).group(1)
+
+
+def test_reported_minimum_stays_accepted_as_the_process_grows(tiny):
+    """The process grows after a plan (compiled model code on the first generation): the
+    minimum reported at one baseline is still accepted at a larger one."""
+    g, model = tiny
+    store = ExpertStore.from_gguf(g)
+    try:
+        base = 200 << 20
+        with pytest.raises(MemoryBudgetError) as e:
+            plan(model, g, store, 256, 64, 1 << 20, baseline=base)
+        minimum = parse_size(_reported_minimum(e.value))
+        for grown in (0, 1 << 20, 30 << 20, 60 << 20):
+            p = plan(model, g, store, 256, 64, minimum, baseline=base + grown)
+            assert p.n_slots >= 2 * model.args.n_expert_used
+    finally:
+        store.close()
+
+
+def test_minimum_passed_back_is_accepted_every_time(smallthinker_tiny_path):
+    """In one process, load after load (each one growing it a little), the minimum that a
+    refusal reports loads when passed back."""
+    from pocketlm import LLM
+    accepted = 0
+    for _ in range(3):
+        with pytest.raises(MemoryBudgetError) as e:
+            LLM.load(str(smallthinker_tiny_path), n_ctx=128, memory_budget="1MiB")
+        minimum = _reported_minimum(e.value)
+        with LLM.load(str(smallthinker_tiny_path), n_ctx=128, memory_budget=minimum) as llm:
+            llm.eval(IDS[:4])
+            accepted += 1
+    assert accepted == 3
+
+
+def test_context_larger_than_memory_is_refused_at_load(smollm2_path):
+    from pocketlm import LLM
+    with pytest.raises(MemoryBudgetError,
+                       match=r"^a 10000000-token context needs [\d.]+ GiB of KV cache; "
+                             r"[\d.]+ \w+ of memory is available"):
+        LLM.load(str(smollm2_path), n_ctx=10_000_000)
 
 
 def test_memcap_enforces_a_real_limit():

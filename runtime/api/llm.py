@@ -117,6 +117,9 @@ class LLM:
                 progress("load", 2, 3)
             train_ctx = int(g.get("{arch}.context_length", 4096))
             n_ctx = c.n_ctx or min(train_ctx, 4096)
+            if caps.generate and device == "cpu":
+                from pocketlm.experts.budget import check_context
+                check_context(m, n_ctx, c.chunk)
             memory_plan = None
             if c.memory_budget is not None:
                 memory_plan = _apply_budget(g, m, n_ctx, c.chunk, c.memory_budget,
@@ -374,8 +377,11 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
     from pocketlm.experts.budget import plan
     from pocketlm.experts.cache import ExpertCache
     from pocketlm.experts.store import ExpertStore
-    # the plan measures the process with the model's kernels loaded
+    # the plan measures the process with the model's kernels loaded, and without the freed
+    # heap glibc keeps (a closed model's buffers would otherwise count, and the minimum drift)
     kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
+    gc.collect()
+    _trim_heap()
     store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
     try:
         p = plan(model, g, store, n_ctx, chunk, budget)

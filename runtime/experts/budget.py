@@ -5,10 +5,13 @@ kernels (measured as the process's resident size when the plan is made), the res
 (everything but the routed experts, memory-mapped, so their page cache is charged, plus the
 kernels' prepared scale arrays), the KV cache at full context, scratch activations for one
 prefill chunk, and the expert arena. A budget that cannot hold the model with the fewest
-workable expert slots is refused with the minimum that would work.
+workable expert slots is refused with the minimum that would work. That minimum includes
+headroom for what the process adds after the plan (the model's compiled code and caches on its
+first generation), so passing it back is accepted, later in the same process too.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -19,6 +22,9 @@ from pocketlm import kernels
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_MIB = 1 << 20
+# the process grows after the plan: ~26 MiB on a first generation (compiled model code, caches)
+HEADROOM = 64 * _MIB
 
 
 class MemoryBudgetError(ValueError):
@@ -39,8 +45,8 @@ def parse_size(text) -> int:
             raise ValueError(f"memory size {text!r}: expected a number with an optional unit "
                              f"such as 800M, 1.5GiB or 2GB")
         value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"memory size {text!r}: expected a finite positive size")
     return int(value)
 
 
@@ -61,7 +67,7 @@ class MemoryPlan:
     slot_bytes: int      # one expert slot: its planes' buffers and prepared scales
     n_slots: int         # 0 for a model without routed experts
     n_experts: int       # routed experts in the file
-    minimum: int         # the smallest budget that works
+    minimum: int         # the smallest budget accepted from now on: whole MiB, with HEADROOM
 
     @property
     def arena(self) -> int:
@@ -118,7 +124,11 @@ def slot_bytes(store) -> int:
 
 def plan(model, g, store, n_ctx: int, chunk: int, budget: int,
          baseline: int | None = None) -> MemoryPlan:
-    """How ``model`` fits ``budget`` bytes; raises MemoryBudgetError if it cannot."""
+    """How ``model`` fits ``budget`` bytes; raises MemoryBudgetError if it cannot.
+
+    The arena leaves HEADROOM free when the budget allows; a budget below the reported
+    minimum but still holding the fewest slots runs with them, so a minimum reported earlier
+    in this process stays accepted while the process grows by less than HEADROOM."""
     if baseline is None:
         baseline = psutil.Process().memory_info().rss
     resident = resident_bytes(g)
@@ -131,16 +141,31 @@ def plan(model, g, store, n_ctx: int, chunk: int, budget: int,
         n_experts = sum(store.n_expert.values())
         # the running layer's experts plus as many again for the next layer's reads
         min_slots = 2 * model.args.n_expert_used
-        n_slots = min(n_experts, max(0, (budget - fixed) // per_slot))
-    minimum = fixed + min_slots * per_slot
+        n_slots = min(n_experts, max(min_slots, (budget - fixed - HEADROOM) // per_slot))
+    need = fixed + min_slots * per_slot
+    minimum = -(-(need + HEADROOM) // _MIB) * _MIB   # whole MiB: the message gives it exactly
     p = MemoryPlan(budget, baseline, resident, kv, scratch, per_slot, n_slots, n_experts,
                    minimum)
-    if budget < minimum:
+    if budget < need:
         raise MemoryBudgetError(
             f"memory budget {format_size(budget)} is too small for {g.path} at context "
-            f"{n_ctx}: it needs at least {format_size(minimum)} (process {format_size(baseline)}, "
-            f"weights {format_size(resident)}, KV cache {format_size(kv)}, "
-            f"activations {format_size(scratch)}"
-            + (f", {min_slots} expert slots of {format_size(per_slot)})"
-               if store is not None else ")"))
+            f"{n_ctx}: it needs at least {minimum // _MIB} MiB (process "
+            f"{format_size(baseline)}, weights {format_size(resident)}, KV cache "
+            f"{format_size(kv)}, activations {format_size(scratch)}"
+            + (f", {min_slots} expert slots of {format_size(per_slot)}"
+               if store is not None else "") + f", headroom {format_size(HEADROOM)})")
     return p
+
+
+def check_context(model, n_ctx: int, chunk: int) -> None:
+    """Refuse a context whose KV cache at full length exceeds the memory available now.
+
+    The cache's arrays are allocated lazily, so an oversized one would load and then grow
+    the process as the context fills (with huge pages, its first tokens already touch
+    gigabytes)."""
+    kv = kv_cache_bytes(model, n_ctx, chunk)
+    available = psutil.virtual_memory().available
+    if kv > available:
+        raise MemoryBudgetError(
+            f"a {n_ctx}-token context needs {format_size(kv)} of KV cache; "
+            f"{format_size(available)} of memory is available (lower n_ctx / -c)")
