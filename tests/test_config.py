@@ -29,7 +29,7 @@ from pocketlm import LoadConfig
     (dict(memory_budget="lots"), "memory_budget: memory size 'lots': expected a number with an "
                                  "optional unit such as 800M, 1.5GiB or 2GB"),
     (dict(max_memory="-1kB"), "max_memory: memory size '-1kB': expected a number"),
-    (dict(max_memory=0), "max_memory: memory size 0 must be positive"),
+    (dict(max_memory=0), "max_memory: memory size 0: expected a finite positive size"),
     (dict(gpu_budget="2X", device="cuda"), "gpu_budget: memory size '2X'"),
     (dict(gpu_budget="1G"), "a GPU budget needs device 'cuda' or 'auto'"),
 ])
