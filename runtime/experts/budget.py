@@ -23,7 +23,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _MIB = 1 << 20
-# the process grows after the plan: ~26 MiB on a first generation (compiled model code, caches)
+# the process grows after the plan: 20-26 MiB on a first generation (compiled model code,
+# caches), then a few KiB a load
 HEADROOM = 64 * _MIB
 
 
