@@ -16,13 +16,16 @@ ARCHITECTURES = {
 
 def load_model(gguf_file):
     """Build the model for an open GGUF file (weights stay memory-mapped)."""
-    from pocketlm.models.base import load_weights
+    from pocketlm.gguf.reader import naming_file
+    from pocketlm.models.base import check_tokenizer, load_weights
     arch = gguf_file.arch
     if arch not in ARCHITECTURES:
         raise ValueError(f"{gguf_file.path}: unsupported architecture {arch!r} "
                          f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     mod = importlib.import_module(ARCHITECTURES[arch])
-    args = mod.ModelArgs.from_gguf(gguf_file.metadata)
-    weights = load_weights(gguf_file)
-    args.check(weights)   # shapes against the metadata, before any kernel sees them
-    return mod.Model(args, weights)
+    with naming_file(gguf_file.path):
+        check_tokenizer(gguf_file.metadata)
+        args = mod.ModelArgs.from_gguf(gguf_file.metadata)
+        weights = load_weights(gguf_file, args.tensor_types)
+        args.check(weights)   # shapes against the metadata, before any kernel sees them
+        return mod.Model(args, weights)

@@ -7,13 +7,16 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from pocketlm import nn
 from pocketlm.nn.kvcache import KVCache
+from pocketlm.quant import QTYPES
 
 # GGUF namespaces that are not prefixed by the architecture name
 ABSOLUTE = ("general.", "tokenizer.", "sentence_transformers.")
 REQUIRED = object()
+MAX_LAYERS = 1 << 12   # per-layer tuples are built from block_count before the tensors are seen
 _ABSENT = object()
 _CONVERT = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
 
@@ -26,10 +29,11 @@ class Key:
     default: Any         # a value, the name of an earlier field, or a callable of the reading
     convert: Callable | None
     min: float | None
+    max: float | None
 
 
 def key(name: str, default: Any = REQUIRED, *, convert: Callable | None = None,
-        min: float | None = None):
+        min: float | None = None, max: float | None = None):
     """A ModelArgs field read from GGUF key ``name`` (``{arch}.name``; ``general.*`` and
     ``tokenizer.*`` as written).
 
@@ -37,14 +41,14 @@ def key(name: str, default: Any = REQUIRED, *, convert: Callable | None = None,
     callable of the reading so far (earlier fields as attributes, ``.get(key, default)`` for
     other keys). Without one, a missing key is an error. The value is converted by ``convert``,
     else by the field's annotation (int, float, bool, str, tuple); None (an optional key) stays
-    None. ``min``: the smallest value allowed.
+    None. ``min``, ``max``: the smallest and largest values allowed.
     """
-    return field(metadata={"gguf": Key(name, default, convert, min)})
+    return field(metadata={"gguf": Key(name, default, convert, min, max)})
 
 
 def derived(fn: Callable, *, convert: Callable | None = None):
     """A ModelArgs field computed by ``fn(reading)`` from earlier fields and other keys."""
-    return field(metadata={"gguf": Key(None, fn, convert, None)})
+    return field(metadata={"gguf": Key(None, fn, convert, None, None)})
 
 
 def full_key(arch: str, name: str) -> str:
@@ -79,6 +83,8 @@ class GGUFArgs:
     """Base of every ``ModelArgs``: fields declared with ``key``/``derived``, read once."""
 
     arch: str = key("general.architecture", default="")
+    # tensor types the architecture computes with (a class attribute, not a field)
+    tensor_types = QTYPES
 
     @classmethod
     def from_gguf(cls, meta: dict):
@@ -97,9 +103,16 @@ class GGUFArgs:
                 else:
                     v = d(r) if callable(d) else d
             if v is not None:
-                v = (spec.convert or _converter(f.type))(v)
+                try:
+                    v = (spec.convert or _converter(f.type))(v)
+                except (TypeError, OverflowError):   # e.g. an array for a number
+                    expect_that(False, r.full(spec.name), _short(v), f"a {f.type} value")
+                except ValueError as e:   # a converter's own check, or int("x")
+                    raise ValueError(f"GGUF metadata {r.full(spec.name)}: {e}") from None
             if spec.min is not None and v is not None:
                 expect_that(v >= spec.min, r.full(spec.name), v, f">= {spec.min}")
+            if spec.max is not None and v is not None:
+                expect_that(v <= spec.max, r.full(spec.name), v, f"<= {spec.max}")
             setattr(r, f.name, v)
         return cls(**{f.name: getattr(r, f.name) for f in fields(cls)})
 
@@ -118,7 +131,7 @@ class DecoderArgs(GGUFArgs):
     default to these)."""
 
     n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
+    n_layer: int = key("block_count", min=1, max=MAX_LAYERS)
     n_head: int = key("attention.head_count", min=1)
     n_head_kv: int = key("attention.head_count_kv", default="n_head", min=1)
     head_dim: int = key("attention.key_length", default=lambda a: a.n_embd // a.n_head)
@@ -132,61 +145,112 @@ def _converter(annotation) -> Callable:
     return _CONVERT.get(name.split("[")[0], lambda v: v)
 
 
+def _short(v) -> str:
+    s = repr(v).replace("\n", " ")
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 def expect_that(cond: bool, what: str, value, wanted) -> None:
     """One-line ValueError naming ``what`` (a GGUF key), its value and what was wanted."""
     if not cond:
         raise ValueError(f"GGUF metadata {what} is {value}, expected {wanted}")
 
 
-def expect(w: SimpleNamespace, name: str, rows: int | None = None,
-           cols: int | None = None) -> None:
-    """Tensor ``name`` (GGUF name, e.g. ``blk.0.attn_q``) of ``w`` exists and has ``rows``
-    output rows and ``cols`` input columns; else a one-line ValueError."""
+def _tensor(w: SimpleNamespace, name: str):
     parts = name.split(".")
-    t = getattr(w.blk[int(parts[1])], parts[2], None) if parts[0] == "blk" else \
-        getattr(w, parts[0], None)
+    if parts[0] == "blk":
+        return getattr(w.blk[int(parts[1])], parts[2], None)
+    return getattr(w, parts[0], None)
+
+
+def expect(w: SimpleNamespace, name: str, *shape: int | None, optional: bool = False) -> None:
+    """Tensor ``name`` (GGUF name, e.g. ``blk.0.attn_q``) of ``w`` exists (unless ``optional``)
+    and has ``shape`` in numpy order (rows, then columns; None: any); a 1-D tensor (a norm or
+    bias) must be F32. Else a one-line ValueError."""
+    t = _tensor(w, name)
     if t is None:
+        if optional:
+            return
         raise ValueError(f"model lacks tensor {name}")
-    got = (t.rows, t.cols) if len(t.shape) == 2 else tuple(t.shape)
-    want = (rows if rows is not None else got[0], cols if cols is not None else got[-1])
-    if len(t.shape) != 2 or got != want:
-        raise ValueError(f"tensor {name} has shape {got}, expected {want}")
+    got = tuple(t.shape)
+    want = tuple(g if s is None else s for s, g in zip(shape, got))
+    if len(got) != len(shape) or got != want:
+        raise ValueError(f"tensor {name} has shape {got}, expected "
+                         f"{tuple('any' if s is None else s for s in shape)}")
+    if len(shape) == 1 and not isinstance(t, np.ndarray):
+        raise ValueError(f"tensor {name} is {t.qtype}, expected F32")
 
 
-def expect_vector(w: SimpleNamespace, name: str, n: int, required: bool = True) -> None:
-    """Vector ``name`` (a norm or bias, GGUF name as in ``expect``) of ``w`` has ``n`` float32
-    entries; absent is an error only when ``required``."""
-    parts = name.split(".")
-    ns = w.blk[int(parts[1])] if parts[0] == "blk" else w
-    t = vars(ns).get(parts[-1])
-    if t is None:
-        if required:
-            raise ValueError(f"model lacks tensor {name}")
-        return
-    if not isinstance(t, np.ndarray) or t.shape != (n,):
-        raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected ({n},) float32")
+def expect_layers(w: SimpleNamespace, **shapes) -> None:
+    """``expect`` for the tensors of every layer, by short name: ``ffn_up=(n_ff, n_embd)``."""
+    for i in range(len(w.blk)):
+        for name, shape in shapes.items():
+            expect(w, f"blk.{i}.{name}", *shape)
 
 
-def check_decoder(a, w: SimpleNamespace, rope_dims: int) -> None:
-    """The checks every decoder shares: heads, RoPE dimensions, attention and embedding
-    shapes against ``a`` (n_embd, n_head, n_head_kv, head_dim, n_vocab)."""
+def check_decoder(a, w: SimpleNamespace, rope_dims: int, **layer) -> None:
+    """The checks every decoder shares: heads, RoPE dimensions, attention, norm and embedding
+    shapes against ``a`` (n_embd, n_head, n_head_kv, head_dim, n_vocab); ``layer``: the
+    architecture's other per-layer tensors, as for ``expect_layers``."""
     expect_that(a.n_head % a.n_head_kv == 0, a.key_name("attention.head_count_kv"),
                 a.n_head_kv, f"a divisor of attention.head_count {a.n_head}")
+    expect_that(a.head_dim > 0, a.key_name("attention.key_length"), a.head_dim, "> 0")
+    # the rotation pairs dimensions and reads no further than the head
     expect_that(rope_dims % 2 == 0 and 0 < rope_dims <= a.head_dim,
                 a.key_name("rope.dimension_count"), rope_dims, f"even and <= {a.head_dim}")
-    q, kv = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
-    expect(w, "token_embd", rows=a.n_vocab, cols=a.n_embd)
-    if getattr(w, "output", None) is not None:
-        expect(w, "output", rows=a.n_vocab, cols=a.n_embd)
-    for i in range(len(w.blk)):
-        expect(w, f"blk.{i}.attn_q", rows=q, cols=a.n_embd)
-        expect(w, f"blk.{i}.attn_k", rows=kv, cols=a.n_embd)
-        expect(w, f"blk.{i}.attn_v", rows=kv, cols=a.n_embd)
-        expect(w, f"blk.{i}.attn_output", rows=a.n_embd, cols=q)
+    q, kv, e = a.n_head * a.head_dim, a.n_head_kv * a.head_dim, a.n_embd
+    expect(w, "token_embd", a.n_vocab, e)
+    expect(w, "output", a.n_vocab, e, optional=True)
+    expect(w, "output_norm", e)
+    expect_layers(w, attn_norm=(e,), attn_q=(q, e), attn_k=(kv, e), attn_v=(kv, e),
+                  attn_output=(e, q), **layer)
+    for i in range(len(w.blk)):   # the biases llama.cpp's graphs take where a file has them
         for name, n in (("attn_q_b", q), ("attn_k_b", kv), ("attn_v_b", kv),
-                        ("attn_output_b", a.n_embd)):   # optional biases
-            expect_vector(w, f"blk.{i}.{name}", n, required=False)
-    expect_vector(w, "output_b", a.n_vocab, required=False)
+                        ("attn_output_b", e)):
+            expect(w, f"blk.{i}.{name}", n, optional=True)
+    expect(w, "output_b", a.n_vocab, optional=True)
+
+
+def check_experts(a, w: SimpleNamespace, n_ff: int) -> dict:
+    """Expert counts against the router and the stacked expert tensors; returns their shapes
+    for ``check_decoder``."""
+    expect_that(a.n_expert > 0, a.key_name("expert_count"), a.n_expert, "> 0")
+    expect_that(0 < a.n_expert_used <= a.n_expert, a.key_name("expert_used_count"),
+                a.n_expert_used, f"in 1..expert_count {a.n_expert}")
+    n, e = a.n_expert, a.n_embd
+    down = (n, e, n_ff)
+    first = _tensor(w, "blk.0.ffn_down_exps") if w.blk else None
+    if first is not None and tuple(first.shape) == (n, n_ff, e):
+        down = (n, n_ff, e)   # stored like gate/up, as PowerInfer's converter may write it
+    return dict(ffn_gate_inp=(n, e), ffn_gate_exps=(n, n_ff, e), ffn_up_exps=(n, n_ff, e),
+                ffn_down_exps=down)
+
+
+def check_tokenizer(meta: dict) -> None:
+    """The tokenizer's arrays: strings, numbers of the right kind, one entry per token."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not (isinstance(tokens, list) and
+                                   all(isinstance(t, str) for t in tokens) and tokens):
+        raise ValueError("GGUF metadata tokenizer.ggml.tokens is not a non-empty string array")
+    for name, kind in (("scores", "f"), ("token_type", "iu")):
+        v = meta.get(f"tokenizer.ggml.{name}")
+        if v is None:
+            continue
+        ok = isinstance(v, np.ndarray) and v.dtype.kind in kind and v.ndim == 1
+        want = "float" if kind == "f" else "integer"
+        expect_that(ok, f"tokenizer.ggml.{name}", getattr(v, "dtype", type(v).__name__),
+                    f"an array of {want}s")
+        expect_that(tokens is None or len(v) == len(tokens), f"tokenizer.ggml.{name}",
+                    f"{len(v)} entries long", f"one per token ({len(tokens or ())})")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and not (isinstance(merges, list) and
+                                   all(isinstance(m, str) for m in merges)):
+        raise ValueError("GGUF metadata tokenizer.ggml.merges is not a string array")
+    for k, v in meta.items():
+        if k.startswith("tokenizer.ggml.") and k.endswith("_token_id"):
+            expect_that(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and
+                        (tokens is None or 0 <= v < len(tokens)), k, v,
+                        f"a token id below {len(tokens or ())}")
 
 
 @dataclass(frozen=True)
@@ -222,7 +286,7 @@ def swa_layers(pattern, n_layer: int, dense_first: bool) -> tuple[bool, ...]:
     return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
 
 
-def load_weights(gguf_file) -> SimpleNamespace:
+def load_weights(gguf_file, tensor_types: tuple[str, ...] = QTYPES) -> SimpleNamespace:
     """Tensors by GGUF name: ``w.token_embd``, ``w.blk[i].attn_q`` (``attn_q_b`` for
     ``attn_q.bias``, ``attn_q_scale`` for ``attn_q.scale``) …
 
@@ -241,6 +305,9 @@ def load_weights(gguf_file) -> SimpleNamespace:
             key = parts[-2] + "_scale"
         else:
             key = parts[-1]
+        if info.qtype not in tensor_types:
+            raise ValueError(f"tensor {name} has type {info.qtype}, supported: "
+                             f"{', '.join(tensor_types)}")
         if len(info.shape) == 1 and info.qtype == "F32":
             value = gguf_file.raw(name).view(np.float32).reshape(info.shape)
         else:
@@ -287,6 +354,11 @@ class BaseModel:
     def new_cache(self, n_ctx: int, chunk: int = 512) -> KVCache:
         """A KV cache where the model's ops keep it."""
         a = self.args
+        # float32 keys and values: more than the machine holds would fail deep in numpy
+        need = 2 * 4 * a.n_head_kv * a.head_dim * n_ctx * len(self.layer_windows())
+        if need > psutil.virtual_memory().total:
+            raise ValueError(f"a {n_ctx}-token KV cache needs {need / 2**30:.1f} GiB, more than "
+                             f"this machine's {psutil.virtual_memory().total / 2**30:.1f} GiB")
         return KVCache([self.ops.layer_cache(a.n_head_kv, a.head_dim, n_ctx, w, chunk)
                         for w in self.layer_windows()], n_ctx)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import Capabilities, GGUFArgs, derived, expect, expect_that, key
+from pocketlm.models.base import (MAX_LAYERS, Capabilities, GGUFArgs, derived, expect,
+                                  expect_layers, expect_that, key)
 from pocketlm.nn import encoder
 from pocketlm import nn
 
@@ -33,11 +34,11 @@ def _not_causal(v) -> bool:
 class ModelArgs(GGUFArgs):
     causal: bool = key("attention.causal", default=False, convert=_not_causal)  # refused
     n_embd: int = key("embedding_length", min=1)
-    n_layer: int = key("block_count")
+    n_layer: int = key("block_count", min=1, max=MAX_LAYERS)
     n_head: int = key("attention.head_count", min=1)
     n_ff: int = key("feed_forward_length")
     n_ctx_train: int = key("context_length")
-    norm_eps: float = key("attention.layer_norm_epsilon", default=1e-12)
+    norm_eps: float = key("attention.layer_norm_epsilon", default=1e-12, min=1e-20, max=1.0)
     pooling: str = key("pooling_type", default=1, convert=_pooling)   # "mean", "cls" or "last"
     # inputs are truncated to this many tokens (specials included)
     max_seq_len: int = derived(lambda a: min(a.n_ctx_train, int(a.get(
@@ -47,10 +48,13 @@ class ModelArgs(GGUFArgs):
     def check(self, w) -> None:
         expect_that(self.n_embd % self.n_head == 0, self.key_name("attention.head_count"),
                     self.n_head, f"a divisor of embedding_length {self.n_embd}")
-        expect(w, "token_embd", rows=self.n_vocab, cols=self.n_embd)
-        for i in range(len(w.blk)):
-            for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                expect(w, f"blk.{i}.{name}", rows=self.n_embd, cols=self.n_embd)
+        e, ff = self.n_embd, self.n_ff
+        expect(w, "token_embd", self.n_vocab, e)
+        expect(w, "position_embd", self.n_ctx_train, e)
+        expect(w, "token_embd_norm", e)
+        expect_layers(w, attn_q=(e, e), attn_k=(e, e), attn_v=(e, e), attn_output=(e, e),
+                      ffn_up=(ff, e), ffn_down=(e, ff), attn_output_norm=(e,),
+                      layer_output_norm=(e,))
 
 
 _LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pocketlm.models.base import Capabilities, GGUFArgs, key
+from pocketlm.models.base import MAX_LAYERS, QTYPES, Capabilities, GGUFArgs, key
 from pocketlm import nn
 
 F = np.float32
@@ -27,10 +27,11 @@ def _single_head(v) -> int:
 
 @dataclass(frozen=True)
 class ModelArgs(GGUFArgs):
+    tensor_types = QTYPES + ("I8",)   # int8 embeddings and projections
     n_head: int = key("attention.head_count", default=1, convert=_single_head)
     n_ctx: int = key("context_length")              # L: positions
     n_embd: int = key("embedding_length", min=1)    # d
-    n_layer: int = key("block_count")
+    n_layer: int = key("block_count", min=1, max=MAX_LAYERS)
     n_inner: int = key("feed_forward_length")       # d_inner = d * forward expansion (conv)
     conv_kernel: int = key("conv_kernel")           # K
     eps: float = key("attention.layer_norm_rms_epsilon")

@@ -17,9 +17,9 @@ from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_de
 @dataclass(frozen=True)
 class ModelArgs(DecoderArgs):
     n_ff: int = key("feed_forward_length")
-    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
-    rope_base: float = key("rope.freq_base", default=1e6)
-    rope_base_swa: float = key("rope.freq_base_swa", default=1e4)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6, min=1e-20, max=1.0)
+    rope_base: float = key("rope.freq_base", default=1e6, min=1.0)
+    rope_base_swa: float = key("rope.freq_base_swa", default=1e4, min=1.0)
     rope_freq_scale: float = derived(rope_linear_scale)
     window: int = key("attention.sliding_window", default=0, convert=lambda v: max(int(v), 0))
     # the last layer of every period is global, the rest slide
@@ -34,7 +34,10 @@ class ModelArgs(DecoderArgs):
         lambda a: 0.0 if a.window else a.get("final_logit_softcapping", 0.0))
 
     def check(self, w) -> None:
-        check_decoder(self, w, self.head_dim)
+        e, ff, d = self.n_embd, self.n_ff, self.head_dim
+        check_decoder(self, w, d, attn_q_norm=(d,), attn_k_norm=(d,), post_attention_norm=(e,),
+                      ffn_norm=(e,), ffn_gate=(ff, e), ffn_up=(ff, e), ffn_down=(e, ff),
+                      post_ffw_norm=(e,))
 
 
 class Model(BaseModel):

@@ -14,13 +14,15 @@ from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_de
 class ModelArgs(DecoderArgs):
     n_ff: int = key("feed_forward_length")
     n_ctx_train: int = key("context_length", default=2048)
-    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-5)
-    rope_base: float = key("rope.freq_base", default=10000.0)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-5, min=1e-20, max=1.0)
+    rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
     rope_dims: int = key("rope.dimension_count", default="head_dim")
     rope_freq_scale: float = derived(rope_linear_scale)
 
     def check(self, w) -> None:
-        check_decoder(self, w, self.rope_dims)
+        e, ff = self.n_embd, self.n_ff
+        check_decoder(self, w, self.rope_dims, ffn_norm=(e,), ffn_gate=(ff, e), ffn_up=(ff, e),
+                      ffn_down=(e, ff))
 
 
 class Model(BaseModel):

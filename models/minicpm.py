@@ -20,8 +20,8 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
-                                  expect_that, key)
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
+                                  check_experts, derived, expect_that, key)
 from pocketlm.nn import moe
 from pocketlm.nn import CompressedKeys, SparseConfig
 
@@ -53,8 +53,8 @@ class ModelArgs(DecoderArgs):
     n_ctx_train: int = key("context_length", default=4096)
     n_ctx_orig: int = derived(
         lambda a: a.get("rope.scaling.original_context_length", 0) or a.n_ctx_train)
-    rms_eps: float = key("attention.layer_norm_rms_epsilon")
-    rope_base: float = key("rope.freq_base", default=10000.0)
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", min=1e-20, max=1.0)
+    rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
     rope_freq_scale: float = derived(_rope_freq_scale)
     rope_attn_factor: float = key("rope.scaling.attn_factor", default=1.0)
     longrope: bool = derived(lambda a: a.get("rope.scaling.type", "linear") == "longrope")
@@ -74,7 +74,10 @@ class ModelArgs(DecoderArgs):
                     self.rope_dims, f"the head size {self.head_dim}")
 
     def check(self, w) -> None:
-        check_decoder(self, w, self.rope_dims)
+        e, ff = self.n_embd, self.n_ff
+        ffn = check_experts(self, w, ff) if self.n_expert else \
+            dict(ffn_gate=(ff, e), ffn_up=(ff, e), ffn_down=(e, ff))
+        check_decoder(self, w, self.rope_dims, ffn_norm=(e,), **ffn)
 
 
 _DENSE = Capabilities(generate=True, sparse_attention=True, devices=("cpu", "cuda"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pocketlm.models import llama
-from pocketlm.models.base import Capabilities, expect_that, expect_vector
+from pocketlm.models.base import Capabilities, expect, expect_that
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class ModelArgs(llama.ModelArgs):
         q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         for i in range(len(w.blk)):
             for name, n in (("attn_q_b", q), ("attn_k_b", kv), ("attn_v_b", kv)):
-                expect_vector(w, f"blk.{i}.{name}", n)
+                expect(w, f"blk.{i}.{name}", n)
 
 
 class Model(llama.Model):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
-                                  expect_that, key, swa_layers)
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
+                                  check_experts, derived, expect_that, key, swa_layers)
 from pocketlm.nn import moe
 
 SWA_WINDOW = 4096
@@ -38,9 +38,9 @@ class ModelArgs(DecoderArgs):
     n_expert: int = key("expert_count")
     n_expert_used: int = key("expert_used_count")
     routing: moe.Routing = derived(_routing)
-    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6)
-    rope_base: float = key("rope.freq_base", default=10000.0)
-    rope_base_swa: float = key("rope.freq_base_swa", default="rope_base")
+    rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6, min=1e-20, max=1.0)
+    rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
+    rope_base_swa: float = key("rope.freq_base_swa", default="rope_base", min=1.0)
     # the sliding-window key switches on the 21B layout (the window itself is fixed)
     layout_21b: bool = key("attention.sliding_window", default=0, convert=lambda v: v > 0)
     is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
@@ -50,7 +50,8 @@ class ModelArgs(DecoderArgs):
         i % NOPE_STEP != 0 for i in range(a.n_layer)) if a.layout_21b else (True,) * a.n_layer)
 
     def check(self, w) -> None:
-        check_decoder(self, w, self.head_dim)
+        check_decoder(self, w, self.head_dim, ffn_norm=(self.n_embd,),
+                      **check_experts(self, w, self.n_ff_exp))
 
 
 class Model(BaseModel):

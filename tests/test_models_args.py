@@ -64,8 +64,8 @@ def _load_error(path) -> str:
     with open_gguf(path) as g, pytest.raises(ValueError) as e:
         load_model(g)
     msg = str(e.value)
-    assert "\n" not in msg
-    return msg
+    assert "\n" not in msg and msg.startswith(f"{path}: ")   # one line naming the file
+    return msg[len(f"{path}: "):]
 
 
 def test_unedited_tiny_model_loads(tmp_path):

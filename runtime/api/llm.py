@@ -15,7 +15,7 @@ import numpy as np
 from pocketlm.api import store
 from pocketlm.api.config import LoadConfig
 from pocketlm.api.lock import FairLock
-from pocketlm.gguf.reader import open_gguf
+from pocketlm.gguf.reader import name_file, open_gguf
 from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
                               collect, prefill, stream_generate)
 
@@ -136,8 +136,10 @@ class LLM:
             llm.device, llm.device_note = device, device_note
             if c.max_memory is not None:
                 llm.set_memory_limit(c.max_memory)
-        except Exception:
+        except Exception as e:
             g.close()
+            if isinstance(e, ValueError):   # a bad file or setting: one line naming the file
+                raise name_file(e, path)
             raise
         llm.load_s = time.perf_counter() - t0
         if progress:

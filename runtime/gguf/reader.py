@@ -7,8 +7,10 @@ Type numbers and block sizes come from the ``gguf`` package.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +77,35 @@ def row_nbytes(qtype: str, n: int) -> int:
     return (n // block) * size
 
 
+def one_line(msg: str, limit: int = 400) -> str:
+    """``msg`` with control characters escaped and cut to ``limit``: names read from a hostile
+    file may hold newlines or run for megabytes."""
+    msg = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], msg)
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+def name_file(e: ValueError, path: str | os.PathLike) -> ValueError:
+    """``e`` as one line naming the file ``path`` (prefixed unless it already does)."""
+    msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+    e.args = (one_line(msg),)
+    return e
+
+
+@contextlib.contextmanager
+def naming_file(path: str | os.PathLike):
+    """ValueErrors raised inside name the file ``path``."""
+    try:
+        yield
+    except ValueError as e:
+        raise name_file(e, path)
+
+
 class _Cursor:
     def __init__(self, buf, size: int, path: str):
         self.buf, self.size, self.pos, self.path = buf, size, 0, path
 
     def fail(self, msg: str):
-        raise GGUFError(f"{self.path}: {msg}")
+        raise GGUFError(one_line(f"{self.path}: {msg}"))
 
     def need(self, n: int, what: str):
         if n < 0 or self.pos + n > self.size:

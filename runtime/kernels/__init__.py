@@ -443,6 +443,9 @@ def dequantize_raw(qtype: str, data: np.ndarray, cols: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- small ops
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
     """RMS-normalize each row of x (..., d) f32 and multiply by weight (d,)."""
+    _expect_f32("rms_norm", x, weight)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm weight has shape {weight.shape}, expected ({x.shape[-1]},)")
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = np.empty_like(x)
@@ -451,6 +454,15 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | No
 
 
 _NO_FACTORS = np.zeros(0, np.float32)
+
+
+def _expect_f32(what: str, *arrays: np.ndarray, contiguous: bool = False) -> None:
+    """The compiled kernels are typed for float32 arrays (and index some as flat buffers)."""
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or \
+                (contiguous and not a.flags.c_contiguous):
+            raise ValueError(f"{what}: expected {'C-contiguous ' if contiguous else ''}float32 "
+                             f"arrays, got {getattr(a, 'dtype', type(a).__name__)}")
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
@@ -464,6 +476,16 @@ def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: s
     """
     if mode not in ("neox", "norm"):
         raise ValueError(f"rope mode {mode!r}: expected 'neox' or 'norm'")
+    _expect_f32("rope", x, *(() if out is None else (out,)), contiguous=True)
+    # the kernel rotates pairs within the first n_dims of each head, one position per token
+    if x.ndim != 3 or n_dims % 2 or not 0 < n_dims <= x.shape[-1]:
+        raise ValueError(f"rope: n_dims {n_dims} must be even and within the head size of x "
+                         f"{x.shape}")
+    positions = np.ascontiguousarray(positions, np.int64)
+    if positions.shape != (x.shape[0],):
+        raise ValueError(f"rope: {positions.shape} positions for {x.shape[0]} tokens")
+    if out is not None and out.shape != x.shape:
+        raise ValueError(f"rope: out has shape {out.shape}, expected {x.shape}")
     if freq_factors is None:
         ff = _NO_FACTORS
     else:
@@ -473,13 +495,14 @@ def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: s
                              f"({n_dims // 2},)")
     if out is None:
         out = x
-    _ops.rope_rows(x, np.asarray(positions, np.int64), n_dims, float(base), float(freq_scale),
+    _ops.rope_rows(x, positions, n_dims, float(base), float(freq_scale),
                    mode == "neox", ff, out)
     return out
 
 
 def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax over the last axis of x (..., d) f32."""
+    _expect_f32("softmax", x)
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = np.empty_like(x)
@@ -488,6 +511,10 @@ def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def _glu(fn, gate, up, out):
+    _expect_f32("gated activation", gate, up, *(() if out is None else (out,)))
+    if up.shape != gate.shape or (out is not None and out.shape != gate.shape):
+        raise ValueError(f"gated activation: gate {gate.shape}, up {up.shape} and out "
+                         f"{None if out is None else out.shape} differ")
     if out is None:
         out = np.empty_like(gate)
     fn(gate.reshape(-1), up.reshape(-1), out.reshape(-1))

@@ -33,8 +33,9 @@ __all__ = ["Tokenizer", "UnsupportedTokenizer", "pre_split", "ATTR_UNKNOWN", "AT
            "ATTR_NORMAL", "ATTR_CONTROL", "ATTR_USER_DEFINED", "ATTR_BYTE"]
 
 
-class UnsupportedTokenizer(NotImplementedError):
-    """The GGUF names a tokenizer model or pre-tokenizer this module does not implement."""
+class UnsupportedTokenizer(ValueError):
+    """The GGUF names a tokenizer model or pre-tokenizer this module does not implement: a
+    property of the file, reported as a one-line error like any other bad file."""
 
 
 # --- token attributes (llama_token_attr) --------------------------------------------------
