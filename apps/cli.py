@@ -321,12 +321,24 @@ def cmd_chat(args):
         chat_repl(llm, _settings(args), system=args.system, verbose=args.verbose)
 
 
+def _byte_size(text: str) -> int:
+    from pocketlm.experts.budget import parse_size
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least one byte")
+    return n
+
+
 def cmd_serve(args):
     from pocketlm.apps.server import serve
     from pocketlm.generate.loop import GenerationConfig
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
     return serve(args.model, host=args.host, port=args.port, cors=args.cors,
+                 max_body=args.max_body,
                  config=_load_config(args), progress=_progress_printer(args.model),
                  settings=settings, system=args.system, verbose=args.verbose,
                  announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
@@ -492,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' for any); "
                         "no CORS headers without it")
+    s.add_argument("--max-body", type=_byte_size, default=_env("MAX_BODY", "8MiB"),
+                   metavar="SIZE", help="largest request body, bytes or a size such as 16MiB "
+                                        "(default 8MiB); larger ones get 413 [POCKETLM_MAX_BODY]")
     add_model_flags(s)
     add_generation_flags(s)
     s.set_defaults(func=cmd_serve)

@@ -139,7 +139,7 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise RequestError(f"{where} must be an object", where)
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(sorted(_ROLES))}",
                                f"{where}.role")
         content = m.get("content")

@@ -4,7 +4,9 @@ The socket is bound first and the model loads in the background (``/health`` ans
 until it is ready). Each generation runs in its own thread behind the model's first-come
 first-served lock (``runtime.concurrency.AsyncLLM``), so the event loop never waits on the
 model. A client that goes away, while queued or while generating, cancels its own generation
-only. Bad requests get OpenAI's error object with status 400 (404 for an unknown model).
+only. Bad requests get OpenAI's error object with status 400 (404 for an unknown model,
+413 for a body over ``max_body``, 415 for a POST body that is not ``application/json``: a web
+page can send ``text/plain`` without a CORS preflight, so that is refused).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import socket
 import sys
 import time
@@ -37,6 +40,11 @@ from pocketlm.apps.openai_compat import (RequestError, StreamAdapter, chat_compl
                                    stream_requested, text_completion)
 
 
+MAX_BODY = 8 << 20    # bytes of a request body (default of ``max_body``)
+MAX_JSON_DEPTH = 64   # nesting of arrays and objects in a request body
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \ud800 escapes decode to lone surrogates
+
+
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
@@ -57,10 +65,11 @@ class _State:
 
 def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | None = None,
                system: str | None = None, on_load_error: Callable[[str], None] | None = None,
-               log: Callable[[str], None] | None = None) -> Starlette:
+               log: Callable[[str], None] | None = None, max_body: int = MAX_BODY) -> Starlette:
     """The ASGI app. ``load()`` returns an ``LLM``; it runs in a thread once the server starts.
 
     ``cors``: origins allowed to call the API from a browser (none by default).
+    ``max_body``: the largest request body in bytes (larger ones get 413).
     ``system``: system prompt for chat requests that bring none.
     ``on_load_error(message)`` is told when loading fails (the app then answers 503).
     ``log(line)`` gets one line of timings per finished generation.
@@ -120,7 +129,7 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
              "owned_by": "pocketlm"}]})
 
     async def completions(request: Request, kind: str):
-        body = await _json_body(request)
+        body = await _json_body(request, max_body)
         check_model(body)
         allm = ready()
         settings = settings_from_request(body)
@@ -152,7 +161,7 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
         return await completions(request, "text")
 
     async def embeddings(request: Request):
-        body = await _json_body(request)
+        body = await _json_body(request, max_body)
         check_model(body)
         llm = ready().llm
         texts = body.get("input")
@@ -207,15 +216,49 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(request: Request, max_body: int) -> dict:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise RequestError(f"the request body must be sent as Content-Type: application/json, "
+                           f"not {ctype or 'none'}", status=415, code="unsupported_media_type")
+    too_big = RequestError(f"the request body exceeds {max_body} bytes", status=413,
+                           code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body:
+        raise too_big
+    raw = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: the length may be absent
+        raw += chunk
+        if len(raw) > max_body:
+            raise too_big
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RequestError(f"malformed JSON in request body: {e}") from None
+    except RecursionError:
+        raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") \
+            from None
+    _check_json(body)
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
+
+
+def _check_json(body) -> None:
+    """Refuse deep nesting (later recursive code would overflow) and lone surrogates (no
+    UTF-8 for them: tokenizing or echoing one in an error would fail)."""
+    stack = [(body, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                raise RequestError("the request body contains a lone UTF-16 surrogate")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} "
+                                   "levels")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items)
 
 
 def _errors(handler):
@@ -314,7 +357,8 @@ async def _sse(first, chunks, adapter: StreamAdapter):
 
 # -- running -----------------------------------------------------------------------------------
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
-          cors: list[str] | None = None, config: LoadConfig | None = None,
+          cors: list[str] | None = None, max_body: int = MAX_BODY,
+          config: LoadConfig | None = None,
           progress: ProgressFn | None = None,
           settings: dict | None = None, system: str | None = None, verbose: bool = False,
           announce: Callable[[str], None] | None = None) -> int:
@@ -323,7 +367,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
 
     ``config`` (a ``LoadConfig``; None: the defaults) and ``progress`` go to ``LLM.load``;
     ``settings`` (``GenerationConfig`` fields) are the defaults for what a request leaves out;
-    ``verbose`` logs requests and their timings.
+    ``verbose`` logs requests and their timings; ``max_body`` is the largest request body
+    in bytes.
     """
     import uvicorn
 
@@ -357,7 +402,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
 
     mid = model_id_for(model)
     app = create_app(load, mid, cors=cors, system=system, on_load_error=on_load_error,
-                     log=log if verbose else None)
+                     log=log if verbose else None, max_body=max_body)
     # not named `config`: load() above reads the LoadConfig of that name when it runs
     uv_config = uvicorn.Config(app, http="h11", loop="asyncio", ws="none", lifespan="on",
                                log_level="info" if verbose else "warning",

@@ -118,4 +118,5 @@ def test_serve_loads_with_its_config(smallthinker_tiny_path, capsys):
     rc = serve(str(smallthinker_tiny_path), port=0, config=LoadConfig(sparse_attention="on"))
     assert rc == 1
     err = capsys.readouterr().err
-    assert "pocketlm: error: smallthinker models have no sparse attention" in err
+    assert err.startswith("pocketlm: error: ") and err.count("\n") == 1, err
+    assert "smallthinker models have no sparse attention" in err

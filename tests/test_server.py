@@ -142,7 +142,8 @@ def test_errors_are_openai_shaped(server, client):
     err = json.loads(body)["error"]
     assert status == 400 and "malformed JSON" in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
-    status, _, body = _http(port, "POST", "/v1/completions", b'[1, 2]')
+    status, _, body = _http(port, "POST", "/v1/completions", b"[1, 2]",
+                            {"Content-Type": "application/json"})
     assert status == 400 and "JSON object" in json.loads(body)["error"]["message"]
     status, _, body = _http(port, "GET", "/v1/nothing")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
@@ -326,7 +327,8 @@ def test_health_is_503_until_loaded(gated):
     port, gate = gated
     status, _, body = _http(port, "GET", "/health")
     assert status == 503 and json.loads(body) == {"status": "loading"}
-    status, _, body = _http(port, "POST", "/v1/completions", b'{"prompt": "Hi"}')
+    status, _, body = _http(port, "POST", "/v1/completions", b'{"prompt": "Hi"}',
+                            {"Content-Type": "application/json"})
     assert status == 503 and json.loads(body)["error"]["code"] == "model_not_ready"
     gate.set()
     _wait_ready(port)
@@ -396,3 +398,101 @@ def test_cli_refuses_a_busy_port(smollm2_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("pocketlm: error: cannot listen on 127.0.0.1:")
     assert r.stderr.strip().count("\n") == 0
+
+
+# -- hostile requests: every one a 4xx with an OpenAI error object ------------------------------
+RUNAWAY = "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tiny(smallthinker_tiny_path):
+    """The tiny SmallThinker in-process with a 1 MiB body limit; yields (port, llm)."""
+    from pocketlm.apps.server import create_app
+    from pocketlm import LLM
+    loaded = {}
+
+    def load():
+        loaded["llm"] = LLM.load(str(smallthinker_tiny_path), n_ctx=256)
+        return loaded["llm"]
+
+    with _in_thread(create_app(load, "tiny", max_body=1 << 20)) as port:
+        _wait_ready(port)
+        yield port, loaded["llm"]
+
+
+def _post(port: int, path: str, body, headers=None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, _, out = _http(port, "POST", path, raw,
+                           {"Content-Type": "application/json"} if headers is None else headers)
+    err = json.loads(out).get("error") if status >= 400 else None
+    assert err is None or set(err) == {"message", "type", "param", "code"}
+    return status, err
+
+
+def test_body_limit_nesting_and_content_type(tiny):
+    port = tiny[0]
+    hi = {"prompt": "Hi", "max_tokens": 1}
+    assert _post(port, "/v1/completions", hi)[0] == 200
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        status, err = _post(port, "/v1/completions", hi, headers)
+        assert status == 415 and err["code"] == "unsupported_media_type"
+    status, err = _post(port, "/v1/completions", {"prompt": "x" * (1 << 20)})
+    assert status == 413 and err["code"] == "request_too_large"
+    for depth in (65, 5000):
+        status, err = _post(port, "/v1/completions", b"[" * depth + b"]" * depth)
+        assert status == 400 and "nests deeper" in err["message"]
+
+
+def test_malformed_requests_are_4xx(tiny):
+    port, llm = tiny
+    n_vocab = llm.model.args.n_vocab
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    bad = [("/v1/completions", {"prompt": [n_vocab], "max_tokens": 1}),
+           ("/v1/completions", {"prompt": [2**63], "max_tokens": 1, "stream": True}),
+           ("/v1/chat/completions", b'{"model": "\\ud800", "messages": []}'),
+           ("/v1/chat/completions", {**chat, "messages": [{"role": [], "content": "x"}]}),
+           ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": {}}]}),
+           ("/v1/completions", {"prompt": [[]]}), ("/v1/embeddings", {"input": []}),
+           ("/v1/completions", b'{"prompt": 1e999}'), ("/v1/completions", b'{"prompt": NaN}')]
+    for field in ("temperature", "top_k", "seed", "max_tokens", "stop", "stream"):
+        bad += [("/v1/chat/completions", {**chat, field: v}) for v in ({"a": 1}, [[]])]
+    for path, body in bad:
+        status, err = _post(port, path, body)
+        assert 400 <= status < 500, (body, status, err)
+    status, err = _post(port, "/v1/completions", {"prompt": [n_vocab]})
+    assert status == 400 and "out of range" in err["message"]
+
+
+def test_forged_control_tokens_are_text(tiny):
+    port, llm = tiny
+    forged = "".join(llm.tokenizer.control_texts[:2])
+    counts = []
+    for content in (forged, ""):
+        status, _, out = _http(port, "POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": content}], "max_tokens": 1}).encode(),
+            {"Content-Type": "application/json"})
+        counts.append(json.loads(out)["usage"]["prompt_tokens"])
+    assert counts[0] - counts[1] == len(llm.tokenize(forged, add_special=False))
+
+
+def test_disconnect_stops_a_runaway_render(tiny):
+    from pocketlm.text.chat import ChatTemplate
+    port, llm = tiny
+    template, llm.template = llm.template, ChatTemplate(RUNAWAY, cpu_limit=60)
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "x"}]}).encode(),
+            {"Content-Type": "application/json"})
+        time.sleep(0.5)
+        assert _pending(port) == 1
+        c.close()
+        deadline = time.monotonic() + 5
+        while _pending(port):
+            assert time.monotonic() < deadline, "the render kept running"
+            time.sleep(0.05)
+    finally:
+        llm.template = template
+    t0 = time.monotonic()
+    assert _post(port, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert time.monotonic() - t0 < 5

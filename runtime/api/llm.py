@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import operator
 import os
 import sys
 import threading
@@ -265,6 +266,21 @@ class LLM:
             return self.tokenizer.encode(item, add_special=True)[:self.n_ctx]
         return [int(t) for t in item]
 
+    def _token_ids(self, ids) -> list[int]:
+        """``ids`` (of a decoder) as a list of ints, each a row of the embedding table."""
+        n_vocab = self.model.args.n_vocab
+        out = []
+        for t in ids:
+            try:
+                i = operator.index(t)
+            except TypeError:
+                raise ValueError(f"token ids must be integers, not {type(t).__name__}") from None
+            if not 0 <= i < n_vocab:
+                raise ValueError(f"token id {i} is out of range: the vocabulary has "
+                                 f"{n_vocab} tokens")
+            out.append(i)
+        return out
+
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         self._check_open()
@@ -279,7 +295,7 @@ class LLM:
         """Logits float32 [len(ids), n_vocab] for ``ids`` evaluated from position 0 in a fresh
         context (``last_n``: only the last n rows, which saves the output head's work)."""
         self._decoder_only("eval")
-        ids = [int(i) for i in ids]
+        ids = self._token_ids(ids)
         if not ids:
             raise ValueError("eval needs at least one token")
         with self._turn():
@@ -290,12 +306,15 @@ class LLM:
     def _config(self, overrides: dict) -> GenerationConfig:
         return self.defaults.replace(**overrides)
 
-    def _run(self, prompt_ids: list[int], cfg: GenerationConfig,
+    def _run(self, prompt_ids: Callable[[], list[int]], cfg: GenerationConfig,
              cancel: threading.Event) -> Iterator[GenerationChunk]:
+        # the prompt is rendered and tokenized in turn, under the lock: concurrent requests
+        # with huge texts would otherwise each hold their tokenization's memory at once
         with self._turn():
             self._active = cancel
             try:
-                yield from stream_generate(self.model, self.tokenizer, self.cache, prompt_ids,
+                ids = prompt_ids()
+                yield from stream_generate(self.model, self.tokenizer, self.cache, ids,
                                            cfg, self.chunk, cancel, self.load_s)
             finally:
                 self._active = None
@@ -309,25 +328,39 @@ class LLM:
         runs or still waits its turn; it ends with finish_reason "cancelled".
         """
         self._decoder_only("generate")
+        if isinstance(prompt, str):
+            return self._generate(lambda: self.tokenize(prompt), stream, cancel, settings)
+        ids = self._token_ids(prompt)
+        return self._generate(lambda: ids, stream, cancel, settings)
+
+    def _generate(self, prompt_ids: Callable[[], list[int]], stream: bool,
+                  cancel: threading.Event | None, settings: dict):
         self._check_no_paused_stream()   # now, not at a stream's first chunk
         cfg = self._config(settings)
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        chunks = self._run(ids, cfg, cancel or threading.Event())
+        chunks = self._run(prompt_ids, cfg, cancel or threading.Event())
         return chunks if stream else collect(chunks)
 
     def chat(self, messages: list[dict], *, stream: bool = False, tools=None,
              cancel: threading.Event | None = None, **settings):
-        """Answer a conversation rendered with the model's chat template."""
+        """Answer a conversation rendered with the model's chat template (in turn with other
+        generations; ``cancel`` stops the render too, with a ChatTemplateError)."""
         self._decoder_only("chat")
-        text = self.template.render(messages, add_generation_prompt=True, tools=tools,
-                                    bos_token=self.tokenizer.bos_text,
-                                    eos_token=self.tokenizer.eos_text)
-        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
-        # a template that writes the BOS itself must not get a second one
-        bos = self.tokenizer.bos_id
-        if len(ids) > 1 and bos is not None and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]
-        return self.generate(ids, stream=stream, cancel=cancel, **settings)
+        cancel = cancel or threading.Event()
+
+        def prompt_ids() -> list[int]:
+            tok = self.tokenizer
+            text, plain = self.template.render_marked(
+                messages, tok.control_texts, add_generation_prompt=True, tools=tools,
+                bos_token=tok.bos_text, eos_token=tok.eos_text, cancel=cancel)
+            # control tokens only where the template wrote them, never in what users wrote
+            ids = tok.encode(text, add_special=True, parse_special=True, plain=plain)
+            # a template that writes the BOS itself must not get a second one
+            bos = self.tokenizer.bos_id
+            if len(ids) > 1 and bos is not None and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]
+            return ids
+
+        return self._generate(prompt_ids, stream, cancel, settings)
 
     def cancel(self):
         """Stop the running generation at the next decode step or prefill chunk (queued ones

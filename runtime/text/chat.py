@@ -7,8 +7,11 @@ jinja2's ``ImmutableSandboxedEnvironment`` with extra guards:
 * a static pass refuses any access to ``_``-prefixed attributes before anything executes;
 * a blocked attribute found at run time raises instead of rendering as empty;
 * ``range`` items per render, the size of every string/list built, format widths and the
-  output are bounded, so memory bombs stop before allocating; a wall-clock deadline checked at
-  each call, operator and ``range`` bounds CPU bombs.
+  output are bounded, so memory bombs stop before allocating;
+* a render is bounded in CPU time (``CPU_LIMIT_S``, 2 s) and memory (``MEMORY_LIMIT``,
+  256 MiB: the strings and lists it builds, plus what it keeps in lists and the output), checked
+  at each call, operator, filter and loop iteration; ``ChatTemplate(cpu_limit=...,
+  memory_limit=...)`` overrides them per template. A ``cancel`` event stops a render too.
 
 Every failure surfaces as a one-line :class:`ChatTemplateError`.
 """
@@ -19,7 +22,9 @@ import functools
 import json
 import os
 import re
+import secrets
 import string
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,14 +45,16 @@ MAX_ITEMS = 1 << 20         # elements in a list built by `*` or `+`
 MAX_RANGE_TOTAL = 1_000_000  # `range` elements in one render, plus 2 * n_messages**2 (some
                              # real templates rescan earlier messages for every message)
 MAX_ARG = 1_000_000         # largest integer argument to a call/filter (widths, counts)
-DEADLINE_S = 20.0
+# Defaults for ChatTemplate's cpu_limit / memory_limit; real templates render in milliseconds.
+CPU_LIMIT_S = 2.0           # CPU seconds of the rendering thread
+MEMORY_LIMIT = 256 << 20    # bytes (a character counts as one) built and kept by one render
 
 
 class ChatTemplateError(ValueError):
     """A chat template failed to compile or render, or was refused as unsafe.
 
     ``kind`` is one of ``"syntax"``, ``"raised"`` (the template's own ``raise_exception``),
-    ``"security"``, ``"limit"`` or ``"render"``.
+    ``"security"``, ``"limit"``, ``"cancelled"`` or ``"render"``.
     """
 
     def __init__(self, message: str, kind: str = "render"):
@@ -56,6 +63,14 @@ class ChatTemplateError(ValueError):
 
 
 class _LimitError(Exception):
+    pass
+
+
+class _Exceeded(_LimitError):
+    """A CPU or memory limit was hit; the message is the whole error."""
+
+
+class _Cancelled(Exception):
     pass
 
 
@@ -68,13 +83,36 @@ class _TemplateRaised(Exception):
 
 @dataclass
 class _Budget:
-    deadline: float
+    cpu_limit: float
+    memory_limit: int
+    cancel: threading.Event | None = None
     inputs: frozenset = frozenset()  # ids of containers passed in by the caller
     range_left: int = MAX_RANGE_TOTAL
+    kept: int = 0  # characters held in template-built lists and in the output so far
+
+    def __post_init__(self) -> None:
+        # thread CPU time: a render waiting for a core (or the GIL) is not charged for it
+        self.cpu_deadline = time.thread_time() + self.cpu_limit
 
     def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _LimitError(f"template rendering exceeded {DEADLINE_S:.0f} s")
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Cancelled()
+        if time.thread_time() > self.cpu_deadline:
+            raise _Exceeded(f"chat template exceeded its {self.cpu_limit:g} s CPU limit")
+
+    def check_memory(self, n: int) -> None:
+        if self.kept + n > self.memory_limit:
+            raise _Exceeded(f"chat template exceeded its {self.memory_limit / 2**20:g} MiB "
+                            "memory limit")
+
+    def keep(self, n: int) -> None:
+        self.kept += n
+        self.check_memory(0)
+
+    def iterate(self, iterable: Any) -> Iterator[Any]:
+        for item in iterable:
+            self.check_time()
+            yield item
 
 
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("chat_budget",
@@ -90,7 +128,10 @@ def _check_time() -> None:
 def _check_len(n: int, what: str = "string") -> None:
     if n > MAX_TEXT:
         raise _LimitError(f"template built a {what} of {n} characters (limit {MAX_TEXT})")
-    _check_time()
+    b = _budget.get()
+    if b is not None:
+        b.check_memory(n)
+        b.check_time()
 
 
 def _check_int_args(args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
@@ -326,6 +367,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     _check_len(total)
                 elif total > MAX_ITEMS:
                     raise _LimitError(f"template built a list of {total} items")
+                else:
+                    _check_len(8 * total, "list")  # a pointer per item
         elif operator == "**":
             if isinstance(left, int) and isinstance(right, int) and right > 0 \
                     and max(abs(left), 2).bit_length() * right > 1 << 16:
@@ -345,6 +388,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             _check_len(len(out))
         return out
 
+    def guarded_iter(self, iterable: Any) -> Any:
+        b = _budget.get()
+        return iterable if b is None else b.iterate(iterable)
+
     def guarded_concat(self, parts: tuple) -> str:
         _check_text(*parts)
         return "".join(p if isinstance(p, str) else str(p) for p in parts)
@@ -354,7 +401,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             _check_int_args(args, kwargs)
         owner = getattr(__obj, "__self__", None)
         name = getattr(__obj, "__name__", "")
-        if isinstance(owner, str):
+        if isinstance(owner, list) and name == "append" and args:
+            b = _budget.get()
+            if b is not None:  # what a list keeps outlives the expression that built it
+                b.keep(_text_size(args[0]))
+        elif isinstance(owner, str):
             if name == "join" and args:
                 items = list(args[0])
                 args = (items, *args[1:])
@@ -388,6 +439,23 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             return out
 
         return guarded
+
+
+def _guarded_iter(expr: nodes.Expr) -> nodes.Call:
+    return nodes.Call(nodes.EnvironmentAttribute("guarded_iter"), [expr], [], None, None,
+                      lineno=expr.lineno)
+
+
+def _guard_loops(ast: nodes.Template) -> None:
+    """Route every ``for`` loop's iterable through ``guarded_iter``: an empty loop body makes
+    no call or operation, so without this nested loops would never meet a check."""
+    loops = list(ast.find_all(nodes.For))
+    reentries = {id(c): c for f in loops if f.recursive for c in f.find_all(nodes.Call)
+                 if isinstance(c.node, nodes.Name) and c.node.name == "loop" and c.args}
+    for f in loops:
+        f.iter = _guarded_iter(f.iter)
+    for c in reentries.values():  # loop(children) iterates again, outside f.iter
+        c.args[0] = _guarded_iter(c.args[0])
 
 
 def _static_check(ast: nodes.Template) -> None:
@@ -506,9 +574,17 @@ class ChatTemplate:
     """A compiled chat template; compile once, render many times (thread-safe)."""
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "",
-                 name: str = "chat_template"):
-        """Compile ``source``; raises :class:`ChatTemplateError` if it is invalid or unsafe."""
+                 name: str = "chat_template", cpu_limit: float | None = None,
+                 memory_limit: int | None = None):
+        """Compile ``source``; raises :class:`ChatTemplateError` if it is invalid or unsafe.
+
+        ``cpu_limit`` (seconds) and ``memory_limit`` (bytes) bound each render; None: the
+        module's ``CPU_LIMIT_S`` and ``MEMORY_LIMIT`` at render time. Both stay settable as
+        attributes.
+        """
         self.source = source
+        self.cpu_limit = cpu_limit
+        self.memory_limit = memory_limit
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
@@ -519,6 +595,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template syntax error: {e.message} (line {e.lineno})",
                                     "syntax") from None
         _static_check(ast)
+        _guard_loops(ast)
         try:
             code = env.compile(ast, name=name, filename=name)
             self._template = env.template_class.from_code(env, code, env.make_globals(None))
@@ -556,19 +633,24 @@ class ChatTemplate:
                    name=f"builtin:{arch or 'chatml'}", **special)
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True,
-               tools: list[dict] | None = None, **extra: Any) -> str:
+               tools: list[dict] | None = None, cancel: threading.Event | None = None,
+               **extra: Any) -> str:
         """Render ``messages`` (OpenAI/transformers-style dicts) into the prompt string.
 
         ``extra`` is passed to the template as variables (``bos_token``/``eos_token`` override
-        the template's own, ``enable_thinking``, ``date_string``, …).
+        the template's own, ``enable_thinking``, ``date_string``, …). Setting ``cancel``
+        stops the render with a ``ChatTemplateError`` of kind ``"cancelled"``.
         """
         ctx = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra,
                "messages": messages, "tools": tools,
                "add_generation_prompt": add_generation_prompt}
         n = len(messages) + len(tools or ())
-        token = _budget.set(_Budget(deadline=time.monotonic() + DEADLINE_S,
-                                    range_left=MAX_RANGE_TOTAL + 2 * n * n,
-                                    inputs=_container_ids(ctx)))
+        budget = _Budget(cpu_limit=CPU_LIMIT_S if self.cpu_limit is None else self.cpu_limit,
+                         memory_limit=MEMORY_LIMIT if self.memory_limit is None
+                         else self.memory_limit,
+                         cancel=cancel, range_left=MAX_RANGE_TOTAL + 2 * n * n,
+                         inputs=_container_ids(ctx))
+        token = _budget.set(budget)
         try:
             out: list[str] = []
             total = 0
@@ -576,23 +658,83 @@ class ChatTemplate:
                 total += len(chunk)
                 if total > MAX_TEXT:
                     raise _LimitError(f"rendered prompt exceeds {MAX_TEXT} characters")
+                budget.keep(len(chunk))
                 out.append(chunk)
             return "".join(out)
         except ChatTemplateError:
             raise
+        except _Exceeded as e:
+            raise ChatTemplateError(f"{e}{_template_line(e, self.name)}", "limit") from None
+        except _Cancelled:
+            raise ChatTemplateError("chat template rendering was cancelled", "cancelled") \
+                from None
+        except MemoryError as e:  # the process ran out before the template's own limit
+            raise ChatTemplateError("chat template ran out of memory"
+                                    f"{_template_line(e, self.name)}", "limit") from None
         except _TemplateRaised as e:
             raise ChatTemplateError(f"chat template raised: {e}", "raised") from None
         except SecurityError as e:
             raise ChatTemplateError(f"chat template refused: {e}{_template_line(e, self.name)}",
                                     "security") from None
-        except (_LimitError, OverflowError, MemoryError, RecursionError) as e:
-            raise ChatTemplateError(f"chat template refused: {e or type(e).__name__}"
+        except (_LimitError, OverflowError, RecursionError) as e:
+            raise ChatTemplateError(f"chat template refused: {str(e) or type(e).__name__}"
                                     f"{_template_line(e, self.name)}", "limit") from None
         except Exception as e:  # any error inside the template's own logic
             raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}"
                                     f"{_template_line(e, self.name)}", "render") from None
         finally:
             _budget.reset(token)
+
+
+    def render_marked(self, messages: list[dict], specials: Iterable[str], *,
+                      tools: list[dict] | None = None, **kwargs: Any
+                      ) -> tuple[str, list[tuple[int, int]]]:
+        """:meth:`render`, and the spans of the prompt where the caller's strings (messages and
+        tools, keys included) contain one of ``specials`` (control-token texts).
+
+        Tokenize with ``Tokenizer.encode(text, parse_special=True, plain=spans)``: control
+        tokens then come only from the template's own text, and a message cannot forge a role
+        boundary. Each occurrence is fenced with per-render markers the template passes through.
+        """
+        pattern = _specials_pattern(tuple(specials))
+        if pattern is None:
+            return self.render(messages, tools=tools, **kwargs), []
+        nonce = str(secrets.randbits(48))  # unguessable: a message cannot close a fence
+        start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+
+        def fence(x: Any) -> Any:
+            if isinstance(x, str):
+                return pattern.sub(lambda m: start + m.group() + end, x)
+            if isinstance(x, dict):
+                return {fence(k): fence(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [fence(v) for v in x]
+            return x
+
+        text = self.render(fence(messages), tools=fence(tools), **kwargs)
+        # A span is the token right after a start or before an end marker, so a fence the
+        # template cut in half (a split or a slice of the content) still covers its token.
+        parts = re.split(f"({start}|{end})", text)
+        out, spans, n = [], [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                m = pattern.match(part) if k and parts[k - 1] == start else None
+                if m:
+                    spans.append((n, n + m.end()))
+                out.append(part)
+                n += len(part)
+            elif part == end and (k < 2 or parts[k - 2] != start):
+                size = max((len(t) for t in specials if t and parts[k - 1].endswith(t)),
+                           default=0)
+                if size:
+                    spans.append((n - size, n))
+        return "".join(out), spans
+
+
+@functools.lru_cache(maxsize=8)
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern | None:
+    texts = sorted({t for t in specials if t}, key=len, reverse=True)  # longest match first
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 @functools.lru_cache(maxsize=16)

@@ -20,6 +20,7 @@ Matching llama.cpp exactly means copying its quirks, not the upstream tokenizers
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import re
 import unicodedata
@@ -665,16 +666,24 @@ class Tokenizer:
 
     # --- encoding -----------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    @property
+    def control_texts(self) -> list[str]:
+        """Texts of the tokens that only ``parse_special`` matches (control and unknown)."""
+        return [self._texts[t] for t in self._special_ids
+                if self._attrs[t] & (ATTR_CONTROL | ATTR_UNKNOWN)]
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               plain: Sequence[tuple[int, int]] = ()) -> list[int]:
         """Token ids for ``text``, as ``llama_tokenize(vocab, text, add_special, parse_special)``.
 
         ``add_special`` adds BOS/EOS where the model asks for them; ``parse_special`` lets
-        control tokens written in the text (``<|im_start|>``, ``<bos>``) become their ids.
-        User-defined tokens are always matched.
+        control tokens written in the text (``<|im_start|>``, ``<bos>``) become their ids,
+        except where they overlap a ``plain`` span (sorted, disjoint ``(start, end)`` offsets
+        into ``text``). User-defined tokens are always matched.
         """
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", "replace")
-        fragments = self._partition(text, parse_special) if text else []
+        fragments = self._partition(text, parse_special, plain) if text else []
         out: list[int] = []
         if self.kind == "spm":
             if add_special and self.add_bos:
@@ -723,7 +732,8 @@ class Tokenizer:
             raise ValueError(f"model asks for a {key.upper()} token but defines none")
         return tid
 
-    def _partition(self, text: str, parse_special: bool) -> list:
+    def _partition(self, text: str, parse_special: bool,
+                   plain: Sequence[tuple[int, int]] = ()) -> list:
         """Cut special tokens out of ``text`` (llama.cpp's tokenizer_st_partition).
 
         Returns ``(start, end)`` spans of raw text and int token ids, in order.
@@ -731,6 +741,11 @@ class Tokenizer:
         frags: list = [(0, len(text))]
         attrs, texts = self._attrs, self._texts
         skip = 0 if parse_special else (ATTR_CONTROL | ATTR_UNKNOWN)
+        plain_ends = [e for _, e in plain]
+
+        def in_plain(m: int, size: int) -> bool:
+            i = bisect.bisect_right(plain_ends, m)
+            return i < len(plain) and plain[i][0] < m + size
         for tid in self._special_candidates(text):
             a = attrs[tid]
             if a & skip:
@@ -745,10 +760,14 @@ class Tokenizer:
                     out.append(frag)
                     continue
                 pos, end = frag
+                search = pos
                 while True:
-                    m = text.find(tok, pos, end)
+                    m = text.find(tok, search, end)
                     if m < 0:
                         break
+                    if a & (ATTR_CONTROL | ATTR_UNKNOWN) and plain and in_plain(m, size):
+                        search = m + 1  # written by a user: stays text
+                        continue
                     left = m
                     if a & ATTR_LSTRIP:
                         while left > pos and text[left - 1] in _ISSPACE:
@@ -760,6 +779,7 @@ class Tokenizer:
                     if a & ATTR_RSTRIP:
                         while pos < end and text[pos] in _ISSPACE:
                             pos += 1
+                    search = pos
                 if pos < end:
                     out.append((pos, end))
             frags = out
