@@ -7,7 +7,6 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
-import psutil
 
 from pocketlm import nn
 from pocketlm.nn.kvcache import KVCache
@@ -354,11 +353,6 @@ class BaseModel:
     def new_cache(self, n_ctx: int, chunk: int = 512) -> KVCache:
         """A KV cache where the model's ops keep it."""
         a = self.args
-        # float32 keys and values: more than the machine holds would fail deep in numpy
-        need = 2 * 4 * a.n_head_kv * a.head_dim * n_ctx * len(self.layer_windows())
-        if need > psutil.virtual_memory().total:
-            raise ValueError(f"a {n_ctx}-token KV cache needs {need / 2**30:.1f} GiB, more than "
-                             f"this machine's {psutil.virtual_memory().total / 2**30:.1f} GiB")
         return KVCache([self.ops.layer_cache(a.n_head_kv, a.head_dim, n_ctx, w, chunk)
                         for w in self.layer_windows()], n_ctx)
 

@@ -225,8 +225,8 @@ def test_minimum_passed_back_is_accepted_every_time(smallthinker_tiny_path):
 def test_context_larger_than_memory_is_refused_at_load(smollm2_path):
     from pocketlm import LLM
     with pytest.raises(MemoryBudgetError,
-                       match=r"^a 10000000-token context needs [\d.]+ GiB of KV cache; "
-                             r"[\d.]+ \w+ of memory is available"):
+                       match=r"^\S+\.gguf: a 10000000-token context needs [\d.]+ GiB of KV "
+                             r"cache; [\d.]+ \w+ of memory is available"):
         LLM.load(str(smollm2_path), n_ctx=10_000_000)
 
 
