@@ -338,7 +338,7 @@ def cmd_serve(args):
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
     return serve(args.model, host=args.host, port=args.port, cors=args.cors,
-                 max_body=args.max_body,
+                 max_body=args.max_body, alias=args.alias,
                  config=_load_config(args), progress=_progress_printer(args.model),
                  settings=settings, system=args.system, verbose=args.verbose,
                  announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
@@ -507,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=_byte_size, default=_env("MAX_BODY", "8MiB"),
                    metavar="SIZE", help="largest request body, bytes or a size such as 16MiB "
                                         "(default 8MiB); larger ones get 413 [POCKETLM_MAX_BODY]")
+    s.add_argument("--alias", default=_env("ALIAS", None), metavar="NAME",
+                   help="the model name /v1/models lists and responses report (default: the "
+                        "store name or the file's stem); requests may name any model "
+                        "[POCKETLM_ALIAS]")
     add_model_flags(s)
     add_generation_flags(s)
     s.set_defaults(func=cmd_serve)

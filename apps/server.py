@@ -4,8 +4,9 @@ The socket is bound first and the model loads in the background (``/health`` ans
 until it is ready). Each generation runs in its own thread behind the model's first-come
 first-served lock (``runtime.concurrency.AsyncLLM``), so the event loop never waits on the
 model. A client that goes away, while queued or while generating, cancels its own generation
-only. Bad requests get OpenAI's error object with status 400 (404 for an unknown model,
-413 for a body over ``max_body``, 415 for a POST body that is not ``application/json``: a web
+only. The server holds one model and answers to any ``model`` name a client sends (as
+llama-server does), reporting its own. Bad requests get OpenAI's error object with status 400
+(413 for a body over ``max_body``, 415 for a POST body that is not ``application/json``: a web
 page can send ``text/plain`` without a CORS preflight, so that is refused).
 """
 from __future__ import annotations
@@ -110,10 +111,7 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
             return
         if not isinstance(name, str):
             raise RequestError("'model' must be a string", "model")
-        if name != state.model_id:
-            raise RequestError(f"model '{name}' is not served here (this server serves "
-                               f"'{state.model_id}')", "model", status=404,
-                               code="model_not_found")
+        # any other name is this model: clients send their own default names
 
     async def health(request: Request):
         if state.allm is not None:
@@ -357,7 +355,7 @@ async def _sse(first, chunks, adapter: StreamAdapter):
 
 # -- running -----------------------------------------------------------------------------------
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
-          cors: list[str] | None = None, max_body: int = MAX_BODY,
+          cors: list[str] | None = None, max_body: int = MAX_BODY, alias: str | None = None,
           config: LoadConfig | None = None,
           progress: ProgressFn | None = None,
           settings: dict | None = None, system: str | None = None, verbose: bool = False,
@@ -368,7 +366,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
     ``config`` (a ``LoadConfig``; None: the defaults) and ``progress`` go to ``LLM.load``;
     ``settings`` (``GenerationConfig`` fields) are the defaults for what a request leaves out;
     ``verbose`` logs requests and their timings; ``max_body`` is the largest request body
-    in bytes.
+    in bytes; ``alias`` is the name ``/v1/models`` lists and responses report (default: the
+    store name or the file's stem).
     """
     import uvicorn
 
@@ -400,7 +399,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8080,
     def log(line: str):
         print(line, file=sys.stderr, flush=True)
 
-    mid = model_id_for(model)
+    mid = alias or model_id_for(model)
     app = create_app(load, mid, cors=cors, system=system, on_load_error=on_load_error,
                      log=log if verbose else None, max_body=max_body)
     # not named `config`: load() above reads the LoadConfig of that name when it runs
