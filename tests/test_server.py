@@ -37,7 +37,7 @@ def server(smollm2_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "pocketlm.apps", "serve", str(smollm2_path),
-                                 "--port", "0", "-c", "2048", "--verbose"],
+                                 "--port", "0", "-c", "2048", "--verbose", "--alias", "smollm2"],
                                 stdout=subprocess.DEVNULL, stderr=f)
     try:
         deadline = time.monotonic() + 240
@@ -75,7 +75,7 @@ def _pending(port: int) -> int:
 
 def test_models_and_health(server, client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["SmolLM2-135M-Instruct.Q4_1"]
+    assert ids == ["smollm2"]   # --alias
     status, _, body = _http(server[0], "GET", "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
 
