@@ -329,14 +329,15 @@ def matvec_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray,
     return matvec(QTensor(qtype, (data.shape[0], cols), data), x, out, _portable=True)
 
 
-def _vector(w, x, out):
+def _vector(w, x, out, new=np.empty):
+    """x as one contiguous float32 row for w, and ``out`` (made by ``new`` when None)."""
     x = np.asarray(x)
     if x.shape != (w.shape[-1],):
         raise ValueError(f"x has {x.shape[0] if x.ndim == 1 else x.shape} elements, weight "
                          f"has {w.shape[-1]} columns")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
-        out = np.zeros(w.data.shape[0], np.float32)
+        out = new(w.data.shape[0], np.float32)
     return x.reshape(1, -1), out
 
 
@@ -359,7 +360,7 @@ def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = Non
     k = kernel(w.qtype, numerics)
     if not k.rows:
         return matvec(w, x, out, numerics)
-    x2, out = _vector(w, x, out)
+    x2, out = _vector(w, x, out, np.zeros)   # rows not selected read as zero
     k.mv_rows(w, x2, np.ascontiguousarray(rows, np.int64), out)
     return out
 
