@@ -17,41 +17,54 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 1."""
 
 
-def _progress_printer(label: str):
+class _Progress:
     """A progress callback drawing rich progress bars on stderr, one per stage (download,
-    extract, load…); silent when stderr is not a terminal (logs, pipes, tests)."""
-    if not sys.stderr.isatty():
-        return lambda stage, done, total: None
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    extract, load, compile…); silent when stderr is not a terminal (logs, pipes, tests).
+    Bars leave the screen once all their stages finish, and at ``close()`` (or the end of a
+    ``with`` block) whatever happened: the screen a prompt or an answer appears on is clean."""
 
-    label = os.path.basename(label)  # a model path shows as its file name
-    live: dict = {}  # "bars": the running Progress, stage -> task id
+    def __init__(self, label: str):
+        self.label = os.path.basename(label)  # a model path shows as its file name
+        self.bars, self.tasks = None, {}
+        self.on = sys.stderr.isatty()
 
-    def report(stage: str, done: int, total: int):
-        if "bars" not in live:
-            live["bars"] = Progress(TextColumn("{task.description}"), BarColumn(),
-                                    TextColumn("{task.fields[amount]}"), TimeElapsedColumn(),
-                                    console=Console(stderr=True), transient=True)
-            live["bars"].start()
-        bars = live["bars"]
-        if stage not in live:
-            live[stage] = bars.add_task(f"{label}: {stage}", total=total, amount="")
+    def __call__(self, stage: str, done: int, total: int):
+        if not self.on:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.bars is None:
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[amount]}"), TimeElapsedColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self.bars.start()
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(f"{self.label}: {stage}", total=total,
+                                                   amount="")
         amount = (f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total > 1 << 20
                   else f"{done}/{total}")
-        bars.update(live[stage], completed=done, total=total, amount=amount)
-        if all(t.finished for t in bars.tasks):  # the next stage, if any, starts a new set
-            bars.stop()
-            live.clear()
+        self.bars.update(self.tasks[stage], completed=done, total=total, amount=amount)
+        if all(t.finished for t in self.bars.tasks):  # the next stage, if any, starts a new set
+            self.close()
 
-    return report
+    def close(self):
+        if self.bars is not None:
+            self.bars.stop()
+        self.bars, self.tasks = None, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # -- model store --------------------------------------------------------------------------------
 def cmd_pull(args):
     from pocketlm.api import store
     for name in args.names:
-        path = store.pull(name, progress=_progress_printer(name), force=args.force)
+        with _Progress(name) as report:
+            path = store.pull(name, progress=report, force=args.force)
         print(f"{name}: {path}")
 
 
@@ -81,8 +94,8 @@ def cmd_inspect(args):
     from pocketlm.api import store
     from pocketlm.gguf.reader import open_gguf
     from pocketlm.gguf.summary import format_summary, summarize
-    path = store.resolve(args.model, pull_missing=args.pull,
-                         progress=_progress_printer(args.model))
+    with _Progress(args.model) as report:
+        path = store.resolve(args.model, pull_missing=args.pull, progress=report)
     with open_gguf(path) as g:
         s = summarize(g)
         mem = _memory(g, args) if args.memory else None
@@ -140,9 +153,9 @@ def cmd_convert(args):
     if args.type == "int8" or args.labels or args.tokenizer or args.cls_prefix:
         raise CLIError("--type int8, --labels, --tokenizer and --cls-prefix need --arch embbert")
     from pocketlm.quant.convert import convert
-    report = _progress_printer("convert")
-    info = convert(args.hf_dir, args.output, args.type,
-                   progress=lambda d, t: report("tensors", d, t))
+    with _Progress("convert") as report:
+        info = convert(args.hf_dir, args.output, args.type,
+                       progress=lambda d, t: report("tensors", d, t))
     print(f"wrote {info['path']}: {info['qtype']}, {info['size_bytes'] / 2**20:.1f} MiB, "
           f"{info['n_tensors']} tensors")
 
@@ -164,9 +177,9 @@ def cmd_quantize(args):
     src = store.resolve(args.input)
     if os.path.abspath(src) == os.path.abspath(args.output):
         raise CLIError("output must differ from input")
-    report = _progress_printer("quantize")
-    info = requantize(src, args.output, args.type.upper(),
-                      progress=lambda d, t: report("tensors", d, t))
+    with _Progress("quantize") as report:
+        info = requantize(src, args.output, args.type.upper(),
+                          progress=lambda d, t: report("tensors", d, t))
     print(f"wrote {info['path']}: {info['ftype']}, {info['size_bytes'] / 2**20:.1f} MiB, "
           f"{info['n_requantized']} tensors converted, {info['n_copied']} copied")
 
@@ -278,7 +291,8 @@ def _load_config(args):
 
 def _load(args):
     from pocketlm import LLM
-    llm = LLM.load(args.model, _load_config(args), progress=_progress_printer(args.model))
+    with _Progress(args.model) as report:
+        llm = LLM.load(args.model, _load_config(args), progress=report)
     if llm.device_note:
         print(f"pocketlm: {llm.device_note}", file=sys.stderr)
     return llm
@@ -337,11 +351,13 @@ def cmd_serve(args):
     from pocketlm.generate.loop import GenerationConfig
     settings = _settings(args)
     GenerationConfig().replace(**settings)  # a bad default is an error before binding
-    return serve(args.model, host=args.host, port=args.port, cors=args.cors,
-                 max_body=args.max_body, alias=args.alias,
-                 config=_load_config(args), progress=_progress_printer(args.model),
-                 settings=settings, system=args.system, verbose=args.verbose,
-                 announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr, flush=True))
+    with _Progress(args.model) as report:
+        return serve(args.model, host=args.host, port=args.port, cors=args.cors,
+                     max_body=args.max_body, alias=args.alias,
+                     config=_load_config(args), progress=report,
+                     settings=settings, system=args.system, verbose=args.verbose,
+                     announce=lambda msg: print(f"pocketlm: {msg}", file=sys.stderr,
+                                                flush=True))
 
 
 def cmd_perplexity(args):
@@ -351,8 +367,8 @@ def cmd_perplexity(args):
 
 def cmd_synth(args):
     from pocketlm.tools.synth import run
-    report = _progress_printer("synth")
-    return run(args, progress=lambda d, t: report("tensors", d, t))
+    with _Progress("synth") as report:
+        return run(args, progress=lambda d, t: report("tensors", d, t))
 
 
 # -- benchmarks --------------------------------------------------------------------------------
@@ -382,8 +398,8 @@ def cmd_bench(args):
     if args.cold:
         from pocketlm.api import store
         drop_page_cache(store.resolve(args.model, pull_missing=False))
-    if args.ctx_size is None:   # llama-bench sizes the context to the test
-        args.ctx_size = max(args.n_prompt, args.depth + args.n_gen + 1)
+    if args.ctx_size is None:   # llama-bench sizes the context to the test (and a first chat)
+        args.ctx_size = max(args.n_prompt, args.depth + args.n_gen + 1, 256)
     with _load(args) as llm:
         if args.routing == "text":
             with open(args.text, encoding="utf-8") as f:

@@ -48,11 +48,13 @@ def fake_registry(tmp_path, monkeypatch):
 
 
 def test_pull_concatenates_parts_and_verifies(home, fake_registry):
-    seen = []
-    p = store.pull("fake", progress=lambda stage, d, t: seen.append(stage))
+    seen = {}
+    p = store.pull("fake", progress=lambda stage, d, t: seen.__setitem__(stage, (d, t)))
     assert p.read_bytes() == fake_registry
     assert p.parent.parent == home / "models"
-    assert "extract" in seen
+    assert list(seen) == ["download", "extract"]
+    # every stage finishes, so that a progress display can close its bars
+    assert all(d == t for d, t in seen.values()), seen
     assert [n for n, _, _ in store.list_models()] == ["fake"]
     assert store.resolve("fake") == p
     # nothing but the model is left in its folder

