@@ -44,3 +44,41 @@ def test_chat_in_a_terminal(smollm2_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_cold_first_chat(qwen2_path, tmp_path):
+    """README's first command as a newcomer meets it: no model in the store and no compiled
+    kernels. Every stage shows and then leaves the screen before the prompt; the answer
+    streams as the same text the Python API gives, with no bar drawn into it."""
+    import re
+
+    from pocketlm import LLM
+
+    question = "What is the capital of France?"
+    with LLM.load(str(qwen2_path), n_ctx=512) as llm:
+        want = llm.chat([{"role": "user", "content": question}], temperature=0,
+                        max_tokens=12).text
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "POCKETLM_"))}
+    env.update(TERM="xterm", POCKETLM_HOME=str(tmp_path / "home"))
+    child = pexpect.spawn(sys.executable, ["-m", "pocketlm.apps", "chat", "--temp", "0",
+                                           "-n", "12", "-c", "512"],
+                          encoding="utf-8", timeout=600, dimensions=(40, 120), env=env)
+    try:
+        child.expect(">>> ")
+        screen = child.before
+        for stage in ("download", "extract", "load", "compile"):
+            assert f"qwen2.5-coder-0.5b: {stage}" in screen, stage
+        child.sendline(question)
+        child.expect(">>> ")
+        after = child.before
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", after).replace("\r\n", "\n")
+    echoed, answer = text.split("\n", 1)
+    assert echoed == question                  # the typed line echoes
+    assert answer.strip() == want.strip()      # tokens stream in place, nothing else drawn
+    assert "━" not in after and "qwen2.5-coder-0.5b:" not in after
+    assert (tmp_path / "home" / "models" / "qwen2.5-coder-0.5b").is_dir()

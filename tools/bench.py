@@ -69,6 +69,26 @@ def _run(llm, kind: str, n: int, depth: int, r: int, tokens) -> float:
     return time.perf_counter() - t0
 
 
+def startup(llm) -> dict:
+    """What a first chat costs, measured before anything else runs in this process: the
+    seconds from the process's start to the first token of a one-word chat ("Hi", greedy,
+    through the model's own template), and the load and kernel-compile seconds within them.
+    ``kernel_cache`` says whether the kernels had to compile ("cold") or came from Numba's
+    cache ("warm")."""
+    import psutil
+    out = {"load_s": llm.load_s, "compile_s": llm.compile_s,
+           "kernel_cache": "cold" if llm.compile_s > 0 else "warm"}
+    if llm.template is not None:
+        t0 = time.perf_counter()
+        answer = llm.chat([{"role": "user", "content": "Hi"}], stream=True, temperature=0,
+                          max_tokens=1)
+        next(answer)
+        out["first_token_s"] = time.perf_counter() - t0
+        out["process_to_first_token_s"] = time.time() - psutil.Process().create_time()
+        answer.close()
+    return out
+
+
 def _tests(n_prompt: int, n_gen: int) -> list[tuple[str, int]]:
     return ([("pp", n_prompt)] if n_prompt > 0 else []) + ([("tg", n_gen)] if n_gen > 0 else [])
 
@@ -84,6 +104,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
     memory budget each test also reports the cache's figures; ``oracle`` runs everything
     once to trace the routing, then again with Belady's policy on that trace.
     """
+    first = startup(llm)
     model = llm.model
     experts = model.experts if model.capabilities.moe else None
     if routing not in ("model", "text", "uniform"):
@@ -158,6 +179,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         "backend": llm.device,
         "threads": kernels.get_threads(),
         "load_s": llm.load_s,
+        "startup": first,
         "peak_rss_bytes": peak_rss(),
         "routing": routing,
         "results": results,
@@ -200,5 +222,9 @@ def format_table(r: dict) -> str:
         rows.append(f"memory budget {plan['budget'] / 2**20:.0f} MiB: {plan['n_slots']} of "
                     f"{plan['n_experts']} experts cached ({r['policy']}, routing "
                     f"{r['routing']}, {'O_DIRECT' if r['direct_io'] else 'buffered'} reads)")
-    rows.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, load {r['load_s']:.2f} s")
+    st = r["startup"]
+    rows.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, load {r['load_s']:.2f} s "
+                f"(compiling {st['compile_s']:.2f} s, {st['kernel_cache']} kernel cache)"
+                + (f", first token {st['process_to_first_token_s']:.2f} s after start"
+                   if "first_token_s" in st else ""))
     return "\n".join(rows)

@@ -1,11 +1,9 @@
 """The public Python API: ``LLM.load(...)`` then tokenize / eval / generate / chat."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import operator
 import os
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pocketlm.api import store
+from pocketlm.api.build import build_model, trim_heap
 from pocketlm.api.config import LoadConfig
 from pocketlm.api.lock import FairLock
 from pocketlm.gguf.reader import name_file, open_gguf
@@ -47,6 +46,7 @@ class LLM:
         self.n_ctx = n_ctx
         self.chunk = chunk
         self.load_s = load_s
+        self.compile_s = 0.0   # of load_s: waiting for kernels to compile (a cold cache)
         self.defaults = GenerationConfig()
         # encoders run whole sequences: no KV cache
         self.cache = model.new_cache(n_ctx, chunk) if model.capabilities.generate else None
@@ -88,8 +88,8 @@ class LLM:
         c = (config or LoadConfig()).replace(**overrides)   # every setting checked here, once
         from pocketlm.nn import backend as devices
         device, device_note = devices.resolve(c.device)   # auto without a GPU: the budget idles
-        from pocketlm.models import load_model
         from pocketlm import kernels
+        from pocketlm.api import warmup
         from pocketlm.text.chat import ChatTemplate
         from pocketlm.text.tokenizer import Tokenizer
 
@@ -97,39 +97,23 @@ class LLM:
         path = store.resolve(model or store.DEFAULT_MODEL, pull_missing=c.pull, progress=progress)
         if c.threads:
             kernels.set_threads(c.threads)
+        # kernels compile in worker processes while this one reads the model (cold cache only)
+        workers = warmup.start(str(path), c) if device == "cpu" else None
         if progress:
             progress("load", 0, 3)
         g = open_gguf(path)
         try:
-            m = load_model(g)
             if progress:
                 progress("load", 1, 3)
+            m, n_ctx, memory_plan = build_model(g, c, device)
             caps = m.capabilities
             if caps.generate:
                 tok = Tokenizer.from_metadata(g.metadata)
                 template = ChatTemplate.from_metadata(g.metadata, override_path=c.chat_template)
             else:
                 tok, template = _encoder_tokenizer(g.metadata), None
-            if c.backend is not None:
-                if len(caps.backends) < 2:
-                    raise ValueError(f"{g.arch} models have no backend choice (numba only)")
-                m.set_backend(c.backend)
             if progress:
                 progress("load", 2, 3)
-            train_ctx = int(g.get("{arch}.context_length", 4096))
-            n_ctx = c.n_ctx or min(train_ctx, 4096)
-            if caps.generate and device == "cpu":
-                from pocketlm.experts.budget import check_context
-                check_context(m, n_ctx, c.chunk)
-            memory_plan = None
-            if c.memory_budget is not None:
-                memory_plan = _apply_budget(g, m, n_ctx, c.chunk, c.memory_budget,
-                                            c.expert_policy)
-            if c.sparse_attention == "on" and not caps.sparse_attention:
-                raise ValueError(f"{g.arch} models have no sparse attention")
-            # decoders whose computation depends on run settings (context, attention mode)
-            if caps.generate:
-                m.configure(n_ctx=n_ctx, sparse_attention=c.sparse_attention)
             if device != "cpu":
                 m = devices.place(m, device, c.gpu_budget)
             llm = cls(g, m, tok, template, n_ctx, c.chunk, 0.0, c)
@@ -137,14 +121,18 @@ class LLM:
             llm.device, llm.device_note = device, device_note
             if c.max_memory is not None:
                 llm.set_memory_limit(c.max_memory)
+            if progress:
+                progress("load", 3, 3)
+            llm.compile_s = workers.wait(progress) if workers else 0.0
         except Exception as e:
             g.close()
             if isinstance(e, ValueError):   # a bad file or setting: one line naming the file
                 raise name_file(e, path)
             raise
+        finally:
+            if workers:
+                workers.stop()
         llm.load_s = time.perf_counter() - t0
-        if progress:
-            progress("load", 3, 3)
         return llm
 
     # -- encoders ------------------------------------------------------------------------------
@@ -384,7 +372,7 @@ class LLM:
                 self.gguf.close()
                 self.gguf = None
         gc.collect()
-        _trim_heap()
+        trim_heap()
 
     def __enter__(self):
         return self
@@ -403,37 +391,3 @@ def _encoder_tokenizer(meta: dict):
     if HF_JSON_KEY in meta:
         return HFTokenizer.from_metadata(meta)
     return None
-
-
-def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
-    """Check ``budget`` (bytes) against the model; routed experts then stream through a
-    cache evicting by ``policy`` (both checked by LoadConfig)."""
-    from pocketlm import kernels
-    from pocketlm.experts.budget import plan
-    from pocketlm.experts.cache import ExpertCache
-    from pocketlm.experts.store import ExpertStore
-    # the plan measures the process with the model's kernels loaded, and without the freed
-    # heap glibc keeps (a closed model's buffers would otherwise count, and the minimum drift)
-    kernels.warmup(sorted({t.qtype for t in g.tensors.values()} & set(kernels.QTYPES)))
-    gc.collect()
-    _trim_heap()
-    store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
-    try:
-        p = plan(model, g, store, n_ctx, chunk, budget)
-        if store is not None:
-            model.experts = ExpertCache(store, p.n_slots, policy, routers=model.routers)
-    except Exception:
-        if store is not None:
-            store.close()
-        raise
-    return p
-
-
-def _trim_heap():
-    """Give freed heap pages back to the OS: glibc keeps the freed activation and cache
-    buffers otherwise, and RSS would not drop after close()."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl)
-            pass

@@ -179,6 +179,7 @@ class _Portable:
 
     fused = False
     rows = False
+    max_rows = 0   # batches go to matmul_raw (its own drivers below BLAS_MIN_ROWS)
 
     def __init__(self, qtype: str):
         self.qtype = qtype
@@ -196,6 +197,7 @@ class _Scaled:
     off AVX2) or float ones ("exact", which also selects rows)."""
 
     fused = False
+    max_rows = PREPARED_MAX_ROWS
 
     def __init__(self, qtype: str, float_acts: bool):
         self.qtype, self.rows = qtype, float_acts
@@ -225,8 +227,11 @@ class _Avx2:
     fused = True
     rows = True
 
-    def __init__(self, qtype: str):
+    def __init__(self, qtype: str, numerics: str):
         self.qtype, self.kind = qtype, _simd.KIND[qtype]
+        # batches below this take these kernels; "exact" prompts from BLAS_MIN_ROWS rows take
+        # float activations through BLAS, as the portable drivers' types do
+        self.max_rows = PREPARED_MAX_ROWS if numerics == "llama" else BLAS_MIN_ROWS
 
     def mv(self, w, x2, out2):
         _simd_mv((w,), x2, out2)
@@ -239,8 +244,11 @@ class _Avx2:
 
 
 def _entry(numerics: str, qtype: str):
-    if numerics == "llama" and _simd.AVAILABLE and qtype in _simd.KIND:
-        return _Avx2(qtype)
+    # "exact" keeps 8-bit activations for the types without a float-activation kernel: those
+    # take the same AVX2 kernels as "llama" (nothing more to compile for short prompts)
+    if _simd.AVAILABLE and qtype in _simd.KIND and (numerics == "llama" or
+                                                    qtype not in _SCALE_FIELDS):
+        return _Avx2(qtype, numerics)
     if qtype in _SCALE_FIELDS:
         return _Scaled(qtype, numerics == "exact")
     return _Portable(qtype)
@@ -264,14 +272,29 @@ def kernel(qtype: str, numerics: str = "llama"):
 _AVX2_CODEGEN = False
 
 
+# ``_simd.mv`` takes this many weights at once: one compiled specialization serves q/k/v and
+# gate/up alike (a tuple of each length would be one each, about 2 s of compiling apiece);
+# shorter tuples are padded with weights of no rows.
+_FUSED = 3
+
+
 def _simd_mv(ws, x2, out2):
-    """ws: tuple of QTensors of one AVX2 qtype and x2's column count -> out2 (n, sum rows)."""
+    """ws: QTensors of one AVX2 qtype and x2's column count -> out2 (n, sum rows)."""
     for w in ws:
         _check(w.qtype, w.data, w.shape[-1])
-    # one dispatcher per number of weights, each refusing other signatures
-    fn = _once(("simd", len(ws)), lambda: numba.njit(**_simd.PAR)(_simd.mv.py_func),
-               (types.int64, types.UniTuple(_W, len(ws)), _X, _O), _AVX2_CODEGEN)
-    fn(_simd.KIND[ws[0].qtype], tuple(w.data for w in ws), x2, out2)
+    if len(ws) > _FUSED:
+        sizes = np.cumsum([0] + [w.data.shape[0] for w in ws])
+        for i in range(0, len(ws), _FUSED):
+            part = np.empty((x2.shape[0], sizes[min(i + _FUSED, len(ws))] - sizes[i]),
+                            np.float32)
+            _simd_mv(ws[i:i + _FUSED], x2, part)
+            out2[:, sizes[i]:sizes[i] + part.shape[1]] = part
+        return
+    fn = _once(("simd", "mv"), lambda: _simd.mv, (types.int64, types.UniTuple(_W, _FUSED), _X, _O),
+               _AVX2_CODEGEN)
+    datas = tuple(w.data for w in ws)
+    datas += (datas[0][:0],) * (_FUSED - len(ws))
+    fn(_simd.KIND[ws[0].qtype], datas, x2, out2)
 
 
 # ------------------------------------------------------------------------------ the calls
@@ -304,15 +327,18 @@ def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.n
     if method == "blas" or (method == "auto" and n >= BLAS_MIN_ROWS):
         _blas_on_one_thread()
         deq = _dequantizer(qtype, serial=True)
-        tile = max(16, min(rows, _TILE_BYTES // (4 * cols)))
-        n_parts = max(1, min(get_threads(), rows // 64))
+        # at least a tile per core the process may use, sized by that, not by the threads set
+        tile = max(16, min(-(-rows // numba.config.NUMBA_NUM_THREADS), _TILE_BYTES // (4 * cols)))
+        n_tiles = -(-rows // tile)
+        n_parts = max(1, min(get_threads(), rows // 64, n_tiles))
 
         def part(i):
-            # each worker thread dequantizes and multiplies its own contiguous rows
-            p0, p1 = rows * i // n_parts, rows * (i + 1) // n_parts
-            buf = np.empty((min(tile, p1 - p0), cols), np.float32)  # dequantized weight rows
-            for r0 in range(p0, p1, tile):
-                r1 = min(p1, r0 + tile)
+            # each worker thread dequantizes and multiplies its own contiguous run of tiles;
+            # tiles are the same whatever the thread count, because BLAS may round a product
+            # differently by its shape (OpenBLAS's small-matrix kernels)
+            buf = np.empty((min(tile, rows), cols), np.float32)  # dequantized weight rows
+            for j in range(n_tiles * i // n_parts, n_tiles * (i + 1) // n_parts):
+                r0, r1 = j * tile, min(rows, (j + 1) * tile)
                 wt = buf[: r1 - r0]
                 deq(data, r0, r1, wt)
                 np.matmul(x, wt.T, out=out[:, r0:r1])
@@ -369,11 +395,12 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
            numerics: str = "llama") -> np.ndarray:
     """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``.
 
-    With method "auto", batches below ``PREPARED_MAX_ROWS`` rows take the decode kernel of
+    With method "auto", batches below the kernel's ``max_rows`` (``PREPARED_MAX_ROWS``;
+    ``BLAS_MIN_ROWS`` for 8-bit activations under "exact") take the decode kernel of
     (numerics, qtype) where it is not the portable one; BLAS serves larger batches.
     """
     k = kernel(w.qtype, numerics)
-    if method == "auto" and x.shape[0] < PREPARED_MAX_ROWS and not isinstance(k, _Portable):
+    if method == "auto" and x.shape[0] < k.max_rows:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != w.shape[-1]:
             raise ValueError(f"x has shape {x.shape}, weight has {w.shape[-1]} columns")
@@ -393,7 +420,8 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama") -> list[np.ndarray]:
         return [matmul(w, x, numerics=numerics) for w in ws]
     groups: dict = {}
     for i, w in enumerate(ws):
-        if kernel(w.qtype, numerics).fused and w.shape[-1] == x.shape[1]:
+        k = kernel(w.qtype, numerics)
+        if k.fused and x.shape[0] < k.max_rows and w.shape[-1] == x.shape[1]:
             groups.setdefault(w.qtype, []).append(i)
     res: list = [None] * len(ws)
     for idx in groups.values():

@@ -166,3 +166,12 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     else:
         _attend_parallel(*args)
     return out
+
+
+def warm(head_dim: int) -> None:
+    """Call the decode kernel of long contexts once, so that it does not compile mid-answer
+    when a growing context switches to it."""
+    slots = _PARALLEL_MIN_WORK // head_dim + 1
+    attend(np.zeros((1, 1, head_dim), np.float32), np.zeros((1, head_dim, slots), np.float32),
+           np.zeros((slots, 1, head_dim), np.float32), np.zeros(slots, np.int64), slots,
+           np.zeros(1, np.int64), 1.0)
