@@ -86,22 +86,24 @@ def start(path: str, config) -> Workers | None:
 
 
 def exercise(model, part: str, n_ctx: int, chunk: int) -> None:
-    """Call the kernels of the model's ``part`` once, on a scratch cache, with the token id 0:
-    "prompt" is a prompt long enough for BLAS plus the decode attention of a long context,
-    "decode" a short prompt and a decoded token (which share their kernels). The split keeps
-    the two workers' compiling about equal and apart."""
+    """Call the kernels of the model's ``part`` once, on a scratch cache: "prompt" is a prompt
+    long enough for BLAS plus the decode attention of a long context, "decode" a decoded
+    token and prompts of one and a few tokens (which share most of their kernels; one token
+    takes the one-row paths, such as an expert's active rows). The split keeps the two
+    workers' compiling about equal and apart."""
     def run(n, ops):
         cache = model.new_cache(min(n_ctx, 16), chunk)
-        model.forward(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), cache, n_logits=1,
-                      ops=ops)
+        ids = np.arange(n, dtype=np.int64) % model.args.n_vocab
+        model.forward(ids, np.arange(n, dtype=np.int64), cache, n_logits=1, ops=ops)
 
     if part == "prompt":
         run(16, model.ops.prompt)
         from pocketlm.kernels.attention import warm
         warm(model.args.head_dim)
-    else:   # the short prompt last: its float-activation kernels are the prompt worker's too,
-        run(1, model.ops)   # which by then has usually put them in the cache
-        run(2, model.ops.prompt)
+    else:   # the short prompts last: their float-activation kernels are the prompt worker's
+        run(1, model.ops)   # too, which by then has usually put them in the cache
+        run(1, model.ops.prompt)
+        run(3, model.ops.prompt)
 
 
 def _main(argv: list[str]) -> int:
