@@ -274,8 +274,9 @@ _AVX2_CODEGEN = False
 
 # ``_simd.mv`` takes this many weights at once: one compiled specialization serves q/k/v and
 # gate/up alike (a tuple of each length would be one each, about 2 s of compiling apiece);
-# shorter tuples are padded with weights of no rows.
+# fewer weights are padded with weights of no rows.
 _FUSED = 3
+_FUSED_SIG = (types.int64, _W, _W, _W, _X, _O)
 
 
 def _simd_mv(ws, x2, out2):
@@ -290,11 +291,10 @@ def _simd_mv(ws, x2, out2):
             _simd_mv(ws[i:i + _FUSED], x2, part)
             out2[:, sizes[i]:sizes[i] + part.shape[1]] = part
         return
-    fn = _once(("simd", "mv"), lambda: _simd.mv, (types.int64, types.UniTuple(_W, _FUSED), _X, _O),
-               _AVX2_CODEGEN)
-    datas = tuple(w.data for w in ws)
-    datas += (datas[0][:0],) * (_FUSED - len(ws))
-    fn(_simd.KIND[ws[0].qtype], datas, x2, out2)
+    fn = _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
+    datas = [w.data for w in ws]
+    datas += [datas[0][:0]] * (_FUSED - len(ws))
+    fn(_simd.KIND[ws[0].qtype], *datas, x2, out2)
 
 
 # ------------------------------------------------------------------------------ the calls

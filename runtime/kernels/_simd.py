@@ -315,10 +315,13 @@ def _dot(kind, w, wo, xq, xd, xs, nb):
 
 
 @njit(**PAR)
-def mv(kind, ws, x, out):
-    """Weights ws (a tuple of (rows_i, row_bytes) uint8 matrices of one type, all with x's
-    column count) times x (n, cols) f32 -> out (n, sum rows_i): the matrices' outputs side
-    by side. One call quantizes x once and runs every row in one parallel loop."""
+def mv(kind, w0, w1, w2, x, out):
+    """Weights w0, w1, w2 ((rows_i, row_bytes) uint8 matrices of one type, all with x's
+    column count; any may have no rows) times x (n, cols) f32 -> out (n, sum rows_i): the
+    matrices' outputs side by side. One call quantizes x once and runs every row in one
+    parallel loop. (Three arrays rather than a tuple: the caller's dispatch types arrays
+    fast, a tuple through Python.)"""
+    ws = (w0, w1, w2)
     nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
     xq, xd, xs = _act(x, kind)
     total = 0
