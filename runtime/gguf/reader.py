@@ -162,19 +162,22 @@ class _Cursor:
         return [self.value(et, what, depth + 1) for _ in range(count)]
 
     def _strings(self, count: int, what: str) -> list[str]:
+        # a vocabulary is 100k+ strings: the loop keeps to local names and slices the mmap
+        # (bytes already) without another copy
         buf, pos, size = self.buf, self.pos, self.size
         out = []
-        unpack = struct.unpack_from
+        append = out.append
+        unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > size:
                 self.pos = pos
                 self.need(8, what)
-            (n,) = unpack("<Q", buf, pos)
+            (n,) = unpack(buf, pos)
             pos += 8
             if n > size - pos:
                 self.pos = pos
                 self.fail(f"truncated file: string in {what} runs past the end")
-            out.append(bytes(buf[pos:pos + n]).decode("utf-8", "surrogateescape"))
+            append(buf[pos:pos + n].decode("utf-8", "surrogateescape"))
             pos += n
         self.pos = pos
         return out
