@@ -89,6 +89,37 @@ def startup(llm) -> dict:
     return out
 
 
+def decode_breakdown(llm, depth: int, n: int = 32, tokens=None) -> dict:
+    """Where a decoded token's time goes, after ``depth`` tokens of context: milliseconds
+    per token in total and by op (``nn.TimedOps`` labels: matvec by weight type, attention,
+    experts, embed, small ops), and "outside ops": the model's own Python between ops
+    (loops, residual adds, routing glue). Time inside an op includes its Python wrapper.
+    One untimed token first, so that nothing compiles inside the figures."""
+    from pocketlm.nn.ops import TimedOps
+    model = llm.model
+    ids = tokens[:depth + n + 2] if tokens is not None else _random_tokens(
+        llm.tokenizer.n_vocab, depth + 1, 99)
+    cache = model.new_cache(depth + n + 2, llm.chunk)
+    if depth:
+        prefill(model, cache, ids[:depth], llm.chunk)
+    timed = TimedOps(model.ops)
+    tok, total = ids[depth], 0.0
+    for i in range(n + 1):
+        pos = np.array([cache.n_past], dtype=np.int64)
+        t0 = time.perf_counter()
+        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache,
+                               ops=timed if i else model.ops)
+        if i:
+            total += time.perf_counter() - t0
+        else:
+            timed.times.clear()
+        cache.n_past += 1
+        tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
+    ms = {k: 1e3 * v / n for k, v in sorted(timed.times.items(), key=lambda kv: -kv[1])}
+    ms["outside ops"] = 1e3 * total / n - sum(ms.values())
+    return {"depth": depth, "n_tokens": n, "ms_per_token": 1e3 * total / n, "ms": ms}
+
+
 def _tests(n_prompt: int, n_gen: int) -> list[tuple[str, int]]:
     return ([("pp", n_prompt)] if n_prompt > 0 else []) + ([("tg", n_gen)] if n_gen > 0 else [])
 
@@ -171,6 +202,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             row["experts"] = {k: statistics.mean(s[k] for s in stats) for k in stats[0]}
         results.append(row)
     g = llm.gguf
+    breakdown = decode_breakdown(llm, depth, tokens=tokens) if n_gen > 0 else None
     out = {
         "model": g.path,
         "arch": g.arch,
@@ -183,6 +215,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
         "peak_rss_bytes": peak_rss(),
         "routing": routing,
         "results": results,
+        "decode_breakdown": breakdown,
     }
     if streamed:
         out["memory_plan"] = llm.memory_plan.as_dict()
@@ -217,6 +250,10 @@ def format_table(r: dict) -> str:
                         f"{e['bytes_read_per_token'] / 2**20:.1f} MiB read/token, "
                         f"{e['read_hidden']:.0%} of read time hidden, prediction precision "
                         f"{e['prediction_precision']:.2f} recall {e['prediction_recall']:.2f}")
+    b = r.get("decode_breakdown")
+    if b:
+        rows.append(f"decode at depth {b['depth']}: {b['ms_per_token']:.2f} ms/token = " +
+                    ", ".join(f"{k} {v:.2f}" for k, v in b["ms"].items()))
     if "policy" in r:
         plan = r["memory_plan"]
         rows.append(f"memory budget {plan['budget'] / 2**20:.0f} MiB: {plan['n_slots']} of "

@@ -260,3 +260,43 @@ def backend_ops(name: str) -> Ops:
     if name == "numpy":
         return NUMPY
     raise ValueError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+class TimedOps:
+    """``ops`` with the seconds spent in each leaf op summed by label (``times``): linears by
+    weight type ("matvec Q4_K"), "attention", "experts", "embed" and "small ops" (norms,
+    rope, activations). Composite blocks (``glu_ffn``, ``head_norm``) run through this
+    object, so that their parts are timed as leaves. For the benchmark's breakdown of
+    decode time; it costs a clock read per op."""
+
+    _COMPOSITE = {n for n, v in vars(Ops).items() if callable(v) and n != "embed"}
+
+    def __init__(self, ops: Ops):
+        import time
+        self.inner, self.times, self._clock = ops, {}, time.perf_counter
+
+    def _label(self, name: str, args) -> str:
+        if name in ("linear", "linears"):
+            ws = args[0] if name == "linears" else [args[0]]
+            return "matvec " + "+".join(sorted({w.qtype for w in ws}))
+        if name in ("attention", "sparse_attention"):
+            return "attention"
+        if name == "expert":
+            return "experts"
+        return "embed" if name == "embed" else "small ops"
+
+    def __getattr__(self, name):
+        if name in self._COMPOSITE:
+            return getattr(Ops, name).__get__(self)
+        fn = getattr(self.inner, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*args, **kwargs):
+            t0 = self._clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                label = self._label(name, args)
+                self.times[label] = self.times.get(label, 0.0) + self._clock() - t0
+        return timed
