@@ -406,7 +406,7 @@ def cmd_bench(args):
                 text_ids = llm.tokenize(f.read())
         r = bench_model(llm, args.n_prompt, args.n_gen, args.depth, args.repetitions,
                         routing=args.routing, text_ids=text_ids,
-                        oracle=args.cache_policy == "oracle")
+                        oracle=args.cache_policy == "oracle", io_replay=args.io_replay)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
 
 
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(s)
     s.add_argument("--cold", action="store_true",
                    help="drop the model file from the page cache before loading")
+    s.add_argument("--io-replay", action="store_true",
+                   help="with a memory budget: replay each decode run's expert reads with no "
+                        "compute and report the read-bound tok/s beside the run's")
     s.add_argument("--routing", choices=("model", "text", "uniform"), default="model",
                    help="MoE expert choice: model = the router on random prompts (default), "
                         "text = the router on --text fed token by token, uniform = uniform "

@@ -317,3 +317,23 @@ def test_closing_the_llm_closes_a_wrapped_disk_cache(smallthinker_tiny_path):
     with tap_routing(llm.model, lambda layer, ids: None):
         llm.close()
     assert not any(t.is_alive() for t in cache.threads)
+
+
+def test_read_log_and_replay(tiny):
+    """The cache logs each completed read; replaying the log reads the same experts again,
+    computing nothing (the benchmark's read-bound limit), and a key the file lacks is an
+    error, not a silent skip."""
+    g, model = tiny
+    cache = ExpertCache(ExpertStore.from_gguf(g), 4)
+    try:
+        cache.read_log = []
+        layer = min(cache.store.layers)
+        cache.request(layer, np.array([0, 1, 2]))
+        got = sorted(e for e, _ in cache.each(layer, np.array([0, 1, 2])))
+        assert got == [0, 1, 2]
+        assert sorted(cache.read_log) == [(layer, 0), (layer, 1), (layer, 2)]
+        assert cache.store.replay(cache.read_log, 2) > 0
+        with pytest.raises(Exception):
+            cache.store.replay([(layer, 10 ** 6)], 1)
+    finally:
+        cache.close()

@@ -39,15 +39,16 @@ class _UniformRouters:
         self.n_expert, self.k = n_expert, k
         self.rng = np.random.default_rng(seed)
 
-    def route(self, layer: int, x):
+    def route(self, layer: int, x, ops=None):
         n = x.shape[0]
         sel = np.argsort(self.rng.random((n, self.n_expert)), axis=1)[:, :self.k]
         return sel, np.full((n, self.k), 1.0 / self.k, np.float32)
 
 
-def _run(llm, kind: str, n: int, depth: int, r: int, tokens) -> float:
+def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = None) -> float:
     """One timed test; returns seconds. ``tokens``: the text to feed (teacher forcing), or
-    None for random prompts and greedy decoding."""
+    None for random prompts and greedy decoding; ``log``: a list that collects the decode's
+    expert reads (streamed experts)."""
     model, n_vocab = llm.model, llm.tokenizer.n_vocab
     if kind == "pp":
         ids = tokens[:n] if tokens is not None else _random_tokens(n_vocab, n, r)
@@ -60,13 +61,18 @@ def _run(llm, kind: str, n: int, depth: int, r: int, tokens) -> float:
     if depth:
         prefill(model, cache, ids[:depth], llm.chunk)
     tok = ids[depth]
+    if log is not None:   # the decode's expert reads, for the read-bound replay
+        model.experts.read_log = log
     t0 = time.perf_counter()
     for i in range(n):
         pos = np.array([cache.n_past], dtype=np.int64)
         logits = model.forward(np.array([tok], dtype=np.int64), pos, cache)
         cache.n_past += 1
         tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    if log is not None:
+        model.experts.read_log = None
+    return dt
 
 
 def startup(llm) -> dict:
@@ -126,14 +132,16 @@ def _tests(n_prompt: int, n_gen: int) -> list[tuple[str, int]]:
 
 def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, reps: int = 5,
                 progress=None, routing: str = "model", text_ids: list[int] | None = None,
-                seed: int = 0, oracle: bool = False) -> dict:
+                seed: int = 0, oracle: bool = False, io_replay: bool = False) -> dict:
     """Prefill and decode speed of a loaded ``runtime.LLM``; a JSON-friendly dict.
 
     For MoE models ``routing`` chooses the experts: "model" (the router; random prompts,
     greedy decoding), "text" (the router, fed ``text_ids`` by teacher forcing, so tokens are
     a real text's) or "uniform" (uniform random experts). With experts streamed under a
     memory budget each test also reports the cache's figures; ``oracle`` runs everything
-    once to trace the routing, then again with Belady's policy on that trace.
+    once to trace the routing, then again with Belady's policy on that trace; ``io_replay``
+    replays each decode run's expert reads with no compute and reports the read-bound speed
+    (``read_bound_tps``) and the run's share of it.
     """
     first = startup(llm)
     model = llm.model
@@ -151,6 +159,8 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
     streamed = hasattr(experts, "stats")
     if oracle and not streamed:
         raise ValueError("the oracle policy needs a memory budget (experts streamed)")
+    if io_replay and not streamed:
+        raise ValueError("--io-replay needs a memory budget (experts streamed)")
     tests = _tests(n_prompt, n_gen)
 
     def runs():
@@ -165,11 +175,15 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
                     before = experts.snapshot() if streamed else None
                     if experts is not None:   # ReGLU experts count their active neurons
                         experts.neurons = moe.NeuronStats()
-                    dt = _run(llm, kind, n, depth, r, tokens)
+                    log = [] if io_replay and kind == "tg" else None
+                    dt = _run(llm, kind, n, depth, r, tokens, log)
                     if r > 0:
                         samples.append(n / dt)
                         if streamed:
                             stats.append(experts.snapshot().minus(before).as_dict(n))
+                        if log is not None:
+                            t_io = experts.store.replay(log, len(experts.threads))
+                            stats[-1]["read_bound_tps"] = n / t_io if log else float("inf")
                         if experts is not None and experts.neurons.total:
                             active.append(experts.neurons.fraction)
                     if progress:
@@ -200,6 +214,9 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             row["active_neurons"] = statistics.mean(active)
         if stats:
             row["experts"] = {k: statistics.mean(s[k] for s in stats) for k in stats[0]}
+            if "read_bound_tps" in row["experts"]:
+                row["experts"]["of_read_bound"] = (row["tps_mean"] /
+                                                   row["experts"]["read_bound_tps"])
         results.append(row)
     g = llm.gguf
     breakdown = decode_breakdown(llm, depth, tokens=tokens) if n_gen > 0 else None
@@ -249,7 +266,9 @@ def format_table(r: dict) -> str:
             rows.append(f"{t['test']}: expert hit rate {e['hit_rate_bytes']:.1%} of bytes, "
                         f"{e['bytes_read_per_token'] / 2**20:.1f} MiB read/token, "
                         f"{e['read_hidden']:.0%} of read time hidden, prediction precision "
-                        f"{e['prediction_precision']:.2f} recall {e['prediction_recall']:.2f}")
+                        f"{e['prediction_precision']:.2f} recall {e['prediction_recall']:.2f}"
+                        + (f"; reads alone allow {e['read_bound_tps']:.2f} tok/s (this run "
+                           f"{e['of_read_bound']:.0%} of it)" if "read_bound_tps" in e else ""))
     b = r.get("decode_breakdown")
     if b:
         rows.append(f"decode at depth {b['depth']}: {b['ms_per_token']:.2f} ms/token = " +

@@ -88,6 +88,7 @@ class ExpertCache(ExpertSource):
         self.may_speculate = self.speculate = speculate
         self.recent_precision = 1.0
         self.stats = CacheStats()
+        self.read_log: list | None = None   # a list: every completed read's (layer, e)
         self._closed = False
         self.threads = [threading.Thread(target=self._worker, daemon=True,
                                          name=f"pocketlm-io-{i}") for i in range(io_threads)]
@@ -289,6 +290,8 @@ class ExpertCache(ExpertSource):
                 if err is None:
                     self.state[slot], self.expert[slot] = READY, ex
                     self.stats.bytes_read += self.store.expert_bytes(key[0])
+                    if self.read_log is not None:
+                        self.read_log.append(key)
                 else:
                     self.where.pop(key, None)
                     self.key[slot], self.state[slot], self.error[slot] = None, EMPTY, err

@@ -117,6 +117,35 @@ class ExpertStore:
             base += size
         return starts
 
+    def replay(self, keys: list, threads: int) -> float:
+        """Read the experts ``keys`` ((layer, e) each, in order) with ``threads`` threads as
+        the cache's I/O threads do, into scratch slots, computing nothing; returns the
+        seconds taken: the read-bound time of the run that made the list."""
+        import itertools
+        import mmap
+        import threading
+        import time
+        nxt = itertools.count()
+        errors = []
+
+        def work():
+            # page-aligned, as the arena's slots; freed with its last view
+            scratch = memoryview(mmap.mmap(-1, self.slot_bytes))
+            try:
+                while (i := next(nxt)) < len(keys):
+                    self.read(*keys[i], scratch)
+            except Exception as e:
+                errors.append(e)
+        pool = [threading.Thread(target=work) for _ in range(max(1, threads))]
+        t0 = time.perf_counter()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0
+
     def _read_fully(self, buf: memoryview, off: int, need: int):
         got = 0
         while got < need:
