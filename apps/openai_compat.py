@@ -48,7 +48,7 @@ _INTS = {"top_k": "top_k", "seed": "seed"}
 # accepted only at their no-op value: anything else would be silently ignored
 _UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
                 "logit_bias": (None, {}), "functions": (None, []), "function_call": (None,),
-                "parallel_tool_calls": (None, True, False), "audio": (None,),
+                "audio": (None,),
                 "prediction": (None,)}
 MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}   # OpenAI's bounds
 
@@ -148,9 +148,15 @@ def tool_settings(body: dict) -> dict:
             else:
                 tool_choice_names(tools, choice)
             out["tool_choice"] = choice
+        parallel = body.get("parallel_tool_calls")
+        if parallel is not None:
+            if not isinstance(parallel, bool):
+                raise ValueError("parallel_tool_calls must be true or false")
+            if tools is not None:
+                out["parallel_tool_calls"] = parallel
     except ValueError as e:
-        raise RequestError(str(e), "tool_choice" if str(e).startswith("tool_choice")
-                           else "tools") from None
+        raise RequestError(str(e), next((p for p in ("tool_choice", "parallel_tool_calls")
+                                         if str(e).startswith(p)), "tools")) from None
     return out
 
 

@@ -362,7 +362,7 @@ class LLM:
             chunks = with_tool_calls(chunks, family, names)
         return chunks if stream else collect(chunks)
 
-    def _tool_setup(self, tools, tool_choice):
+    def _tool_setup(self, tools, tool_choice, parallel: bool):
         """(tools for the template, (family, callable names, guide) or None) for ``chat``."""
         if tools is None:
             if tool_choice not in (None, "none"):
@@ -373,13 +373,17 @@ class LLM:
         if mode == "none":   # the model is not told about tools it may not call
             return None, None
         family = family_for(self.template.source)
-        c = constrain.Constraint(call_grammar(family, tools, names), self.tokenizer, "tools")
+        # a named function is called once, as OpenAI does
+        parallel = parallel and not isinstance(tool_choice, dict)
+        c = constrain.Constraint(call_grammar(family, tools, names, parallel), self.tokenizer,
+                                 "tools")
         guide = c.guide() if mode == "required" else \
             constrain.LazyGuide(c, family.trigger, family.at_start)
         return tools, (family, names, guide)
 
     def chat(self, messages: list[dict], *, stream: bool = False, tools=None, tool_choice=None,
-             cancel: threading.Event | None = None, **settings):
+             parallel_tool_calls: bool = True, cancel: threading.Event | None = None,
+             **settings):
         """Answer a conversation rendered with the model's chat template (in turn with other
         generations; ``cancel`` stops the render too, with a ChatTemplateError).
 
@@ -388,12 +392,13 @@ class LLM:
         ``tool_calls`` (result) or tool-call deltas (chunks), with finish_reason
         "tool_calls". ``tool_choice``: "auto" (default; the grammar enforces a call's
         arguments once the model starts one), "none", "required", or {"type": "function",
-        "function": {"name": ...}}. Messages may carry OpenAI's ``tool_calls`` and
+        "function": {"name": ...}} (called once). ``parallel_tool_calls=False`` allows one
+        call per turn. Messages may carry OpenAI's ``tool_calls`` and
         ``role: "tool"`` results. Other settings as in ``generate``.
         """
         self._decoder_only("chat")
         cancel = cancel or threading.Event()
-        template_tools, tool_setup = self._tool_setup(tools, tool_choice)
+        template_tools, tool_setup = self._tool_setup(tools, tool_choice, parallel_tool_calls)
         messages = template_messages(messages)
 
         def prompt_ids() -> list[int]:

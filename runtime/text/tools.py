@@ -104,18 +104,22 @@ def _call_schema(family: Family, tools: list[dict], names: list[str]) -> dict:
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
-def call_grammar(family: Family, tools: list[dict], names: list[str]) -> str:
-    """A Lark grammar (llguidance's dialect, with its %json) for one or more calls of the
-    ``names`` tools, each call's arguments fitting that tool's parameter schema."""
+def call_grammar(family: Family, tools: list[dict], names: list[str],
+                 parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's dialect, with its %json) for one call (or with
+    ``parallel`` one or more) of the ``names`` tools, each call's arguments fitting that
+    tool's parameter schema."""
     call = "%json " + json.dumps(_call_schema(family, tools, names))
     if family is HERMES:
-        return ('start: block ("\\n" block)*\n'
+        return ('start: block ("\\n" block)*\n' if parallel else "start: block\n") + (
                 'block: "<tool_call>\\n" call "\\n</tool_call>"\n'
                 f"call: {call}\n")
     ws = "/[ \\t\\n]*/"   # what a model may write before its call
     if family.as_list:
-        return (f'start: {ws} {json.dumps(family.start)} "[" call (", " call)* "]"\n'
-                f"call: {call}\n")
+        more = ' (", " call)*' if parallel else ""
+        opener = json.dumps(family.start) + " " if family.start else ""
+        return f'start: {ws} {opener}"[" call{more} "]"\ncall: {call}\n'
+
     return f"start: {ws} call\ncall: {call}\n"
 
 
