@@ -216,6 +216,12 @@ class ToolCallParser:
     def _hermes(self, final: bool) -> tuple[str, list[dict]]:
         out, calls = [], []
         start, end = self.f.start, self.f.end
+
+        def text(t: str) -> None:
+            # the line breaks between and after calls are the format's, not an answer
+            if t and not (self.seen_call and not t.strip()):
+                out.append(t)
+
         while True:
             if not self.in_call:
                 i = self.buf.find(start)
@@ -224,10 +230,10 @@ class ToolCallParser:
                     keep = 0 if final else next((k for k in range(min(len(start) - 1,
                                                                       len(self.buf)), 0, -1)
                                                  if start.startswith(self.buf[-k:])), 0)
-                    out.append(self.buf[:len(self.buf) - keep])
+                    text(self.buf[:len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep:]
                     break
-                out.append(self.buf[:i])
+                text(self.buf[:i])
                 self.buf = self.buf[i + len(start):]
                 self.in_call = True
             j = self.buf.find(end)
@@ -236,17 +242,15 @@ class ToolCallParser:
             body = self.buf if j < 0 else self.buf[:j]
             got = _parse_calls(body.strip(), self.names)
             if got is None:   # not a call after all: the text is the model's answer
-                out.append(start + body + ("" if j < 0 else end))
+                text(start + body + ("" if j < 0 else end))
             else:
                 calls += got
+                self.seen_call = True
             self.buf = "" if j < 0 else self.buf[j + len(end):]
             self.in_call = False
             if j < 0:
                 break
-        self.seen_call = self.seen_call or bool(calls)
-        content = "".join(out)
-        # the line breaks between and after calls are the format's, not an answer
-        return ("" if self.seen_call and not content.strip() else content), calls
+        return "".join(out), calls
 
 
 def with_tool_calls(chunks: Iterator, family: Family, names) -> Iterator:
