@@ -216,7 +216,11 @@ def test_server_logprobs_chat_stream_and_completions(client):
     streamed = [e for ev in _chat(client, msgs, max_tokens=6, logprobs=True, top_logprobs=3,
                                   stream=True)
                 for ch in ev.choices if ch.logprobs for e in ch.logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # the repeated prompt comes from the KV cache: its last token runs as a decode step,
+    # whose 8-bit activations shift the logits a little
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content],
+                                                          abs=0.05)
     c = client.completions.create(model="qwen", prompt="The capital of France is", max_tokens=3,
                                   temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
@@ -230,21 +234,30 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def test_logprobs_cover_the_vocabulary_and_match_eval(llm):
+@pytest.fixture
+def exact_llm(llm):
+    """The model with float32 activations in decode too: decode steps then give the logits
+    eval gives for the same tokens, to rounding."""
+    from pocketlm import nn
+    ops, llm.model.ops = llm.model.ops, nn.EXACT
+    yield llm
+    llm.model.ops = ops
+
+
+def test_logprobs_cover_the_vocabulary_and_match_eval(exact_llm):
+    llm = exact_llm
     n = llm.tokenizer.n_vocab
     prompt = llm.tokenize("The capital of France is")
     r = llm.generate(prompt, max_tokens=3, temperature=0, logprobs=True, top_logprobs=n)
     assert len(r.logprobs) == 3
-    ref = _log_softmax(llm.eval(prompt + r.tokens)[len(prompt) - 1:-1])   # (3, n_vocab)
     for i, e in enumerate(r.logprobs):
         ids = np.array([t for t, _, _ in e.top])
         lps = np.array([lp for _, _, lp in e.top])
         assert sorted(ids) == list(range(n))
-        assert np.exp(lps).sum() == pytest.approx(1.0, abs=1e-6)
+        assert np.exp(lps).sum() == pytest.approx(1.0, abs=1e-9)
         assert e.token == r.tokens[i] and e.logprob == lps[0]
-        # the first token's logits come from prefill, as eval's; later ones from decode steps
-        tol = 1e-3 if i == 0 else 0.05
-        assert np.abs(lps - ref[i][ids]).max() < tol
+        ref = _log_softmax(llm.eval(prompt + r.tokens[:i], last_n=1)[-1])
+        assert np.abs(lps - ref[ids]).max() < 1e-6
     # under a grammar the probability stays on what the grammar allows, and still sums to 1
     r = llm.generate(prompt, max_tokens=2, temperature=0, logprobs=True, top_logprobs=n,
                      regex=" (Paris|Rome)")
