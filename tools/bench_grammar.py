@@ -105,7 +105,7 @@ def bench_grammar(llm, schema: dict | None = None, n_gen: int = 64, reps: int = 
     ids = tok.encode(llm.template.render([{"role": "user", "content": PROMPT}]),
                      parse_special=True)
     cfg = llm.defaults.replace(temperature=0, max_tokens=n_gen)
-    free, guided, share = [], [], []
+    free, guided, share, mask = [], [], [], []
     for _ in range(reps):
         for timed in (None, _TimedGuide(c.guide())):
             last = None
@@ -119,11 +119,13 @@ def bench_grammar(llm, schema: dict | None = None, n_gen: int = 64, reps: int = 
             else:
                 guided.append(per_token)
                 share.append(timed.seconds / max(t.generation_s - timed.seconds, 1e-9))
+                mask.append(timed.seconds / max(timed.steps, 1))
     return {"model": llm._name, "schema_bytes": len(json.dumps(schema)),
             "tokenizer_ms": round(tokenizer_ms, 1),
             "compile_ms": round(statistics.median(compile_ms), 2),
             "decode_ms_per_token": round(statistics.median(free) * 1e3, 2),
             "constrained_ms_per_token": round(statistics.median(guided) * 1e3, 2),
+            "mask_ms_per_token": round(statistics.median(mask) * 1e3, 3),
             "mask_overhead_pct": round(statistics.median(share) * 100, 2),
             "n_gen": n_gen, "repetitions": reps}
 
@@ -135,5 +137,6 @@ def format_grammar_table(r: dict) -> str:
         f"schema compile                  {r['compile_ms']:8.2f} ms",
         f"decode, free                    {r['decode_ms_per_token']:8.2f} ms/token",
         f"decode, constrained             {r['constrained_ms_per_token']:8.2f} ms/token",
+        f"mask, apply, advance            {r['mask_ms_per_token']:8.3f} ms/token",
         f"mask overhead per token         {r['mask_overhead_pct']:8.2f} %",
     ])
