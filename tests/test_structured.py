@@ -269,6 +269,23 @@ def test_logprobs_cover_the_vocabulary_and_match_eval(exact_llm):
 
 # ---- regex and grammars (Python API) ---------------------------------------------------------
 
+def test_auto_tool_grammar_switches_on_at_the_call(llm):
+    from pocketlm.generate import constrain
+    from pocketlm.text import tools
+    tok = llm.tokenizer
+    c = constrain.Constraint(tools.call_grammar(tools.HERMES, [WEATHER], ["get_weather"]), tok,
+                             "tools")
+    guide = constrain.LazyGuide(c, "<tool_call>")
+    x = np.zeros(tok.n_vocab, np.float32)
+    for t in tok.encode("Let me check. <tool_call>\n", add_special=False):
+        assert (guide.active is None) == np.isfinite(guide.mask(x)).all()
+        guide.accept(t)
+    allowed = np.isfinite(guide.mask(x))
+    assert guide.active is not None and 0 < allowed.sum() < 50
+    assert allowed[tok.encode('{"', add_special=False)[0]]
+    assert not allowed[tok.encode("Hello", add_special=False)[0]]
+
+
 def test_regex_and_grammars(llm):
     r = llm.generate("My phone number is", max_tokens=12, temperature=0,
                      regex=r" [0-9]{3}-[0-9]{4}\.")

@@ -20,8 +20,8 @@ from pocketlm.gguf.reader import name_file, open_gguf
 from pocketlm.generate import constrain
 from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
                               collect, prefill, stream_generate)
-from pocketlm.text.tools import (call_grammar, check_tools, family_for, template_messages,
-                                 tool_choice_names, with_tool_calls)
+from pocketlm.text.tools import (auto_grammars, call_grammar, check_tools, family_for,
+                                 template_messages, tool_choice_names, with_tool_calls)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -353,7 +353,7 @@ class LLM:
         if tool_setup is not None:
             family, names, tool_guide = tool_setup
             if tool_guide is not None:
-                if guide is not None and isinstance(tool_guide, constrain.Guide):
+                if guide is not None and not isinstance(tool_guide, constrain.FirstOf):
                     raise ValueError("tool_choice required or named cannot be combined with "
                                      "response_format, grammar or regex")
                 guide = guide or tool_guide   # under auto, a text constraint wins
@@ -375,10 +375,14 @@ class LLM:
         family = family_for(self.template.source)
         # a named function is called once, as OpenAI does
         parallel = parallel and not isinstance(tool_choice, dict)
-        c = constrain.Constraint(call_grammar(family, tools, names, parallel), self.tokenizer,
-                                 "tools")
-        guide = c.guide() if mode == "required" else \
-            constrain.LazyGuide(c, family.trigger, family.at_start)
+        if mode == "required":
+            guide = constrain.Constraint(call_grammar(family, tools, names, parallel),
+                                         self.tokenizer, "tools").guide()
+        else:
+            guide = constrain.FirstOf([
+                constrain.LazyGuide(constrain.Constraint(g, self.tokenizer, "tools"), trigger,
+                                    at_start)
+                for g, trigger, at_start in auto_grammars(family, tools, names, parallel)])
         return tools, (family, names, guide)
 
     def chat(self, messages: list[dict], *, stream: bool = False, tools=None, tool_choice=None,

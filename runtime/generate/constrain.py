@@ -21,7 +21,7 @@ import numpy as np
 
 from pocketlm.text.tokenizer import ATTR_CONTROL, ATTR_UNKNOWN
 
-__all__ = ["ConstraintError", "Constraint", "Guide", "LazyGuide", "from_settings",
+__all__ = ["ConstraintError", "Constraint", "Guide", "LazyGuide", "FirstOf", "from_settings",
            "json_schema_grammar", "MAX_GRAMMAR_BYTES"]
 
 MAX_GRAMMAR_BYTES = 64 << 10
@@ -225,3 +225,24 @@ class LazyGuide:
         if m.consume_tokens(self.tokens[-k:]):
             self.active = Guide(m, self.tok.n_vocab)
         self.tokens, self.pieces = [], []
+
+
+class FirstOf:
+    """Several lazy guides watching the same text: the first to switch on rules alone."""
+
+    def __init__(self, guides: list[LazyGuide]):
+        self.guides = guides
+        self.active: LazyGuide | None = None
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        return logits if self.active is None else self.active.mask(logits)
+
+    def accept(self, token: int) -> None:
+        if self.active is not None:
+            self.active.accept(token)
+            return
+        for g in self.guides:
+            g.accept(token)
+            if g.active is not None:
+                self.active = g
+                return

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 __all__ = ["Family", "family_for", "check_tools", "tool_choice_names", "call_grammar",
+           "auto_grammars",
            "ToolCallParser", "with_tool_calls", "template_messages"]
 
 
@@ -121,6 +122,19 @@ def call_grammar(family: Family, tools: list[dict], names: list[str],
         return f'start: {ws} {opener}"[" call{more} "]"\ncall: {call}\n'
 
     return f"start: {ws} call\ncall: {call}\n"
+
+
+def auto_grammars(family: Family, tools: list[dict], names: list[str],
+                  parallel: bool = True) -> list[tuple[str, str, bool]]:
+    """(grammar, trigger, at_start) for tool_choice auto: the family's own format, and the
+    message-level call object (bare or in a code fence) that ``ToolCallParser`` also
+    accepts, so a call's arguments fit their schema whichever way the model starts it."""
+    call = "call: %json " + json.dumps(_call_schema(family, tools, names)) + "\n"
+    out = [(call_grammar(family, tools, names, parallel), family.trigger, family.at_start)]
+    if family.trigger != "{":
+        out.append(("start: call\n" + call, "{", True))
+    out.append(('start: "```" /[a-z]*/ "\\n" call "\\n```"\n' + call, "```", True))
+    return out
 
 
 def _new_call_id() -> str:
