@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 
