@@ -67,7 +67,8 @@ def test_weather_round_trip(client):
     convo = ASK_WEATHER + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21}'}]
-    r = _chat(client, convo, tools=[WEATHER, TIME])
+    # "none" asks for the answer: under "auto" this 0.5B model calls the tool again
+    r = _chat(client, convo, tools=[WEATHER, TIME], tool_choice="none")
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert "21" in r.choices[0].message.content   # only the tool's result says 21
 
@@ -182,6 +183,11 @@ def test_bad_schemas_and_tools_are_400(client):
     for fmt, words in [({"type": "json_schema", "json_schema": {"name": "x",
                                                                "schema": {"type": 42}}},
                         "type must be"),
+                       # strict: a keyword llguidance cannot enforce is refused, not ignored
+                       ({"type": "json_schema", "json_schema": {"name": "x", "strict": True,
+                                                               "schema": {"type": "array",
+                                                                          "uniqueItems": True}}},
+                        "uniqueItems"),
                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
                            "type": "object", "properties": {
                                f"p{i}": {"type": "string", "description": "x" * 64}

@@ -87,8 +87,10 @@ def _one_line(message: str) -> str:
     return " ".join(lines[:2]) if lines else "invalid grammar"
 
 
-def json_schema_grammar(schema, param: str) -> str:
-    """llguidance's grammar for a JSON schema (a dict, or its JSON text)."""
+def json_schema_grammar(schema, param: str, strict: bool = True) -> str:
+    """llguidance's grammar for a JSON schema (a dict, or its JSON text). ``strict``: a
+    keyword llguidance does not implement (``uniqueItems``, ``not``, ...) is an error;
+    otherwise it is ignored."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -98,7 +100,8 @@ def json_schema_grammar(schema, param: str) -> str:
         raise ConstraintError(f"{param}: a JSON schema must be an object", param)
     text = json.dumps(schema)
     _check_size(text, param)
-    return llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+    return llg.LLMatcher.grammar_from_json_schema(text, defaults={**JSON_OPTIONS,
+                                                                  "lenient": not strict})
 
 
 def _check_size(text: str, param: str) -> None:
@@ -121,7 +124,9 @@ def _grammar(response_format, grammar, regex) -> tuple[str, str] | None:
         return None
     if response_format["type"] == "json_object":
         return json_schema_grammar({"type": "object"}, "response_format"), "response_format"
-    return (json_schema_grammar(response_format["json_schema"]["schema"], "response_format"),
+    inner = response_format["json_schema"]
+    # OpenAI's strict defaults to false: best effort, as its own non-strict mode is
+    return (json_schema_grammar(inner["schema"], "response_format", inner.get("strict") is True),
             "response_format")
 
 

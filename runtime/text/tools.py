@@ -102,7 +102,13 @@ def _call_schema(family: Family, tools: list[dict], names: list[str]) -> dict:
         variants.append({"type": "object",
                          "properties": {"name": {"const": f["name"]}, family.args_key: params},
                          "required": ["name", family.args_key], "additionalProperties": False})
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+    out = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    # as OpenAI's functions without "strict": true, keywords llguidance does not implement
+    # are ignored rather than refused
+    if not all(t["function"].get("strict") is True for t in tools
+               if t["function"]["name"] in names):
+        out = {**out, "x-guidance": {"lenient": True}}
+    return out
 
 
 def call_grammar(family: Family, tools: list[dict], names: list[str],
