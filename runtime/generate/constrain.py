@@ -88,14 +88,8 @@ def _one_line(message: str) -> str:
 
 
 def json_schema_grammar(schema, param: str, strict: bool = True) -> str:
-    """llguidance's grammar for a JSON schema (a dict, or its JSON text). ``strict``: a
-    keyword llguidance does not implement (``uniqueItems``, ``not``, ...) is an error;
-    otherwise it is ignored."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as e:
-            raise ConstraintError(f"{param}: the schema is not valid JSON: {e}", param) from None
+    """llguidance's grammar for a JSON schema (a dict). ``strict``: a keyword llguidance does
+    not implement (``uniqueItems``, ``not``, ...) is an error; otherwise it is ignored."""
     if not isinstance(schema, (dict, bool)):
         raise ConstraintError(f"{param}: a JSON schema must be an object", param)
     text = json.dumps(schema)
@@ -135,10 +129,8 @@ class Constraint:
 
     def __init__(self, grammar: str, tokenizer, param: str):
         self.tokenizer = tokenizer
-        self.lltok = lltokenizer(tokenizer)
-        self.param = param
-        self.limits = llg.LLParserLimits(**LIMITS)
-        self._matcher = llg.LLMatcher(self.lltok, grammar, log_level=0, limits=self.limits)
+        self._matcher = llg.LLMatcher(lltokenizer(tokenizer), grammar, log_level=0,
+                                      limits=llg.LLParserLimits(**LIMITS))
         if self._matcher.is_error():
             raise ConstraintError(f"{param}: {_one_line(self._matcher.get_error())}", param)
 

@@ -137,9 +137,10 @@ def auto_grammars(family: Family, tools: list[dict], names: list[str],
     accepts, so a call's arguments fit their schema whichever way the model starts it."""
     call = "call: %json " + json.dumps(_call_schema(family, tools, names)) + "\n"
     out = [(call_grammar(family, tools, names, parallel), family.trigger, family.at_start)]
+    ws = "/[ \\t\\n]*/ "   # the whitespace the trigger may come after
     if family.trigger != "{":
-        out.append(("start: call\n" + call, "{", True))
-    out.append(('start: "```" /[a-z]*/ "\\n" call "\\n```"\n' + call, "```", True))
+        out.append((f"start: {ws}call\n" + call, "{", True))
+    out.append((f'start: {ws}"```" /[a-z]*/ "\\n" call "\\n```"\n' + call, "```", True))
     return out
 
 
