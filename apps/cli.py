@@ -381,6 +381,19 @@ def cmd_bench(args):
         return bench_kernels_main(argv)
     if not args.model:
         raise CLIError("give a MODEL to benchmark, or --kernels")
+    if args.schema is not None:
+        from pocketlm.tools.bench_grammar import bench_grammar, format_grammar_table
+        schema = None
+        if args.schema:
+            try:
+                with open(args.schema, encoding="utf-8") as f:
+                    schema = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CLIError(f"--schema {args.schema}: {e}") from None
+        with _load(args) as llm:
+            r = bench_grammar(llm, schema, args.n_gen, args.repetitions)
+        print(json.dumps(r, indent=2) if args.json else format_grammar_table(r))
+        return
     if args.embed:
         from pocketlm.tools.bench_embed import bench_embed, format_embed_table
         try:
@@ -553,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark the quantized matvec/matmul kernels instead of a model")
     s.add_argument("--embed", action="store_true",
                    help="sentence embeddings/s of an encoder instead of pp/tg")
+    s.add_argument("--schema", nargs="?", const="", metavar="FILE",
+                   help="constrained decoding instead of pp/tg: compile time of a JSON schema "
+                        "(FILE, default a built-in 2 KB one) and the mask's cost per decoded "
+                        "token over -n tokens")
     s.add_argument("--batch-sizes", default="1,32", help="--embed: batch sizes (default 1,32)")
     s.add_argument("--embed-tokens", type=int, default=128,
                    help="--embed: tokens per sentence, [CLS]/[SEP] included (default 128)")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 import uuid
 
-from pocketlm.generate.loop import GenerationChunk, GenerationConfig, GenerationResult
+from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
+                                    TokenLogprob)
 
-__all__ = ["RequestError", "error_body", "settings_from_request", "chat_messages",
-           "completion_prompt", "chat_completion", "text_completion", "StreamAdapter", "usage"]
+__all__ = ["RequestError", "error_body", "settings_from_request", "tool_settings",
+           "chat_messages", "completion_prompt", "chat_completion", "text_completion",
+           "chat_logprobs", "text_logprobs", "StreamAdapter", "usage"]
 
 
 class RequestError(ValueError):
@@ -44,10 +46,11 @@ _FLOATS = {"temperature": "temperature", "top_p": "top_p", "min_p": "min_p",
            "repeat_penalty": "repeat_penalty"}
 _INTS = {"top_k": "top_k", "seed": "seed"}
 # accepted only at their no-op value: anything else would be silently ignored
-_UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-                "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-                "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
-                "audio": (None,), "prediction": (None,)}
+_UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+                "logit_bias": (None, {}), "functions": (None, []), "function_call": (None,),
+                "audio": (None,),
+                "prediction": (None,)}
+MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}   # OpenAI's bounds
 
 
 def _is_number(v) -> bool:
@@ -58,9 +61,10 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def settings_from_request(body: dict) -> dict:
+def settings_from_request(body: dict, kind: str = "chat") -> dict:
     """``GenerationConfig`` settings from an OpenAI request body (absent fields: the LLM's
-    defaults). Raises ``RequestError`` naming the parameter that is wrong or unsupported."""
+    defaults) of a "chat" or "text" completion. Raises ``RequestError`` naming the parameter
+    that is wrong or unsupported."""
     out: dict = {}
     for name, allowed in _UNSUPPORTED.items():
         if body.get(name, None) not in allowed:
@@ -68,10 +72,13 @@ def settings_from_request(body: dict) -> dict:
     n = body.get("n")
     if n is not None and n != 1:
         raise RequestError("only n=1 is supported", "n")
+    out.update(_logprob_settings(body, kind))
     fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise RequestError("only response_format {'type': 'text'} is supported",
-                           "response_format")
+    if fmt is not None:
+        out["response_format"] = fmt
+    for name in ("grammar", "regex"):   # llama.cpp's and vLLM's extensions, via extra_body
+        if body.get(name) is not None:
+            out[name] = body[name]
     for name in ("max_completion_tokens", "max_tokens"):
         v = body.get(name)
         if v is None:
@@ -95,10 +102,61 @@ def settings_from_request(body: dict) -> dict:
             raise RequestError("'stop' must be a non-empty string or a list of them", "stop")
         out["stop"] = stop
     for name, value in out.items():  # range checks live in one place: GenerationConfig
+        if name == "top_logprobs":
+            continue   # needs logprobs: checked with it below
         try:
             GenerationConfig().replace(**{name: value})
         except ValueError as e:
             raise RequestError(str(e), _param_name(name, body)) from None
+    return out
+
+
+def _logprob_settings(body: dict, kind: str) -> dict:
+    """Chat takes ``logprobs`` (bool) and ``top_logprobs`` (0..20); completions take
+    ``logprobs`` as the number of top tokens (0..5)."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    limit = MAX_TOP_LOGPROBS[kind]
+    if kind == "text":
+        if lp is None:
+            return {}
+        if not _is_int(lp) or not 0 <= lp <= limit:
+            raise RequestError(f"'logprobs' must be an integer from 0 to {limit}", "logprobs")
+        return {"logprobs": True, "top_logprobs": lp}
+    if lp is not None and not isinstance(lp, bool):
+        raise RequestError("'logprobs' must be true or false", "logprobs")
+    if top is not None:
+        if not _is_int(top) or not 0 <= top <= limit:
+            raise RequestError(f"'top_logprobs' must be an integer from 0 to {limit}",
+                               "top_logprobs")
+        if top and not lp:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return {"logprobs": bool(lp), "top_logprobs": top or 0} if lp else {}
+
+
+def tool_settings(body: dict) -> dict:
+    """``tools`` and ``tool_choice`` of a chat request, for ``LLM.chat``."""
+    from pocketlm.text.tools import check_tools, tool_choice_names
+    out = {}
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    try:
+        if tools is not None:
+            out["tools"] = check_tools(tools)
+        if choice is not None:
+            if tools is None:
+                if choice != "none":
+                    raise ValueError("tool_choice: there are no tools to choose from")
+            else:
+                tool_choice_names(tools, choice)
+            out["tool_choice"] = choice
+        parallel = body.get("parallel_tool_calls")
+        if parallel is not None:
+            if not isinstance(parallel, bool):
+                raise ValueError("parallel_tool_calls must be true or false")
+            if tools is not None:
+                out["parallel_tool_calls"] = parallel
+    except ValueError as e:
+        raise RequestError(str(e), next((p for p in ("tool_choice", "parallel_tool_calls")
+                                         if str(e).startswith(p)), "tools")) from None
     return out
 
 
@@ -157,7 +215,22 @@ def chat_messages(body: dict) -> list[dict]:
         elif not isinstance(content, str):
             raise RequestError(f"{where}.content must be a string or a list of text parts",
                                f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        # what a tool round needs: the assistant's calls, and which call a result answers
+        for key, kind in (("tool_calls", list), ("tool_call_id", str), ("name", str)):
+            if m.get(key) is not None:
+                if not isinstance(m[key], kind):
+                    raise RequestError(f"{where}.{key} must be a {kind.__name__}",
+                                       f"{where}.{key}")
+                msg[key] = m[key]
+        for j, call in enumerate(msg.get("tool_calls", ())):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("arguments", ""), (str, dict)):
+                raise RequestError(f"{where}.tool_calls[{j}] must be {{'id', 'type': 'function',"
+                                   " 'function': {'name', 'arguments'}}",
+                                   f"{where}.tool_calls")
+        out.append(msg)
     return out
 
 
@@ -194,12 +267,48 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def _token_text(b: bytes) -> str:
+    # a token may hold part of a character: its bytes are exact, its text shows escapes
+    return b.decode("utf-8", "backslashreplace")
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's chat ``logprobs``: {"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [...]}]}."""
+    if entries is None:
+        return None
+    return {"content": [
+        {"token": _token_text(e.bytes), "logprob": e.logprob, "bytes": list(e.bytes),
+         "top_logprobs": [{"token": _token_text(b), "logprob": lp, "bytes": list(b)}
+                          for _, b, lp in e.top]} for e in entries], "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    """The completions API's ``logprobs``: parallel lists, ``text_offset`` counted from
+    ``offset`` characters."""
+    if entries is None:
+        return None
+    tokens = [_token_text(e.bytes) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token_text(b): lp for _, b, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
 def chat_completion(result: GenerationResult, model: str) -> dict:
     """A ``chat.completion`` object for a finished chat generation."""
+    message = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+        message["content"] = result.text or None   # OpenAI's content beside calls
     return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": chat_logprobs(result.logprobs),
+                         "finish_reason": result.finish_reason}],
             "usage": _usage_of(result)}
 
 
@@ -207,7 +316,8 @@ def text_completion(result: GenerationResult, model: str) -> dict:
     """A ``text_completion`` object for a finished completion."""
     return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "text": result.text, "logprobs": None,
+            "choices": [{"index": 0, "text": result.text,
+                         "logprobs": text_logprobs(result.logprobs),
                          "finish_reason": result.finish_reason}],
             "usage": _usage_of(result)}
 
@@ -229,32 +339,51 @@ class StreamAdapter:
         self.id = _new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self._started = False
+        self._logprobs: list | None = None   # entries not sent yet
+        self._offset = 0   # characters sent (the completions API's text_offset)
 
     def _obj(self, choices: list) -> dict:
         return {"id": self.id,
                 "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+    def _choice(self, text: str | None, finish_reason: str | None, role: bool = False,
+                logprobs: list | None = None, tool_call: dict | None = None) -> dict:
         if self.kind == "text":
-            return {"index": 0, "text": text or "", "logprobs": None,
+            lp = text_logprobs(logprobs, self._offset)
+            self._offset += len(text or "")
+            return {"index": 0, "text": text or "", "logprobs": lp,
                     "finish_reason": finish_reason}
         delta = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
+        return {"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+                "finish_reason": finish_reason}
 
     def feed(self, chunk: GenerationChunk) -> list[dict]:
         out = []
         if self.kind == "chat" and not self._started:
             out.append(self._obj([self._choice("", None, role=True)]))
         self._started = True
+        if chunk.logprobs is not None:
+            # a token whose text is held back sends its logprobs with the next text
+            self._logprobs = (self._logprobs or []) + chunk.logprobs
+        for d in chunk.tool_calls or ():   # one delta per chunk, as OpenAI sends them
+            out.append(self._obj([self._choice(None, None, tool_call=d)]))
         if chunk.finish_reason is not None:
-            out.append(self._obj([self._choice(chunk.text or None, chunk.finish_reason)]))
+            out.append(self._obj([self._choice(chunk.text or None, chunk.finish_reason,
+                                               logprobs=self._take_logprobs())]))
             if self.include_usage:
                 last = self._obj([])
                 last["usage"] = _usage_of(chunk)
                 out.append(last)
         elif chunk.text:
-            out.append(self._obj([self._choice(chunk.text, None)]))
+            out.append(self._obj([self._choice(chunk.text, None,
+                                               logprobs=self._take_logprobs())]))
         return out
+
+    def _take_logprobs(self) -> list | None:
+        got, self._logprobs = self._logprobs, None
+        return got

@@ -35,10 +35,11 @@ from starlette.routing import Route
 from pocketlm.api.async_llm import AsyncLLM
 from pocketlm.api.config import LoadConfig
 from pocketlm.api.llm import LLM, ProgressFn
+from pocketlm.generate.constrain import ConstraintError
 from pocketlm.generate.loop import ContextOverflowError
 from pocketlm.apps.openai_compat import (RequestError, StreamAdapter, chat_completion, chat_messages,
                                    completion_prompt, error_body, settings_from_request,
-                                   stream_requested, text_completion)
+                                   stream_requested, text_completion, tool_settings)
 
 
 MAX_BODY = 8 << 20    # bytes of a request body (default of ``max_body``)
@@ -130,9 +131,10 @@ def create_app(load: Callable[[], object], model_id: str, *, cors: list[str] | N
         body = await _json_body(request, max_body)
         check_model(body)
         allm = ready()
-        settings = settings_from_request(body)
+        settings = settings_from_request(body, kind)
         stream, include_usage = stream_requested(body)
         if kind == "chat":
+            settings.update(tool_settings(body))
             msgs = chat_messages(body)
             if system and msgs[0]["role"] != "system":
                 msgs.insert(0, {"role": "system", "content": system})
@@ -266,6 +268,8 @@ def _errors(handler):
             return await handler(request)
         except RequestError as e:
             return JSONResponse(e.body(), status_code=e.status)
+        except ConstraintError as e:   # a schema or grammar llguidance cannot use
+            return JSONResponse(error_body(str(e), e.param), status_code=400)
         except ContextOverflowError as e:
             return JSONResponse(error_body(str(e), "messages" if "chat" in request.url.path
                                            else "prompt", "context_length_exceeded"),

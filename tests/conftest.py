@@ -3,9 +3,14 @@ the store, the tiny synthetic model regenerated and checked against its pinned h
 sources."""
 from __future__ import annotations
 
+import contextlib
+import http.client
+import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,46 @@ def smallthinker_tiny_path(smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def papers_path() -> Path:
     return DATA / "eval" / "papers.txt"
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+@contextlib.contextmanager
+def serving(model: Path, log_dir: Path, *args: str):
+    """`pocketlm serve MODEL` in a subprocess on a free loopback port (-c 2048, verbose):
+    yields (port, process) once /health is 200, shows its log's tail at the end and checks
+    that it exits cleanly, without a traceback."""
+    log = log_dir / "stderr.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pocketlm.apps", "serve", str(model),
+                                 "--port", "0", "-c", "2048", "--verbose", *args],
+                                stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        deadline = time.monotonic() + 240
+        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+        while http_request(port, "GET", "/health")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        raise
+    yield port, proc
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=30)
+    text = log.read_text()
+    print("\n-- server log (tail) --\n" + "\n".join(text.splitlines()[-15:]))
+    assert code == 0 and "Traceback" not in text
 
 
 @pytest.fixture(scope="session")

@@ -222,11 +222,23 @@ def test_request_parsing():
     assert s == {"max_tokens": 5, "temperature": 0, "stop": ["\n"], "seed": 3, "top_k": 7}
     assert settings_from_request({"max_completion_tokens": 9, "max_tokens": 5}) == \
         {"max_tokens": 9}
+    assert settings_from_request({"logprobs": True, "top_logprobs": 20,
+                                  "response_format": {"type": "json_object"}}) == \
+        {"logprobs": True, "top_logprobs": 20, "response_format": {"type": "json_object"}}
+    # the completions API counts its top tokens in logprobs, up to 5
+    assert settings_from_request({"logprobs": 3}, "text") == {"logprobs": True, "top_logprobs": 3}
+    with pytest.raises(RequestError) as e:
+        settings_from_request({"logprobs": 6}, "text")
+    assert e.value.param == "logprobs"
     for body, param in [({"temperature": "hot"}, "temperature"), ({"top_p": 1.5}, "top_p"),
                         ({"seed": 1.5}, "seed"), ({"max_tokens": True}, "max_tokens"),
                         ({"max_completion_tokens": -1}, "max_completion_tokens"),
                         ({"n": 3}, "n"), ({"echo": True}, "echo"), ({"stop": [1]}, "stop"),
-                        ({"response_format": {"type": "json_object"}}, "response_format")]:
+                        ({"response_format": {"type": "xml"}}, "response_format"),
+                        ({"response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"logprobs": 1}, "logprobs"), ({"top_logprobs": 21, "logprobs": True},
+                                                        "top_logprobs"),
+                        ({"top_logprobs": 2}, "top_logprobs")]:
         with pytest.raises(RequestError) as e:
             settings_from_request(body)
         assert e.value.param == param and e.value.status == 400

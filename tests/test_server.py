@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import http.client
 import json
-import re
-import signal
 import subprocess
 import sys
 import threading
@@ -18,45 +16,16 @@ import openai
 import psutil
 import pytest
 
+from tests.conftest import http_request as _http, serving
+
 COUNT = "1, 2, 3, 4, 5,"  # SmolLM2 keeps counting greedily: long answers on demand
-
-
-def _http(port: int, method: str, path: str, body: bytes | None = None, headers=None):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        c.request(method, path, body=body, headers=headers or {})
-        r = c.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory):
     """`pocketlm serve` in a subprocess on a free loopback port; its log is shown at the end."""
-    log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pocketlm.apps", "serve", str(smollm2_path),
-                                 "--port", "0", "-c", "2048", "--verbose", "--alias", "smollm2"],
-                                stdout=subprocess.DEVNULL, stderr=f)
-    try:
-        deadline = time.monotonic() + 240
-        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        port = int(m.group(1))
-        while _http(port, "GET", "/health")[0] != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-    except BaseException:
-        proc.kill()
-        raise
-    yield port, proc
-    proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=30)
-    text = log.read_text()
-    print("\n-- server log (tail) --\n" + "\n".join(text.splitlines()[-15:]))
-    assert code == 0 and "Traceback" not in text
+    with serving(smollm2_path, tmp_path_factory.mktemp("serve"), "--alias", "smollm2") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

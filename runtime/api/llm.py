@@ -16,8 +16,11 @@ from pocketlm.api.build import build_model, trim_heap
 from pocketlm.api.config import LoadConfig
 from pocketlm.api.lock import FairLock
 from pocketlm.gguf.reader import name_file, open_gguf
+from pocketlm.generate import constrain
 from pocketlm.generate.loop import (GenerationChunk, GenerationConfig, GenerationResult,
                               collect, prefill, stream_generate)
+from pocketlm.text.tools import (auto_grammars, call_grammar, check_tools, family_for,
+                                 template_messages, tool_choice_names, with_tool_calls)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -295,7 +298,7 @@ class LLM:
         return self.defaults.replace(**overrides)
 
     def _run(self, prompt_ids: Callable[[], list[int]], cfg: GenerationConfig,
-             cancel: threading.Event) -> Iterator[GenerationChunk]:
+             cancel: threading.Event, guide=None) -> Iterator[GenerationChunk]:
         # the prompt is rendered and tokenized in turn, under the lock: concurrent requests
         # with huge texts would otherwise each hold their tokenization's memory at once
         with self._turn():
@@ -303,7 +306,7 @@ class LLM:
             try:
                 ids = prompt_ids()
                 yield from stream_generate(self.model, self.tokenizer, self.cache, ids,
-                                           cfg, self.chunk, cancel, self.load_s)
+                                           cfg, self.chunk, cancel, self.load_s, guide)
             finally:
                 self._active = None
 
@@ -314,6 +317,12 @@ class LLM:
         ``stream=True`` returns an iterator of ``GenerationChunk``; otherwise a
         ``GenerationResult``. Setting ``cancel`` (an Event) stops this generation, whether it
         runs or still waits its turn; it ends with finish_reason "cancelled".
+
+        ``response_format`` ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}}}), ``grammar`` (Lark, or GBNF) or ``regex`` constrain
+        the output; ``logprobs=True`` (with ``top_logprobs=k``) fills ``logprobs`` of each
+        chunk and of the result. A constraint that cannot be compiled raises
+        ``ConstraintError`` (a ValueError) before anything runs.
         """
         self._decoder_only("generate")
         if isinstance(prompt, str):
@@ -322,23 +331,72 @@ class LLM:
         return self._generate(lambda: ids, stream, cancel, settings)
 
     def _generate(self, prompt_ids: Callable[[], list[int]], stream: bool,
-                  cancel: threading.Event | None, settings: dict):
+                  cancel: threading.Event | None, settings: dict, tool_setup=None):
         self._check_no_paused_stream()   # now, not at a stream's first chunk
         cfg = self._config(settings)
-        chunks = self._run(prompt_ids, cfg, cancel or threading.Event())
+        # compiled here, before the model's turn: a bad grammar fails at once
+        constraint = constrain.from_settings(cfg, self.tokenizer)
+        guide = constraint.guide() if constraint is not None else None
+        family = names = None
+        if tool_setup is not None:
+            family, names, tool_guide = tool_setup
+            if tool_guide is not None:
+                if guide is not None and not isinstance(tool_guide, constrain.FirstOf):
+                    raise ValueError("tool_choice required or named cannot be combined with "
+                                     "response_format, grammar or regex")
+                guide = guide or tool_guide   # under auto, a text constraint wins
+        chunks = self._run(prompt_ids, cfg, cancel or threading.Event(), guide)
+        if family is not None:
+            chunks = with_tool_calls(chunks, family, names)
         return chunks if stream else collect(chunks)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, tools=None,
-             cancel: threading.Event | None = None, **settings):
+    def _tool_setup(self, tools, tool_choice, parallel: bool):
+        """(tools for the template, (family, callable names, guide) or None) for ``chat``."""
+        if tools is None:
+            if tool_choice not in (None, "none"):
+                raise ValueError("tool_choice needs tools")
+            return None, None
+        check_tools(tools)
+        mode, names = tool_choice_names(tools, tool_choice)
+        if mode == "none":   # the model is not told about tools it may not call
+            return None, None
+        family = family_for(self.template.source)
+        # a named function is called once, as OpenAI does
+        parallel = parallel and not isinstance(tool_choice, dict)
+        if mode == "required":
+            guide = constrain.Constraint(call_grammar(family, tools, names, parallel),
+                                         self.tokenizer, "tools").guide()
+        else:
+            guide = constrain.FirstOf([
+                constrain.LazyGuide(constrain.Constraint(g, self.tokenizer, "tools"), trigger,
+                                    at_start)
+                for g, trigger, at_start in auto_grammars(family, tools, names, parallel)])
+        return tools, (family, names, guide)
+
+    def chat(self, messages: list[dict], *, stream: bool = False, tools=None, tool_choice=None,
+             parallel_tool_calls: bool = True, cancel: threading.Event | None = None,
+             **settings):
         """Answer a conversation rendered with the model's chat template (in turn with other
-        generations; ``cancel`` stops the render too, with a ChatTemplateError)."""
+        generations; ``cancel`` stops the render too, with a ChatTemplateError).
+
+        ``tools`` (OpenAI's ``[{"type": "function", "function": {"name", "description",
+        "parameters"}}]``) go to the template; calls the model writes come back parsed as
+        ``tool_calls`` (result) or tool-call deltas (chunks), with finish_reason
+        "tool_calls". ``tool_choice``: "auto" (default; the grammar enforces a call's
+        arguments once the model starts one), "none", "required", or {"type": "function",
+        "function": {"name": ...}} (called once). ``parallel_tool_calls=False`` allows one
+        call per turn. Messages may carry OpenAI's ``tool_calls`` and
+        ``role: "tool"`` results. Other settings as in ``generate``.
+        """
         self._decoder_only("chat")
         cancel = cancel or threading.Event()
+        template_tools, tool_setup = self._tool_setup(tools, tool_choice, parallel_tool_calls)
+        messages = template_messages(messages)
 
         def prompt_ids() -> list[int]:
             tok = self.tokenizer
             text, plain = self.template.render_marked(
-                messages, tok.control_texts, add_generation_prompt=True, tools=tools,
+                messages, tok.control_texts, add_generation_prompt=True, tools=template_tools,
                 bos_token=tok.bos_text, eos_token=tok.eos_text, cancel=cancel)
             # control tokens only where the template wrote them, never in what users wrote
             ids = tok.encode(text, add_special=True, parse_special=True, plain=plain)
@@ -348,7 +406,7 @@ class LLM:
                 ids = ids[1:]
             return ids
 
-        return self._generate(prompt_ids, stream, cancel, settings)
+        return self._generate(prompt_ids, stream, cancel, settings, tool_setup)
 
     def cancel(self):
         """Stop the running generation at the next decode step or prefill chunk (queued ones

@@ -48,6 +48,14 @@ class GenerationConfig:
     repeat_last_n: int = 64
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # log-probabilities of each generated token and of its ``top_logprobs`` best rivals
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # at most one constraint: {"type": "json_object"} / {"type": "json_schema", "json_schema":
+    # {"schema": ...}}, a Lark or GBNF grammar, or a regex (runtime.generate.constrain)
+    response_format: dict | None = None
+    grammar: str | None = None
+    regex: str | None = None
 
     def replace(self, **overrides) -> "GenerationConfig":
         """A copy with the given fields changed; unknown names are an error."""
@@ -86,6 +94,34 @@ class GenerationConfig:
                 not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop {self.stop!r}: expected a string or a list of strings")
         self.stop = list(self.stop)
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs {self.logprobs!r}: expected True or False")
+        _integer("top_logprobs", self.top_logprobs, ">= 0", lambda v: v >= 0)
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        for name in ("grammar", "regex"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name}: expected a non-empty string")
+        _check_response_format(self.response_format)
+        given = [n for n in ("grammar", "regex") if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format["type"] != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give only one constraint")
+
+
+def _check_response_format(fmt) -> None:
+    if fmt is None:
+        return
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(fmt, dict) or fmt.get("type") not in kinds:
+        raise ValueError("response_format: expected {'type': one of " + ", ".join(kinds) + "}")
+    if fmt["type"] == "json_schema":
+        inner = fmt.get("json_schema")
+        if not isinstance(inner, dict) or not isinstance(inner.get("schema"), (dict, bool)):
+            raise ValueError("response_format: json_schema needs {'json_schema': {'name': ..., "
+                             "'schema': {...}}}")
 
 
 def _integer(name: str, value, allowed: str, ok, optional: bool = False) -> None:
@@ -121,14 +157,29 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the distribution the sampler saw (after
+    penalties and the grammar mask, before top-k/top-p/min-p and temperature), and the
+    ``top`` most likely tokens there as (id, bytes, logprob), best first."""
+    token: int
+    bytes: bytes
+    logprob: float
+    top: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationChunk:
     """One streamed piece: ``text`` is the new text (may be empty while bytes are held back)."""
     text: str
     token: int | None
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled" on the last chunk
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "tool_calls" (last)
     prompt_tokens: int = 0             # the whole prompt; timings.prompt_tokens: evaluated
     completion_tokens: int = 0
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None   # the token's, when asked for
+    # OpenAI's streamed tool-call deltas: {"index", "id", "type", "function": {"name",
+    # "arguments"}} first, then {"index", "function": {"arguments"}}
+    tool_calls: list[dict] | None = None
 
 
 @dataclass
@@ -139,6 +190,9 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
+    # OpenAI's tool calls: {"id", "type": "function", "function": {"name", "arguments": str}}
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 def prefill(model, cache: KVCache, ids: list[int], chunk: int,
@@ -170,8 +224,11 @@ def prefill(model, cache: KVCache, ids: list[int], chunk: int,
 
 def generate_step(model, cache: KVCache, prompt: list[int], cfg: GenerationConfig,
                   chunk: int = 512, cancel: threading.Event | None = None,
-                  timings: Timings | None = None) -> Iterator[int]:
-    """Yield sampled token ids. Reuses the longest cached prefix of ``prompt``.
+                  timings: Timings | None = None, guide=None
+                  ) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Yield (token id, logits the sampler saw or None) pairs; the logits come only with
+    ``cfg.logprobs``. Reuses the longest cached prefix of ``prompt``. ``guide``
+    (runtime.generate.constrain) masks what a grammar forbids.
 
     Stops when the context is full (the caller reports "length"); raises ``Cancelled``.
     """
@@ -198,12 +255,16 @@ def generate_step(model, cache: KVCache, prompt: list[int], cfg: GenerationConfi
     while True:
         for proc in processors:
             logits = proc(logits, history)
+        if guide is not None:
+            logits = guide.mask(logits)
         tok = int(sampler(logits))
+        if guide is not None:
+            guide.accept(tok)
         history.append(tok)
         if timings is not None:
             timings.generated_tokens += 1
             timings.generation_s = time.perf_counter() - t1
-        yield tok
+        yield tok, (logits if cfg.logprobs else None)
         if cache.n_past >= cache.n_ctx:
             return
         if cancel is not None and cancel.is_set():
@@ -216,7 +277,7 @@ def generate_step(model, cache: KVCache, prompt: list[int], cfg: GenerationConfi
 
 def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: GenerationConfig,
                     chunk: int = 512, cancel: threading.Event | None = None,
-                    load_s: float = 0.0) -> Iterator[GenerationChunk]:
+                    load_s: float = 0.0, guide=None) -> Iterator[GenerationChunk]:
     """Text deltas for a prompt: UTF-8-safe, stop strings never emitted, EOG ids end the stream."""
     timings = Timings(load_s=load_s)
     decoder = IncrementalDecoder()
@@ -224,7 +285,7 @@ def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: Ge
     eog = set(tokenizer.eog_ids)
     n_gen = 0
     finish = "length"
-    steps = generate_step(model, cache, prompt, cfg, chunk, cancel, timings)
+    steps = generate_step(model, cache, prompt, cfg, chunk, cancel, timings, guide)
 
     def done(text: str, reason: str, token=None) -> GenerationChunk:
         timings.peak_rss_bytes = peak_rss()
@@ -234,20 +295,26 @@ def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: Ge
         yield done("", "length")
         return
     try:
-        for tok in steps:
+        for tok, logits in steps:
             if tok in eog:
                 finish = "stop"
                 break
             n_gen += 1
+            lp = None if logits is None else [token_logprob(tokenizer, logits, tok,
+                                                            cfg.top_logprobs)]
             text, stopped = stopper.feed(decoder.feed(tokenizer.token_bytes(tok)))
             if stopped:
-                yield done(text, "stop", tok)
+                c = done(text, "stop", tok)
+                c.logprobs = lp
+                yield c
                 return
             if cfg.max_tokens is not None and n_gen >= cfg.max_tokens:
                 tail, _ = stopper.feed(decoder.flush())
-                yield done(text + tail + stopper.flush(), "length", tok)
+                c = done(text + tail + stopper.flush(), "length", tok)
+                c.logprobs = lp
+                yield c
                 return
-            yield GenerationChunk(text, tok, None, len(prompt), n_gen)
+            yield GenerationChunk(text, tok, None, len(prompt), n_gen, logprobs=lp)
     except Cancelled:
         yield done("", "cancelled")
         return
@@ -255,6 +322,21 @@ def stream_generate(model, tokenizer, cache: KVCache, prompt: list[int], cfg: Ge
         steps.close()
     tail, stopped = stopper.feed(decoder.flush())
     yield done(tail + ("" if stopped else stopper.flush()), finish)
+
+
+def token_logprob(tokenizer, logits: np.ndarray, tok: int, top: int) -> TokenLogprob:
+    """``tok``'s log-softmax over ``logits`` (float64), and the ``top`` best tokens'."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = float(np.max(x))
+    lse = m + math.log(float(np.exp(x - m).sum()))
+    best = []
+    if top > 0:
+        k = min(top, x.shape[0])
+        ids = np.argpartition(-x, k - 1)[:k] if k < x.shape[0] else np.arange(k)
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        best = [(int(i), tokenizer.token_bytes(int(i), special=True), float(x[i] - lse))
+                for i in ids]
+    return TokenLogprob(tok, tokenizer.token_bytes(tok, special=True), float(x[tok] - lse), best)
 
 
 def peak_rss() -> int:
@@ -268,11 +350,19 @@ def peak_rss() -> int:
 
 def collect(chunks: Iterator[GenerationChunk]) -> GenerationResult:
     """Drain a chunk stream into one result."""
-    text, tokens, last = [], [], None
+    text, tokens, last, logprobs, calls = [], [], None, None, []
     for c in chunks:
         text.append(c.text)
         if c.token is not None:
             tokens.append(c.token)
+        if c.logprobs is not None:
+            logprobs = (logprobs if logprobs is not None else [])
+            logprobs.extend(c.logprobs)
+        for d in c.tool_calls or ():
+            if d["index"] == len(calls):   # a call's first delta: id, type, name
+                calls.append({"id": d["id"], "type": d["type"],
+                              "function": {"name": d["function"]["name"], "arguments": ""}})
+            calls[d["index"]]["function"]["arguments"] += d["function"].get("arguments", "")
         last = c
     return GenerationResult("".join(text), tokens, last.finish_reason, last.prompt_tokens,
-                            last.completion_tokens, last.timings)
+                            last.completion_tokens, last.timings, logprobs, calls)
