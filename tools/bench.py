@@ -39,7 +39,7 @@ class _UniformRouters:
         self.n_expert, self.k = n_expert, k
         self.rng = np.random.default_rng(seed)
 
-    def route(self, layer: int, x):
+    def route(self, layer: int, x, ops=None):
         n = x.shape[0]
         sel = np.argsort(self.rng.random((n, self.n_expert)), axis=1)[:, :self.k]
         return sel, np.full((n, self.k), 1.0 / self.k, np.float32)
