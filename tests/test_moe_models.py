@@ -4,6 +4,7 @@ made by tools/moe_reference.py) and the float64 forward; streaming under every p
 changes a number, and predicts the next layer from the FFN input; bad files are refused."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +18,10 @@ from pocketlm.experts.policies import POLICIES
 from pocketlm.experts.stats import tap_routing
 from pocketlm.experts.store import ExpertStore
 from pocketlm.gguf.reader import open_gguf
-from pocketlm.models import load_model, qwen2moe, qwen3moe
-from pocketlm.tools import moe_reference as ref
+from pocketlm.models import ARCHITECTURES, load_model, qwen2moe, qwen3moe
+from pocketlm.tools import moe_reference as ref, synth_moe
+from pocketlm.tools.synth import Options, presets
+from pocketlm.tools.minicpm_reference import sha256
 
 from conftest import decode_steps
 from test_experts import _run
@@ -46,7 +49,7 @@ def model_paths():
 def test_matches_llama_cpp_and_float64(run, reference, model_paths):
     meta, logits = reference
     name, n_ctx = ref.RUNS[run]
-    assert ref.sha256(model_paths[name]) == meta["models"][name]["sha256"], \
+    assert sha256(model_paths[name]) == meta["models"][name]["sha256"], \
         f"{name}: the regenerated model differs from the one the reference was made from"
     exact = Float64MoE(model_paths[name])
     with LLM.load(str(model_paths[name]), n_ctx=n_ctx) as llm:
@@ -141,3 +144,29 @@ def test_metadata_and_shapes_are_checked(model_paths):
         del bad.blk[0].ffn_up_exps
         with pytest.raises(ValueError, match="model lacks tensor blk.0.ffn_up_exps"):
             model.args.check(bad)
+
+
+@pytest.mark.parametrize("preset", [p for p, mod in presets().items()
+                                    if mod.build.__module__ == synth_moe.__name__])
+def test_every_preset_is_a_model_its_architecture_accepts(preset):
+    """Each preset's metadata and tensor shapes (not written) pass the model's own checks;
+    the 30B-A3B shape has Qwen3-30B-A3B's parameter count with Qwen's vocabulary."""
+    mod = presets()[preset]
+    n_vocab = 151936 if preset == "qwen3moe-30b-a3b" else 512
+    m = mod.build(mod.PRESETS[preset], Options(), n_vocab)
+    meta = {"general.architecture": m.arch, "tokenizer.ggml.tokens": ["t"] * n_vocab,
+            **{k: v for k, v, _ in m.metadata}}
+    top, blk = {}, {}
+    for t in m.tensors:
+        parts = t.name.split(".")
+        key = parts[-2] + ("_b" if parts[-1] == "bias" else "")
+        value = np.zeros(t.shape, np.float32) if len(t.shape) == 1 else \
+            SimpleNamespace(shape=t.shape, qtype=t.qtype)
+        (blk.setdefault(int(parts[1]), {}) if parts[0] == "blk" else top)[key] = value
+    w = SimpleNamespace(**top, blk=[SimpleNamespace(**blk[i]) for i in sorted(blk)])
+    args = importlib.import_module(ARCHITECTURES[m.arch]).ModelArgs.from_gguf(meta)
+    args.check(w)
+    assert args.n_expert == mod.PRESETS[preset]["n_expert"] and args.routing is not None
+    if preset == "qwen3moe-30b-a3b":
+        n = sum(int(np.prod(t.shape)) for t in m.tensors)
+        assert 30.4e9 < n < 30.6e9, n

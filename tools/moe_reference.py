@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from pocketlm.tools import synth_minicpm
-from pocketlm.tools.minicpm_reference import make_reference, sha256  # noqa: F401 (tests)
+from pocketlm.tools.minicpm_reference import make_reference
 
 # model name -> (preset, shape overrides); std 0.1 so that routing and norms matter
 MODELS = {
