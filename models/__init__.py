@@ -11,6 +11,10 @@ ARCHITECTURES = {
     "embbert": "pocketlm.models.embbert",
     "bert": "pocketlm.models.bert",
     "minicpm": "pocketlm.models.minicpm",
+    "qwen3moe": "pocketlm.models.qwen3moe",
+    "qwen2moe": "pocketlm.models.qwen2moe",
+    "olmoe": "pocketlm.models.olmoe",
+    "granitemoe": "pocketlm.models.granitemoe",
 }
 
 

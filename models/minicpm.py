@@ -189,9 +189,10 @@ class Model(BaseModel):
             x = x + (o * rs if rs else o)
             h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)
             if self.experts is not None:
-                # routed after attention: no earlier input to predict the next layer from
+                # routed after attention: the source predicts the next layer's experts from
+                # this FFN input, as for llama's MoE
                 sel, wts = self.routers.route(i, h, ops)
-                self.experts.request(i, sel)
+                self.experts.request(i, sel, h)
                 f = moe.moe_ffn(ops, h, sel, wts, self.experts, i, "silu")
             else:
                 f = ops.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")

@@ -249,7 +249,7 @@ def test_memcap_enforces_a_real_limit():
 
 
 @pytest.mark.parametrize("preset,overrides,opts", [
-    # MiniCPM-MoE: routed after attention (no prefetch), SwiGLU experts, softmax gating
+    # MiniCPM-MoE: routed after attention (prefetch from the FFN input), SwiGLU experts, softmax gating
     ("minicpm-moe", dict(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=128, n_ctx=256,
                          dim_model_base=32), {}),
     # SmallThinker's 21B layout (NoPE global + sliding-window layers) with softmax gating

@@ -276,6 +276,94 @@ class Tiny:
         assert rel < (2e-4 if self.qtype == "F32" else 3e-2)
 
 
+class Float64MoE:
+    """The llama-shaped MoE architectures (qwen3moe, qwen2moe, llama with experts, olmoe,
+    granitemoe) from llama.cpp's graphs, in float64 on a file's weights (dequantized by
+    gguf-py)."""
+
+    ROPE = {"qwen3moe": "neox", "qwen2moe": "neox", "olmoe": "neox", "llama": "norm",
+            "granitemoe": "norm"}
+    RENORM = {"qwen3moe": True, "llama": True, "granitemoe": True, "qwen2moe": False,
+              "olmoe": False}
+
+    def __init__(self, path):
+        r = gguf.GGUFReader(str(path))
+        with open_gguf(path) as g:
+            meta = dict(g.metadata)
+        self.arch = a = meta["general.architecture"]
+
+        def val(key, default=None):
+            return meta.get(f"{a}.{key}", default)
+
+        self.t = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+                  .reshape([int(d) for d in reversed(t.shape)]) for t in r.tensors}
+        self.L, self.H, self.KVH = (val("block_count"), val("attention.head_count"),
+                                    val("attention.head_count_kv"))
+        self.hd = val("attention.key_length", val("embedding_length") // self.H)
+        self.eps, self.base = val("attention.layer_norm_rms_epsilon"), val("rope.freq_base")
+        self.k = val("expert_used_count")
+        self.es, self.rs = val("embedding_scale", 0.0) or 1.0, val("residual_scale", 0.0) or 1.0
+        self.scale = val("attention.scale", 0.0) or 1 / np.sqrt(self.hd)
+        self.ls = val("logit_scale", 1.0)
+
+    def _moe(self, h, L):
+        z = h @ L["ffn_gate_inp.weight"].T
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        y = np.zeros_like(h)
+        for r in range(len(h)):
+            top = np.argsort(-p[r])[:self.k]
+            w = p[r, top] / (p[r, top].sum() if self.RENORM[self.arch] else 1.0)
+            for e, we in zip(top, w):
+                g = _silu(h[r] @ L["ffn_gate_exps.weight"][e].T) * \
+                    (h[r] @ L["ffn_up_exps.weight"][e].T)
+                y[r] += we * (g @ L["ffn_down_exps.weight"][e].T)
+        if "ffn_up_shexp.weight" in L:
+            g = _silu(h @ L["ffn_gate_shexp.weight"].T) * (h @ L["ffn_up_shexp.weight"].T)
+            gate = 1 / (1 + np.exp(-(h @ L["ffn_gate_inp_shexp.weight"])))
+            y += gate[:, None] * (g @ L["ffn_down_shexp.weight"].T)
+        return y
+
+    def logits(self, ids):
+        t, n, eps = self.t, len(ids), self.eps
+        pos = np.arange(n, dtype=np.float64)
+        x = t["token_embd.weight"][ids] * self.es
+        for i in range(self.L):
+            L = _layer(t, i)
+            h = _rms(x, L["attn_norm.weight"], eps)
+            q = h @ L["attn_q.weight"].T + L.get("attn_q.bias", 0)
+            k = h @ L["attn_k.weight"].T + L.get("attn_k.bias", 0)
+            v = (h @ L["attn_v.weight"].T + L.get("attn_v.bias", 0)).reshape(n, self.KVH, -1)
+            if self.arch == "olmoe":   # over the full width, before the heads are split
+                q, k = _rms(q, L["attn_q_norm.weight"], eps), _rms(k, L["attn_k_norm.weight"], eps)
+            q, k = q.reshape(n, self.H, self.hd), k.reshape(n, self.KVH, self.hd)
+            if self.arch == "qwen3moe":   # per head
+                q, k = _rms(q, L["attn_q_norm.weight"], eps), _rms(k, L["attn_k_norm.weight"], eps)
+            mode = self.ROPE[self.arch]
+            q, k = _rope(q, pos, self.base, mode), _rope(k, pos, self.base, mode)
+            x = x + self.rs * (_attn(q, k, v, pos, self.scale, 0) @ L["attn_output.weight"].T)
+            x = x + self.rs * self._moe(_rms(x, L["ffn_norm.weight"], eps), L)
+        out = t.get("output.weight", t["token_embd.weight"])
+        return _rms(x, t["output_norm.weight"], eps) @ out.T / self.ls
+
+
+class TinySynthMoE(Tiny):
+    """A llama-shaped MoE model written by ``pocketlm synth`` (its ``-tiny`` preset, weights
+    ``qtype``) against ``Float64MoE``."""
+
+    def __init__(self, path, preset, qtype="F32"):
+        from pocketlm.tools import synth_minicpm
+        from pocketlm.tools.synth import Options, presets, synthesize
+        vocab = synth_minicpm.vocab_gguf(path.with_name("vocab.gguf"))
+        synthesize(preset, path, Options(seed=3, qtype=qtype, recipe="plain",
+                                         overrides=dict(std=0.1)), vocab)
+        self.arch, self.qtype = presets()[preset].ARCH, qtype
+        self.exact = Float64MoE(path)
+
+    def reference(self, ids):
+        return self.exact.logits(np.asarray(ids))
+
+
 class TinyBert:
     """A tiny BERT sentence encoder (mean pooling) from its definition: embeddings + LayerNorm,
     post-norm layers with bidirectional attention and an erf-GELU FFN."""
@@ -396,6 +484,10 @@ CASES = {
     "minicpm-moe": (Tiny, dict(arch="minicpm", mup=(6.0, 0.5, 0.25), n_expert=8, n_used=2,
                                ff=64)),
     "minicpm-Q4_0": (Tiny, dict(arch="minicpm", qtype="Q4_0", mup=(6.0, 0.5, 0.25))),
+    # llama-shaped MoE models as pocketlm synth writes them; std 0.1 so routing matters
+    **{p: (TinySynthMoE, dict(preset=f"{p}-tiny")) for p in
+       ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "granitemoe")},
+    "qwen3moe-Q8_0": (TinySynthMoE, dict(preset="qwen3moe-tiny", qtype="Q8_0")),
     "bert": (TinyBert, {}),
     "embbert": (TinyEmbBert, {}),
 }

@@ -71,7 +71,7 @@ def make_model(name: str, directory: Path) -> Path:
     return path
 
 
-_LLAMA = r"""
+LLAMA_SCRIPT = r"""
 import json, sys
 import numpy as np
 import llama_cpp
@@ -90,33 +90,42 @@ print(llama_cpp.__version__)
 """
 
 
+def make_reference(stem: str, paths: dict, runs: dict, llama_python: str, out: Path,
+                   command: str, models: dict) -> None:
+    """Run llama.cpp (``llama_python``) on ``runs`` (run -> (model, n_ctx)) of the models at
+    ``paths`` over ``prompts()``; write ``{stem}-reference.npz`` and ``.json`` into ``out``,
+    the json describing each model by ``models[name]`` plus its file and sha256."""
+    out.mkdir(parents=True, exist_ok=True)
+    job = {"runs": {r: (str(paths[m]), n_ctx) for r, (m, n_ctx) in runs.items()},
+           "prompts": prompts(), "npz": str(out / f"{stem}-reference.npz")}
+    res = subprocess.run([llama_python, "-c", LLAMA_SCRIPT, json.dumps(job)], check=True,
+                         capture_output=True, text=True)
+    meta = {
+        "command": command,
+        "engine": f"llama-cpp-python {res.stdout.strip()} (CPU, 2 threads, n_batch 512, "
+                  "default flash-attention and KV cache settings)",
+        "models": {m: {"file": paths[m].name, "sha256": sha256(paths[m]), **models[m]}
+                   for m in models},
+        "runs": {r: {"model": m, "n_ctx": n_ctx} for r, (m, n_ctx) in runs.items()},
+        "prompts": job["prompts"],
+    }
+    (out / f"{stem}-reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"wrote {out / stem}-reference.json and .npz")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-python", required=True,
                     help="python of an environment with llama-cpp-python")
     ap.add_argument("--out", default="tests/data", help="directory for the reference files")
     a = ap.parse_args(argv)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         paths = {m: make_model(m, Path(d)) for m in MODELS}
-        job = {"runs": {r: (str(paths[m]), n_ctx) for r, (m, n_ctx) in RUNS.items()},
-               "prompts": prompts(), "npz": str(out / "minicpm-reference.npz")}
-        res = subprocess.run([a.llama_python, "-c", _LLAMA, json.dumps(job)], check=True,
-                             capture_output=True, text=True)
-        meta = {
-            "command": "python -m tools.minicpm_reference --llama-python PYTHON --out "
+        make_reference("minicpm", paths, RUNS, a.llama_python, Path(a.out),
+                       "python -m tools.minicpm_reference --llama-python PYTHON --out "
                        + str(a.out),
-            "engine": f"llama-cpp-python {res.stdout.strip()} (CPU, 2 threads, n_batch 512, "
-                      "default flash-attention and KV cache settings)",
-            "models": {m: {"file": paths[m].name, "sha256": sha256(paths[m]),
-                           "preset": "minicpm-tiny", "seed": SEED, "overrides": MODELS[m]}
-                       for m in MODELS},
-            "runs": {r: {"model": m, "n_ctx": n_ctx} for r, (m, n_ctx) in RUNS.items()},
-            "prompts": job["prompts"],
-        }
-    (out / "minicpm-reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"wrote {out / 'minicpm-reference.json'} and .npz")
+                       {m: {"preset": "minicpm-tiny", "seed": SEED, "overrides": MODELS[m]}
+                        for m in MODELS})
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class ExpertCache(ExpertSource):
     # -- model side ------------------------------------------------------------------------------
     def request(self, layer: int, ids, x=None):
         """The experts ``layer`` needs now: start reading the missing ones, urgently; then,
-        with routers and the layer input ``x``, the next layer's predicted ones."""
+        with routers and the router input ``x``, the next layer's predicted ones."""
         keys = {(layer, int(e)) for e in np.unique(ids)}
         with self.cv:
             self.step += 1

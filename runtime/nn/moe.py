@@ -74,9 +74,9 @@ class Routers:
 
     def hint_next(self, source, layer: int, x: np.ndarray | None):
         """Hint ``source`` with the experts the next layer's router picks on x, the input of
-        ``layer``'s pre-attention router: the residual stream changes little from one layer
-        to the next, so they predict the next layer's experts well. Nothing after the last
-        layer, or without x (a router that reads something else)."""
+        ``layer``'s router (the layer input before attention, or the FFN input after it): the
+        residual stream changes little from one layer to the next, so they predict the next
+        layer's experts well. Nothing after the last layer, or without x."""
         if x is not None and layer + 1 < len(self.weights):
             source.hint(layer + 1, self.route(layer + 1, x)[0])
 
@@ -108,8 +108,8 @@ class ExpertSource(Protocol):
 
     The model routes a layer and calls ``request(layer, ids, x)`` with the router's choice
     (n, k) as soon as it is known (a streaming source starts reading); ``x`` is the router's
-    input when that is the layer input (pre-attention routers), from which a source given
-    the model's ``Routers`` predicts the next layer. ``moe_ffn`` then takes the experts from
+    input (the layer input for pre-attention routers, the FFN input for post-attention
+    ones), from which a source given the model's ``Routers`` predicts the next layer. ``moe_ffn`` then takes the experts from
     ``each(layer, ids)``: (id, Expert) pairs for the unique ids, in the order they are ready.
     ``hint(layer, ids)`` passes a prediction for a later layer to a source that
     ``wants_hints`` (so a source over another forwards its predictions). ``neurons``, when
