@@ -27,7 +27,9 @@ from pathlib import Path
 
 # read by Numba at import: the parent re-executes itself with them when they are missing
 FUZZ_ENV = {"NUMBA_BOUNDSCHECK": "1", "NUMBA_THREADING_LAYER": "workqueue",
-            "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+            "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            # the parent has every kernel loaded; mutants need no compiling workers
+            "POCKETLM_PRECOMPILE": "0"}
 FAILURES = ("crash", "hang", "traceback", "nonfinite")
 CASE_TIMEOUT = 20.0
 N_CTX = 8

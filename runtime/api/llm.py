@@ -100,12 +100,13 @@ class LLM:
         path = store.resolve(model or store.DEFAULT_MODEL, pull_missing=c.pull, progress=progress)
         if c.threads:
             kernels.set_threads(c.threads)
-        # kernels compile in worker processes while this one reads the model (cold cache only)
-        workers = warmup.start(str(path), c) if device == "cpu" else None
         if progress:
             progress("load", 0, 3)
         g = open_gguf(path)
+        workers = None
         try:
+            # kernels compile in worker processes while this one reads the model (cold only)
+            workers = warmup.start(g, c) if device == "cpu" else None
             if progress:
                 progress("load", 1, 3)
             m, n_ctx, memory_plan = build_model(g, c, device)

@@ -5,9 +5,11 @@ prompt, and again the first decoded token, for as long as the model's weight typ
 15 s on 2 cores for Qwen2.5's four). ``start`` runs the model's two paths once each in a worker
 process of its own, at the same time as the loading process reads the model, so that the
 compiling is spread over the cores and lands in Numba's disk cache; the loading process then
-reads every kernel from that cache. A marker per model file in the cache folder (which is named
-after the kernels' sources) skips the workers once they have succeeded; a worker that fails
+reads every kernel from that cache. A marker per architecture and set of weight types in the
+cache folder (which is named after the kernels' sources) skips the workers once they have
+succeeded; a worker that fails
 costs nothing but the time, since every kernel still compiles on first use.
+``POCKETLM_PRECOMPILE=0`` turns the workers off (kernels then compile on first use).
 
 Run as ``python -m pocketlm.api.warmup MODEL.gguf PATH CONFIG_JSON`` (what ``start`` does).
 """
@@ -26,12 +28,14 @@ import numpy as np
 PATHS = ("prompt", "decode")
 
 
-def _marker(path: str) -> Path:
+def _marker(g) -> Path:
+    """What the kernels compiled for a model depend on: its architecture and weight types
+    (any file sharing them, a copy or a requantized twin, needs nothing more)."""
     import numba
 
     from pocketlm import kernels  # noqa: F401  (sets Numba's cache folder)
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    kinds = sorted({t.qtype for t in g.tensors.values()})
+    key = hashlib.sha256(f"{g.arch}\0{' '.join(kinds)}".encode())
     return Path(numba.config.CACHE_DIR) / f"warm-{key.hexdigest()[:16]}"
 
 
@@ -66,11 +70,12 @@ class Workers:
                 p.wait()
 
 
-def start(path: str, config) -> Workers | None:
-    """Start the workers for the model file ``path`` loaded with ``config`` (a LoadConfig),
+def start(g, config) -> Workers | None:
+    """Start the workers for the open model file ``g`` loaded with ``config`` (a LoadConfig),
     unless the kernel cache already holds its kernels. None when nothing needs compiling."""
-    marker = _marker(path)
-    if marker.exists():
+    path = g.path
+    marker = _marker(g)
+    if marker.exists() or os.environ.get("POCKETLM_PRECOMPILE", "1") == "0":
         return None
     settings = json.dumps({"n_ctx": config.n_ctx, "chunk": config.chunk,
                            "sparse_attention": config.sparse_attention,
