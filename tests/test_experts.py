@@ -58,25 +58,32 @@ def test_store_reads_the_files_expert_bytes(tiny, direct):
         store.close()
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-@pytest.mark.parametrize("n_slots", [1, 5, 32])
-def test_streaming_never_changes_a_number(tiny, policy, n_slots):
-    g, model = tiny
+def streamed_vs_resident(g, model, policy: str, n_slots: int, ids=IDS):
+    """Logits of ``ids`` with resident experts, and streamed through a cache of ``n_slots``
+    under ``policy`` (the oracle traced from a first pass), plus the cache's statistics."""
     resident = model.experts
-    ref = _run(model, IDS, 20)
+    ref = _run(model, ids, 20)
     trace = []
     if policy == "oracle":
-        with tap_routing(model, lambda layer, ids: trace.append((layer, np.unique(ids)))):
-            _run(model, IDS, 20)
+        with tap_routing(model, lambda layer, ids_: trace.append((layer, np.unique(ids_)))):
+            _run(model, ids, 20)
     cache = ExpertCache(ExpertStore.from_gguf(g), n_slots, policy, trace=trace or None,
                         routers=model.routers)
     try:
         model.experts = cache
-        got = _run(model, IDS, 20)
+        got = _run(model, ids, 20)
         stats = cache.snapshot()
     finally:
         model.experts = resident
         cache.close()
+    return ref, got, stats
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("n_slots", [1, 5, 32])
+def test_streaming_never_changes_a_number(tiny, policy, n_slots):
+    g, model = tiny
+    ref, got, stats = streamed_vs_resident(g, model, policy, n_slots)
     assert np.array_equal(got, ref)
     assert stats.bytes_read > 0
     if n_slots == 32:   # everything fits: each expert is read at most once

@@ -45,10 +45,11 @@ class _UniformRouters:
         return sel, np.full((n, self.k), 1.0 / self.k, np.float32)
 
 
-def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = None) -> float:
+def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = None,
+         ops=None) -> float:
     """One timed test; returns seconds. ``tokens``: the text to feed (teacher forcing), or
     None for random prompts and greedy decoding; ``log``: a list that collects the decode's
-    expert reads (streamed experts)."""
+    expert reads (streamed experts); ``ops``: what decode runs on (default the model's)."""
     model, n_vocab = llm.model, llm.tokenizer.n_vocab
     if kind == "pp":
         ids = tokens[:n] if tokens is not None else _random_tokens(n_vocab, n, r)
@@ -66,7 +67,7 @@ def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = 
     t0 = time.perf_counter()
     for i in range(n):
         pos = np.array([cache.n_past], dtype=np.int64)
-        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache)
+        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache, ops=ops)
         cache.n_past += 1
         tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
     dt = time.perf_counter() - t0
@@ -100,27 +101,10 @@ def decode_breakdown(llm, depth: int, n: int = 32, tokens=None) -> dict:
     per token in total and by op (``nn.TimedOps`` labels: matvec by weight type, attention,
     experts, embed, small ops), and "outside ops": the model's own Python between ops
     (loops, residual adds, routing glue). Time inside an op includes its Python wrapper.
-    One untimed token first, so that nothing compiles inside the figures."""
+    Run after the decode tests, so that nothing compiles inside the figures."""
     from pocketlm.nn.ops import TimedOps
-    model = llm.model
-    ids = tokens[:depth + n + 2] if tokens is not None else _random_tokens(
-        llm.tokenizer.n_vocab, depth + 1, 99)
-    cache = model.new_cache(depth + n + 2, llm.chunk)
-    if depth:
-        prefill(model, cache, ids[:depth], llm.chunk)
-    timed = TimedOps(model.ops)
-    tok, total = ids[depth], 0.0
-    for i in range(n + 1):
-        pos = np.array([cache.n_past], dtype=np.int64)
-        t0 = time.perf_counter()
-        logits = model.forward(np.array([tok], dtype=np.int64), pos, cache,
-                               ops=timed if i else model.ops)
-        if i:
-            total += time.perf_counter() - t0
-        else:
-            timed.times.clear()
-        cache.n_past += 1
-        tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
+    timed = TimedOps(llm.model.ops)
+    total = _run(llm, "tg", n, depth, 99, tokens, ops=timed)
     ms = {k: 1e3 * v / n for k, v in sorted(timed.times.items(), key=lambda kv: -kv[1])}
     ms["outside ops"] = 1e3 * total / n - sum(ms.values())
     return {"depth": depth, "n_tokens": n, "ms_per_token": 1e3 * total / n, "ms": ms}
@@ -219,7 +203,7 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
                                                    row["experts"]["read_bound_tps"])
         results.append(row)
     g = llm.gguf
-    breakdown = decode_breakdown(llm, depth, tokens=tokens) if n_gen > 0 else None
+    breakdown = decode_breakdown(llm, depth, min(32, n_gen), tokens) if n_gen > 0 else None
     out = {
         "model": g.path,
         "arch": g.arch,

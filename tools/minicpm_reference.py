@@ -113,19 +113,26 @@ def make_reference(stem: str, paths: dict, runs: dict, llama_python: str, out: P
     print(f"wrote {out / stem}-reference.json and .npz")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def reference_main(stem: str, make_model, runs: dict, models: dict, argv=None):
+    """The command line of a reference tool: make each of ``models`` (name -> what to pin
+    about it) with ``make_model(name, folder)`` and llama.cpp's logits of its ``runs``."""
+    ap = argparse.ArgumentParser(description=f"llama.cpp reference logits of the {stem} "
+                                             "synthetic models")
     ap.add_argument("--llama-python", required=True,
                     help="python of an environment with llama-cpp-python")
     ap.add_argument("--out", default="tests/data", help="directory for the reference files")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
-        paths = {m: make_model(m, Path(d)) for m in MODELS}
-        make_reference("minicpm", paths, RUNS, a.llama_python, Path(a.out),
-                       "python -m tools.minicpm_reference --llama-python PYTHON --out "
-                       + str(a.out),
-                       {m: {"preset": "minicpm-tiny", "seed": SEED, "overrides": MODELS[m]}
-                        for m in MODELS})
+        paths = {m: make_model(m, Path(d)) for m in models}
+        make_reference(stem, paths, runs, a.llama_python,
+                       Path(a.out), f"python -m tools.{stem}_reference --llama-python PYTHON "
+                       f"--out {a.out}", models)
+
+
+def main(argv=None):
+    reference_main("minicpm", make_model, RUNS,
+                   {m: {"preset": "minicpm-tiny", "seed": SEED, "overrides": MODELS[m]}
+                    for m in MODELS}, argv)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ does; ``tests/test_moe_models.py`` regenerates the models, checks their sha256 a
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from pocketlm.tools import synth_minicpm
-from pocketlm.tools.minicpm_reference import make_reference
+from pocketlm.tools.minicpm_reference import reference_main
 
 # model name -> (preset, shape overrides); std 0.1 so that routing and norms matter
 MODELS = {
@@ -50,17 +48,9 @@ def make_model(name: str, directory: Path) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llama-python", required=True,
-                    help="python of an environment with llama-cpp-python")
-    ap.add_argument("--out", default="tests/data", help="directory for the reference files")
-    a = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as d:
-        paths = {m: make_model(m, Path(d)) for m in MODELS}
-        make_reference("moe", paths, RUNS, a.llama_python, Path(a.out),
-                       "python -m tools.moe_reference --llama-python PYTHON --out " + str(a.out),
-                       {m: {"preset": p, "seed": SEED, "overrides": o}
-                        for m, (p, o) in MODELS.items()})
+    reference_main("moe", make_model, RUNS,
+                   {m: {"preset": p, "seed": SEED, "overrides": o} for m, (p, o) in MODELS.items()},
+                   argv)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,23 @@ class Guide:
         self.m.consume_token(token)
 
 
-class LazyGuide:
+class _Switching:
+    """A guide that watches tokens until it switches on a guide (``active``), which then
+    masks and accepts alone."""
+
+    active = None
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        return logits if self.active is None else self.active.mask(logits)
+
+    def accept(self, token: int) -> None:
+        if self.active is not None:
+            self.active.accept(token)
+        else:
+            self.watch(token)
+
+
+class LazyGuide(_Switching):
     """Free text until ``trigger`` is written at a token boundary (``at_start``: only as the
     first thing written), then ``constraint``'s grammar, which must itself begin with the
     trigger, enforced from there on. If the text from the trigger does not fit the grammar,
@@ -188,13 +204,7 @@ class LazyGuide:
         self.active: Guide | None = None
         self.closed = False
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        return logits if self.active is None else self.active.mask(logits)
-
-    def accept(self, token: int) -> None:
-        if self.active is not None:
-            self.active.accept(token)
-            return
+    def watch(self, token: int) -> None:
         if self.closed:
             return
         piece = self.tok.token_bytes(token, special=True)
@@ -224,20 +234,14 @@ class LazyGuide:
         self.tokens, self.pieces = [], []
 
 
-class FirstOf:
+class FirstOf(_Switching):
     """Several lazy guides watching the same text: the first to switch on rules alone."""
 
     def __init__(self, guides: list[LazyGuide]):
         self.guides = guides
         self.active: LazyGuide | None = None
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        return logits if self.active is None else self.active.mask(logits)
-
-    def accept(self, token: int) -> None:
-        if self.active is not None:
-            self.active.accept(token)
-            return
+    def watch(self, token: int) -> None:
         for g in self.guides:
             g.accept(token)
             if g.active is not None:

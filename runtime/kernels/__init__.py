@@ -280,17 +280,10 @@ _FUSED_SIG = (types.int64, _W, _W, _W, _X, _O)
 
 
 def _simd_mv(ws, x2, out2):
-    """ws: QTensors of one AVX2 qtype and x2's column count -> out2 (n, sum rows)."""
+    """ws: up to ``_FUSED`` QTensors of one AVX2 qtype and x2's column count -> out2 (n, sum
+    rows)."""
     for w in ws:
         _check(w.qtype, w.data, w.shape[-1])
-    if len(ws) > _FUSED:
-        sizes = np.cumsum([0] + [w.data.shape[0] for w in ws])
-        for i in range(0, len(ws), _FUSED):
-            part = np.empty((x2.shape[0], sizes[min(i + _FUSED, len(ws))] - sizes[i]),
-                            np.float32)
-            _simd_mv(ws[i:i + _FUSED], x2, part)
-            out2[:, sizes[i]:sizes[i] + part.shape[1]] = part
-        return
     fn = _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
     datas = [w.data for w in ws]
     datas += [datas[0][:0]] * (_FUSED - len(ws))
@@ -424,7 +417,8 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama") -> list[np.ndarray]:
         if k.fused and x.shape[0] < k.max_rows and w.shape[-1] == x.shape[1]:
             groups.setdefault(w.qtype, []).append(i)
     res: list = [None] * len(ws)
-    for idx in groups.values():
+    calls = [idx[j:j + _FUSED] for idx in groups.values() for j in range(0, len(idx), _FUSED)]
+    for idx in calls:
         sizes = [ws[i].data.shape[0] for i in idx]
         out = np.empty((x.shape[0], sum(sizes)), np.float32)
         _simd_mv(tuple(ws[i] for i in idx), x, out)
