@@ -39,3 +39,24 @@ def test_bench_json(smallthinker_tiny_path, capsys):
     assert b["depth"] == 8 and b["ms_per_token"] > 0
     # the tiny MoE's own leaves are all there: its Q4_0 matvecs, attention, the experts
     assert {"matvec Q4_0", "attention", "experts", "outside ops"} <= set(b["ms"])
+
+
+def test_streamed_decode_figures_are_the_decode_s_own(smallthinker_tiny_path):
+    """Under a memory budget a decode test's cache figures cover what its read log holds,
+    the decode's reads, not the prefill of its context; with text routing each repetition
+    reads on through the text."""
+    import pytest
+    from pocketlm.experts.budget import MemoryBudgetError
+    from pocketlm.tools import bench
+    from test_experts import _reported_minimum
+    with pytest.raises(MemoryBudgetError) as e:
+        LLM.load(str(smallthinker_tiny_path), n_ctx=64, memory_budget="1MiB")
+    with LLM.load(str(smallthinker_tiny_path), n_ctx=64,
+                  memory_budget=_reported_minimum(e.value)) as llm:
+        text = list(range(3, 200))
+        for r in (1, 2):
+            log = []
+            _, figures = bench._run(llm, "tg", 6, 12, r, text, log, experts=llm.model.experts)
+            assert figures.reads == len(log) > 0
+        assert bench._stretch(text, 19, 1) == text[19:38] != bench._stretch(text, 19, 2)
+        assert bench._stretch(text, 19, 10) == text[11:30]   # 190 wraps past 197 - 19

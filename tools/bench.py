@@ -45,35 +45,52 @@ class _UniformRouters:
         return sel, np.full((n, self.k), 1.0 / self.k, np.float32)
 
 
+def _stretch(tokens: list[int], span: int, r: int) -> list[int]:
+    """Repetition r's ``span`` tokens of a text: each repetition reads on from the last
+    (wrapping at the end), so a cache never sees the same tokens twice in a row."""
+    start = (r * span) % (len(tokens) - span + 1)
+    return tokens[start:start + span]
+
+
 def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = None,
-         ops=None) -> float:
-    """One timed test; returns seconds. ``tokens``: the text to feed (teacher forcing), or
-    None for random prompts and greedy decoding; ``log``: a list that collects the decode's
-    expert reads (streamed experts); ``ops``: what decode runs on (default the model's)."""
+         ops=None, experts=None):
+    """One timed test; returns (seconds, the ``experts`` cache's figures over the timed part
+    only, a decode test's context prefill excluded; None without ``experts``).
+    ``tokens``: the text to feed (teacher forcing), or None for random prompts and greedy
+    decoding; ``log``: a list that collects the decode's expert reads (streamed experts);
+    ``ops``: what decode runs on (default the model's)."""
     model, n_vocab = llm.model, llm.tokenizer.n_vocab
+    before = experts.snapshot() if experts is not None else None
+
+    def done(t0):
+        dt = time.perf_counter() - t0
+        return dt, None if experts is None else experts.snapshot().minus(before)
     if kind == "pp":
-        ids = tokens[:n] if tokens is not None else _random_tokens(n_vocab, n, r)
+        ids = _stretch(tokens, n, r) if tokens is not None else _random_tokens(n_vocab, n, r)
         cache = model.new_cache(n, llm.chunk)
         t0 = time.perf_counter()
         prefill(model, cache, ids, llm.chunk)
-        return time.perf_counter() - t0
-    ids = tokens[:depth + n + 1] if tokens is not None else _random_tokens(n_vocab, depth + 1, r)
+        return done(t0)
+    ids = (_stretch(tokens, depth + n + 1, r) if tokens is not None
+           else _random_tokens(n_vocab, depth + 1, r))
     cache = model.new_cache(depth + n + 1, llm.chunk)
     if depth:
         prefill(model, cache, ids[:depth], llm.chunk)
     tok = ids[depth]
     if log is not None:   # the decode's expert reads, for the read-bound replay
         model.experts.read_log = log
+    if experts is not None:
+        before = experts.snapshot()
     t0 = time.perf_counter()
     for i in range(n):
         pos = np.array([cache.n_past], dtype=np.int64)
         logits = model.forward(np.array([tok], dtype=np.int64), pos, cache, ops=ops)
         cache.n_past += 1
         tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
-    dt = time.perf_counter() - t0
+    out = done(t0)
     if log is not None:
         model.experts.read_log = None
-    return dt
+    return out
 
 
 def startup(llm) -> dict:
@@ -104,7 +121,7 @@ def decode_breakdown(llm, depth: int, n: int = 32, tokens=None) -> dict:
     Run after the decode tests, so that nothing compiles inside the figures."""
     from pocketlm.nn.ops import TimedOps
     timed = TimedOps(llm.model.ops)
-    total = _run(llm, "tg", n, depth, 99, tokens, ops=timed)
+    total, _ = _run(llm, "tg", n, depth, 99, tokens, ops=timed)
     ms = {k: 1e3 * v / n for k, v in sorted(timed.times.items(), key=lambda kv: -kv[1])}
     ms["outside ops"] = 1e3 * total / n - sum(ms.values())
     return {"depth": depth, "n_tokens": n, "ms_per_token": 1e3 * total / n, "ms": ms}
@@ -156,15 +173,15 @@ def bench_model(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 512, re
             for kind, n in tests:
                 samples, stats, active = [], [], []
                 for r in range(reps + 1):  # the first run warms caches and JIT
-                    before = experts.snapshot() if streamed else None
                     if experts is not None:   # ReGLU experts count their active neurons
                         experts.neurons = moe.NeuronStats()
                     log = [] if io_replay and kind == "tg" else None
-                    dt = _run(llm, kind, n, depth, r, tokens, log)
+                    dt, delta = _run(llm, kind, n, depth, r, tokens, log,
+                                     experts=experts if streamed else None)
                     if r > 0:
                         samples.append(n / dt)
                         if streamed:
-                            stats.append(experts.snapshot().minus(before).as_dict(n))
+                            stats.append(delta.as_dict(n))
                         if log is not None:
                             t_io = experts.store.replay(log, len(experts.threads))
                             stats[-1]["read_bound_tps"] = n / t_io if log else float("inf")

@@ -162,17 +162,39 @@ def _step_32(qtype, o, wbase, xa, da, sa):
     return step
 
 
-def _scale_min_k4(b, sc_bytes, j):
-    """6-bit (scale, min) of sub-block j from Q4_K's 12 packed bytes (i32 values)."""
-    def byte(k):
-        return b.zext(sc_bytes[k], _I32)
-    c63, c15 = ir.Constant(_I32, 63), ir.Constant(_I32, 15)
-    if j < 4:
-        return b.and_(byte(j), c63), b.and_(byte(j + 4), c63)
-    hi_s = b.shl(b.lshr(byte(j - 4), ir.Constant(_I32, 6)), ir.Constant(_I32, 4))
-    hi_m = b.shl(b.lshr(byte(j), ir.Constant(_I32, 6)), ir.Constant(_I32, 4))
-    return (b.or_(b.and_(byte(j + 4), c15), hi_s),
-            b.or_(b.lshr(byte(j + 4), ir.Constant(_I32, 4)), hi_m))
+def _sum_exact(builder, prod):
+    """Sum of an <8|16 x float> whose lanes and partial sums are integers below 2**24: exact
+    in any order, so the same as the scalar chain it replaces."""
+    if prod.type.count == 16:
+        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(_I32, 8),
+                                                            list(range(8, 16))))
+        prod = builder.fadd(lo, hi)
+    return _hsum(builder, prod)
+
+
+def _lane_splat(b, v, lanes):
+    """<16 x i16> whose lanes are v's lanes ``lanes`` (16 indices)."""
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), lanes))
+
+
+def _scales_mins_k4(o, blk):
+    """Q4_K's 8 6-bit scales and 8 mins (12 packed bytes at offset 4) as one <16 x i16>:
+    lanes 0-7 the scales, 8-15 the mins (unpacked four at a time in 32-bit words)."""
+    b = o.b
+
+    def c(v):
+        return ir.Constant(_I32, v)
+    u0, u1, u2 = (o.load(blk, 4 + 4 * k, _I32) for k in range(3))
+    m63, m15, m3 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    sc_lo = b.and_(u0, m63)                                         # scales 0-3
+    sc_hi = b.or_(b.and_(u2, m15), b.shl(b.and_(b.lshr(u0, c(6)), m3), c(4)))   # 4-7
+    mn_lo = b.and_(u1, m63)                                         # mins 0-3
+    mn_hi = b.or_(b.and_(b.lshr(u2, c(4)), m15), b.shl(b.and_(b.lshr(u1, c(6)), m3), c(4)))
+    words = ir.Constant(ir.VectorType(_I32, 4), ir.Undefined)
+    for k, w in enumerate((sc_lo, sc_hi, mn_lo, mn_hi)):
+        words = b.insert_element(words, w, _c64(k))
+    return b.zext(b.bitcast(words, _V16I8), _V16I16)
 
 
 def _step_q4_k(o, wbase, xa, da, sa):
@@ -180,24 +202,28 @@ def _step_q4_k(o, wbase, xa, da, sa):
     b = o.b
     nib = ir.Constant(_V32I8, [15] * 32)
     four = ir.Constant(_V32I8, [4] * 32)
+    v16f = ir.VectorType(_F32, 16)
 
     def step(i, acc, acc_c):
         blk = b.gep(wbase, [b.mul(i, _c64(144))])
-        sc_bytes = [b.load(b.gep(blk, [_c64(4 + k)])) for k in range(12)]
+        sm = _scales_mins_k4(o, blk)
         xbase = b.mul(i, _c64(256))
-        sbase = b.mul(i, _c64(16))
         isum = ir.Constant(_V8I32, None)
-        summ = ir.Constant(_F32, 0.0)
         for c in range(4):
             q = o.load(blk, 16 + 32 * c, _V32I8)
             for half, wq in ((0, b.and_(q, nib)), (1, b.lshr(q, four))):
                 j = 2 * c + half
-                sc, m = _scale_min_k4(b, sc_bytes, j)
                 x = o.load(xa.data, b.add(xbase, _c64(64 * c + 32 * half)), _V32I8)
-                isum = b.add(isum, o.dot32(wq, x, o.splat(b.trunc(sc, _I16), _V16I16)))
-                bs = b.fadd(b.load(b.gep(sa.data, [b.add(sbase, _c64(2 * j))])),
-                            b.load(b.gep(sa.data, [b.add(sbase, _c64(2 * j + 1))])))
-                summ = b.call(o.fma1, [b.sitofp(m, _F32), bs, summ])
+                isum = b.add(isum, o.dot32(wq, x, _lane_splat(b, sm, [j] * 16)))
+        # mins . block sums (per 32 = two sums per 16), integers: exact
+        bs = o.load(sa.data, b.mul(i, _c64(16)), v16f)
+        pairs = b.fadd(b.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8),
+                                                            list(range(0, 16, 2)))),
+                       b.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8),
+                                                            list(range(1, 16, 2)))))
+        mins = b.sitofp(b.shuffle_vector(sm, sm, ir.Constant(ir.VectorType(_I32, 8),
+                                                             list(range(8, 16)))), _V8F32)
+        summ = _sum_exact(b, b.fmul(mins, pairs))
         dx = b.load(b.gep(da.data, [i]))
         scale = b.fmul(_half_at(b, blk, 0), dx)
         acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
@@ -210,6 +236,7 @@ def _step_q6_k(o, wbase, xa, da, sa):
     """One 256-weight Q6_K superblock (values 0..63, offset -32 through the sums)."""
     b = o.b
     lo4, three = ir.Constant(_V32I8, [15] * 32), ir.Constant(_V32I8, [3] * 32)
+    v16f = ir.VectorType(_F32, 16)
 
     def shr(v, k):
         return b.lshr(v, ir.Constant(_V32I8, [k] * 32)) if k else v
@@ -217,9 +244,9 @@ def _step_q6_k(o, wbase, xa, da, sa):
     def step(i, acc, acc_c):
         blk = b.gep(wbase, [b.mul(i, _c64(210))])
         xbase = b.mul(i, _c64(256))
-        sbase = b.mul(i, _c64(16))
+        sc8 = o.load(blk, 192, _V16I8)                 # 16 signed scales, one per 16 weights
+        sc = b.sext(sc8, _V16I16)
         isum = ir.Constant(_V8I32, None)
-        offs = ir.Constant(_F32, 0.0)     # sum of scale * block sum, for the -32
         for h in range(2):
             ql0 = o.load(blk, 64 * h, _V32I8)
             ql1 = o.load(blk, 64 * h + 32, _V32I8)
@@ -229,16 +256,11 @@ def _step_q6_k(o, wbase, xa, da, sa):
                 high = b.shl(b.and_(shr(qh, 2 * k), three), ir.Constant(_V32I8, [4] * 32))
                 wq = b.or_(low, high)
                 g = 8 * h + 2 * k          # scale index of the first 16 weights
-                sa_ = b.sext(b.load(b.gep(blk, [_c64(192 + g)])), _I16)
-                sb_ = b.sext(b.load(b.gep(blk, [_c64(193 + g)])), _I16)
-                weights = b.shuffle_vector(o.splat(sa_, ir.VectorType(_I16, 8)),
-                                           o.splat(sb_, ir.VectorType(_I16, 8)),
-                                           ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
                 x = o.load(xa.data, b.add(xbase, _c64(128 * h + 32 * k)), _V32I8)
-                isum = b.add(isum, o.dot32(wq, x, weights))
-                for gg, sv in ((g, sa_), (g + 1, sb_)):
-                    bs = b.load(b.gep(sa.data, [b.add(sbase, _c64(gg))]))
-                    offs = b.call(o.fma1, [b.sitofp(sv, _F32), bs, offs])
+                isum = b.add(isum, o.dot32(wq, x, _lane_splat(b, sc, [g] * 8 + [g + 1] * 8)))
+        # scales . block sums, for the -32: integers, exact in any order
+        bs = o.load(sa.data, b.mul(i, _c64(16)), v16f)
+        offs = _sum_exact(b, b.fmul(b.sitofp(sc8, v16f), bs))
         scale = b.fmul(_half_at(b, blk, 208), b.load(b.gep(da.data, [i])))
         acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
         acc_c = b.call(o.fma1, [scale, offs, acc_c])
