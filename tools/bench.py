@@ -60,17 +60,19 @@ def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = 
     decoding; ``log``: a list that collects the decode's expert reads (streamed experts);
     ``ops``: what decode runs on (default the model's)."""
     model, n_vocab = llm.model, llm.tokenizer.n_vocab
-    before = experts.snapshot() if experts is not None else None
 
-    def done(t0):
+    def start():
+        return time.perf_counter(), experts.snapshot() if experts is not None else None
+
+    def done(t0, before):
         dt = time.perf_counter() - t0
         return dt, None if experts is None else experts.snapshot().minus(before)
     if kind == "pp":
         ids = _stretch(tokens, n, r) if tokens is not None else _random_tokens(n_vocab, n, r)
         cache = model.new_cache(n, llm.chunk)
-        t0 = time.perf_counter()
+        t0, before = start()
         prefill(model, cache, ids, llm.chunk)
-        return done(t0)
+        return done(t0, before)
     ids = (_stretch(tokens, depth + n + 1, r) if tokens is not None
            else _random_tokens(n_vocab, depth + 1, r))
     cache = model.new_cache(depth + n + 1, llm.chunk)
@@ -79,15 +81,13 @@ def _run(llm, kind: str, n: int, depth: int, r: int, tokens, log: list | None = 
     tok = ids[depth]
     if log is not None:   # the decode's expert reads, for the read-bound replay
         model.experts.read_log = log
-    if experts is not None:
-        before = experts.snapshot()
-    t0 = time.perf_counter()
+    t0, before = start()
     for i in range(n):
         pos = np.array([cache.n_past], dtype=np.int64)
         logits = model.forward(np.array([tok], dtype=np.int64), pos, cache, ops=ops)
         cache.n_past += 1
         tok = ids[depth + i + 1] if tokens is not None else int(np.argmax(logits[-1]))
-    out = done(t0)
+    out = done(t0, before)
     if log is not None:
         model.experts.read_log = None
     return out

@@ -35,6 +35,7 @@ _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTyp
 _F32, _F16 = ir.FloatType(), ir.HalfType()
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
 _V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+_V16F32 = ir.VectorType(_F32, 16)
 
 # qtype -> (block bytes from quant's table, offset of the quants, weight offset applied
 # through block sums)
@@ -202,7 +203,6 @@ def _step_q4_k(o, wbase, xa, da, sa):
     b = o.b
     nib = ir.Constant(_V32I8, [15] * 32)
     four = ir.Constant(_V32I8, [4] * 32)
-    v16f = ir.VectorType(_F32, 16)
 
     def step(i, acc, acc_c):
         blk = b.gep(wbase, [b.mul(i, _c64(144))])
@@ -216,7 +216,7 @@ def _step_q4_k(o, wbase, xa, da, sa):
                 x = o.load(xa.data, b.add(xbase, _c64(64 * c + 32 * half)), _V32I8)
                 isum = b.add(isum, o.dot32(wq, x, _lane_splat(b, sm, [j] * 16)))
         # mins . block sums (per 32 = two sums per 16), integers: exact
-        bs = o.load(sa.data, b.mul(i, _c64(16)), v16f)
+        bs = o.load(sa.data, b.mul(i, _c64(16)), _V16F32)
         pairs = b.fadd(b.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8),
                                                             list(range(0, 16, 2)))),
                        b.shuffle_vector(bs, bs, ir.Constant(ir.VectorType(_I32, 8),
@@ -236,7 +236,6 @@ def _step_q6_k(o, wbase, xa, da, sa):
     """One 256-weight Q6_K superblock (values 0..63, offset -32 through the sums)."""
     b = o.b
     lo4, three = ir.Constant(_V32I8, [15] * 32), ir.Constant(_V32I8, [3] * 32)
-    v16f = ir.VectorType(_F32, 16)
 
     def shr(v, k):
         return b.lshr(v, ir.Constant(_V32I8, [k] * 32)) if k else v
@@ -259,8 +258,8 @@ def _step_q6_k(o, wbase, xa, da, sa):
                 x = o.load(xa.data, b.add(xbase, _c64(128 * h + 32 * k)), _V32I8)
                 isum = b.add(isum, o.dot32(wq, x, _lane_splat(b, sc, [g] * 8 + [g + 1] * 8)))
         # scales . block sums, for the -32: integers, exact in any order
-        bs = o.load(sa.data, b.mul(i, _c64(16)), v16f)
-        offs = _sum_exact(b, b.fmul(b.sitofp(sc8, v16f), bs))
+        bs = o.load(sa.data, b.mul(i, _c64(16)), _V16F32)
+        offs = _sum_exact(b, b.fmul(b.sitofp(sc8, _V16F32), bs))
         scale = b.fmul(_half_at(b, blk, 208), b.load(b.gep(da.data, [i])))
         acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
         acc_c = b.call(o.fma1, [scale, offs, acc_c])
