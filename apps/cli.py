@@ -206,6 +206,12 @@ def add_model_flags(s: argparse.ArgumentParser):
     add_sparse_flag(s)
     add_budget_flags(s)
     add_device_flags(s)
+    s.add_argument("--numerics", choices=("auto", "llama", "exact"),
+                   default=_env("NUMERICS", "auto"),
+                   help="CPU arithmetic: auto (8-bit activations in decode as llama.cpp, float "
+                        "prompts), llama (llama.cpp's arithmetic everywhere, F16 attention: "
+                        "for comparing with its numbers) or exact (float throughout) "
+                        "[POCKETLM_NUMERICS]")
 
 
 def add_device_flags(s: argparse.ArgumentParser):
@@ -276,7 +282,7 @@ def _settings(args) -> dict:
 _LOAD_FLAGS = {"n_ctx": "ctx_size", "threads": "threads", "memory_budget": "memory_budget",
                "expert_policy": "cache_policy", "sparse_attention": "sparse_attention",
                "backend": "backend", "max_memory": "max_memory", "device": "device",
-               "gpu_budget": "gpu_budget"}
+               "gpu_budget": "gpu_budget", "numerics": "numerics"}
 
 
 def _load_config(args):

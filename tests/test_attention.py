@@ -9,8 +9,9 @@ from pocketlm.kernels.attention import attend
 from pocketlm.nn.kvcache import KVCache, LayerCache
 
 
-def ref_attention(q, k, v, q_pos, k_pos, scale, window=0):
-    # q (n, H, D); k, v (m, KVH, D); positions give the mask
+def ref_attention(q, k, v, q_pos, k_pos, scale, window=0, f16=False):
+    # q (n, H, D); k, v (m, KVH, D); positions give the mask; f16: weights rounded to float16
+    # after the softmax (llama.cpp's attention without flash attention)
     n, H, D = q.shape
     group = H // k.shape[1]
     out = np.zeros((n, H, D))
@@ -24,6 +25,8 @@ def ref_attention(q, k, v, q_pos, k_pos, scale, window=0):
             s = np.where(ok, s, -np.inf)
             w = np.exp(s - s.max())
             w /= w.sum()
+            if f16:
+                w = w.astype(np.float32).astype(np.float16).astype(np.float64)
             out[t, h] = w @ v[:, kh].astype(np.float64)
     return out
 
@@ -44,9 +47,31 @@ def test_attend_matches_reference(H, KVH, window, path):
     q_pos = np.arange(m - n, m, dtype=np.int64)
     got = np.empty_like(q)
     kt = np.ascontiguousarray(k.transpose(1, 2, 0))
-    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), got)
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), False, got)
     want = ref_attention(q, k, v, q_pos, k_pos, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_attend_f16_weights(path):
+    """f16=True rounds the normalized weights to float16 before they meet v: the result is
+    the reference's with that rounding, and differs from the unrounded one."""
+    rng = np.random.default_rng(1)
+    n, m, H, D = 5, 40, 4, 16
+    q = rng.standard_normal((n, H, D)).astype(np.float32)
+    k = rng.standard_normal((m, 2, D)).astype(np.float32)
+    v = rng.standard_normal((m, 2, D)).astype(np.float32)
+    k_pos = np.arange(m, dtype=np.int64)
+    q_pos = np.arange(m - n, m, dtype=np.int64)
+    kt = np.ascontiguousarray(k.transpose(1, 2, 0))
+    got = np.empty_like(q)
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), 0, np.float32(0), True, got)
+    want = ref_attention(q, k, v, q_pos, k_pos, 0.25, f16=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    plain = ref_attention(q, k, v, q_pos, k_pos, 0.25)
+    assert np.abs(got - plain).max() > 1e-5
+    np.testing.assert_array_equal(attend(q, kt, v, k_pos, m, q_pos, 0.25, f16=True),
+                                  attend(q, kt, v, k_pos, m, q_pos, 0.25, f16=True))
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -59,7 +84,7 @@ def test_attend_softcap_and_blind_query(path):
     q_pos = np.array([1, 6], dtype=np.int64)  # the first query precedes every key
     got = np.empty_like(q)
     kt = np.ascontiguousarray(k.transpose(1, 2, 0))
-    PATHS[path](q, kt, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), got)
+    PATHS[path](q, kt, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), False, got)
     assert not got[0].any()
     s = np.einsum("hd,sd->hs", q[1].astype(np.float64), k[:, 0].astype(np.float64))
     s = 5.0 * np.tanh(s / 5.0)

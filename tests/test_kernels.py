@@ -145,6 +145,22 @@ def test_matmul_paths(qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL)
+def test_blas_with_rounded_activations_is_llamas_product(qtype):
+    """BLAS with ``round_x`` takes the activations rounded to the weight's vec_dot type
+    (Q8_1's f16 block sums included): each row is llama.cpp's product, as the integer path."""
+    rows, cols, n = 23, 512, 17
+    data = random_weights(qtype, rows, cols)
+    x = RNG.standard_normal((n, cols)).astype(np.float32)
+    x[0, :64] = 0   # all-zero activation blocks
+    got = K.matmul_raw(qtype, data, cols, x, method="blas", round_x=True)
+    for t in range(n):
+        ref, scale = emulate(qtype, data, cols, x[t])
+        assert np.all(np.abs(got[t] - ref) <= 2e-5 * scale + 1e-30), (qtype, t)
+    if qtype != "F32":
+        assert np.abs(got - K.matmul_raw(qtype, data, cols, x, method="blas")).max() > 0
+
+
+@pytest.mark.parametrize("qtype", ALL)
 def test_dequantize(qtype):
     data = random_weights(qtype, 5, 512)
     np.testing.assert_allclose(K.dequantize_raw(qtype, data, 512), dequant(qtype, data, 512),

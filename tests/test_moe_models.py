@@ -50,13 +50,23 @@ def test_matches_llama_cpp_and_float64(run, reference, model_paths):
     name, n_ctx = ref.RUNS[run]
     assert sha256(model_paths[name]) == meta["models"][name]["sha256"], \
         f"{name}: the regenerated model differs from the one the reference was made from"
+    # llama.cpp's arithmetic (8-bit activations, F16 attention without flash attention, as
+    # the reference was made): next-token logits within the flat 0.05, prompt and decode.
+    # Rounding boundaries that fall differently still move these chaotic weights by a few
+    # hundredths; exact math sits 0.03-0.10 away, as far as llama.cpp with flash attention.
+    with LLM.load(str(model_paths[name]), n_ctx=n_ctx, numerics="llama") as llm:
+        for i, p in enumerate(meta["prompts"]):
+            want = logits[f"{run}/prompt{i}"]
+            assert_llama_gates(llm.eval(p), want, f"{run} prompt {i}", tol=0.05)
+            assert_llama_gates(decode_steps(llm.model, p, nn.LLAMA), want,
+                               f"{run} prompt {i} decoded", tol=0.05)
     exact = Float64MoE(model_paths[name])
-    with LLM.load(str(model_paths[name]), n_ctx=n_ctx) as llm:
+    with LLM.load(str(model_paths[name]), n_ctx=n_ctx) as llm:   # default: float prompts
         for i, p in enumerate(meta["prompts"]):
             got = llm.eval(p)                                            # (n, n_vocab)
             want = logits[f"{run}/prompt{i}"]
             assert_llama_gates(got, want, f"{run} prompt {i}")
-            rel = np.abs(llm.eval(p) - exact.logits(np.array(p))).max() / want.std()
+            rel = np.abs(got - exact.logits(np.array(p))).max() / want.std()
             assert rel <= 1e-3, f"{run} prompt {i}: {rel:.1e} of the logit scale from float64"
         steps = decode_steps(llm.model, p, nn.EXACT)
         np.testing.assert_allclose(steps, got, atol=1e-4)

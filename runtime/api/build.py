@@ -19,6 +19,12 @@ def build_model(g, c: LoadConfig, device: str):
         if len(caps.backends) < 2:
             raise ValueError(f"{g.arch} models have no backend choice (numba only)")
         m.set_backend(c.backend)
+    if c.numerics != "auto":
+        from pocketlm import nn
+        if not caps.generate or device != "cpu" or m.ops is not nn.CPU:
+            raise ValueError(f"numerics {c.numerics!r} applies to decoders on the CPU's numba "
+                             f"kernels")
+        m.ops = nn.LLAMA if c.numerics == "llama" else nn.EXACT
     train_ctx = int(g.get("{arch}.context_length", 4096))
     n_ctx = c.n_ctx or min(train_ctx, 4096)
     if caps.generate and device == "cpu":

@@ -10,7 +10,7 @@ from pocketlm.experts.budget import parse_size
 from pocketlm.experts.policies import POLICIES
 from pocketlm.models.minicpm import SPARSE_MODES
 from pocketlm.nn.backend import DEVICES
-from pocketlm.nn.ops import BACKENDS
+from pocketlm.nn.ops import BACKENDS, CPUOps
 
 # the oracle replays a traced first pass: only the benchmark can set it up
 EXPERT_POLICIES = tuple(p for p in POLICIES if p != "oracle")
@@ -32,6 +32,7 @@ class LoadConfig:
     max_memory: int | str | None = None
     device: str = "cpu"
     gpu_budget: int | str | None = None
+    numerics: str = "auto"              # CPU decoders: "auto", "llama" or "exact" (nn.CPUOps)
 
     def __post_init__(self):
         for name in ("n_ctx", "threads", "chunk"):
@@ -52,6 +53,7 @@ class LoadConfig:
         if self.backend is not None:
             _one_of("backend", self.backend, BACKENDS)
         _one_of("device", self.device, DEVICES)
+        _one_of("numerics", self.numerics, CPUOps.NUMERICS)
         for name in ("memory_budget", "max_memory", "gpu_budget"):
             value = getattr(self, name)
             if value is not None:

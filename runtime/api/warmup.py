@@ -80,7 +80,8 @@ def start(g, config) -> Workers | None:
     settings = json.dumps({"n_ctx": config.n_ctx, "chunk": config.chunk,
                            "sparse_attention": config.sparse_attention,
                            "memory_budget": config.memory_budget,
-                           "expert_policy": config.expert_policy})
+                           "expert_policy": config.expert_policy,
+                           "numerics": config.numerics})
     # one kernel thread each: the workers only need every kernel called once
     env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "pocketlm.api.warmup", str(path), part,

@@ -16,7 +16,10 @@ kernel serves a weight is looked up in one registry keyed by (numerics, qtype):
 
 Larger batches (prefill) dequantize weight row tiles to f32 and multiply with numpy's BLAS
 under either numerics (several times faster than the integer path at prefill sizes; weights
-exact, activations unquantized); ``matmul(..., method="quant")`` runs the integer path.
+exact, activations float32); with ``round_x`` the activations are first rounded to the
+vec_dot type (``llama_activations``), which gives llama.cpp's integer products to float32
+rounding.
+``matmul(..., method="quant")`` runs the integer path.
 
 Q4_0/Q4_1/Q8_0 outside the AVX2 kernels read their f16 block scales from float32 side arrays
 made once per weight: a ``Prepared`` record attached to the QTensor on first use
@@ -304,13 +307,75 @@ def _blas_on_one_thread():
         _blas.append(threadpool_limits(1, user_api="blas"))
 
 
+_Q8_0_ACTS = ("Q4_0", "Q5_0", "Q8_0")
+_Q8_1_ACTS = ("Q4_1", "Q5_1")   # Q8_1: Q8_0's values, plus f16(d * sum) per block
+
+
+def _q8_0_values(x):
+    """x (n, cols) as ggml's quantize_row_q8_0 leaves it: per 32 values id = 127/amax, round
+    half to even, scale stored as f16. Returns (rounded x, the integer values, the scales
+    before and after their f16 rounding)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=2)
+    with np.errstate(divide="ignore"):
+        iv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * iv[:, :, None])
+    d = (amax / np.float32(127)).astype(np.float32)
+    d16 = d.astype(np.float16).astype(np.float32)
+    return (q * d16[:, :, None]).reshape(x.shape), q, d, d16
+
+
+def _q8_k_values(x):
+    """x (n, cols) as ggml's quantize_row_q8_K leaves it: per 256 values the scale comes from
+    the signed value of largest magnitude, q = min(127, rint(-127/max * x)), d = 1/iscale."""
+    xb = x.reshape(x.shape[0], -1, 256)
+    mx = np.take_along_axis(xb, np.abs(xb).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.float32(127), np.rint(xb * iscale[:, :, None]))
+    return (q * d[:, :, None]).reshape(x.shape)
+
+
+def llama_activations(qtype: str, x: np.ndarray) -> np.ndarray:
+    """x (n, cols) float32 rounded as llama.cpp's CPU matmul rounds activations for a weight of
+    ``qtype``: to its vec_dot type (Q8_0 / Q8_1 values, Q8_K for K-quants, F16, BF16; F32 and
+    other types: unchanged). A float product of these with the dequantized weights is then
+    llama.cpp's integer block product, to float32 rounding (Q8_1's f16 block sums aside: see
+    ``matmul_raw``)."""
+    if qtype in _Q8_0_ACTS or qtype in _Q8_1_ACTS:
+        return _q8_0_values(x)[0]
+    if qtype.endswith("_K"):
+        return _q8_k_values(x)
+    if qtype == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    if qtype == "BF16":
+        u = x.view(np.uint32)
+        return ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) & np.uint32(0xFFFF0000)).view(np.float32)
+    return x
+
+
+def _q8_1_sum_correction(qtype, data, x):
+    """Q4_1/Q5_1 meet Q8_1 activations, whose block sums llama.cpp stores as f16(d * sum q)
+    and multiplies by the weight block's min: the float product of rounded activations and
+    dequantized weights uses d * sum q instead. Returns the difference (n, rows)."""
+    _, q, d, d16 = _q8_0_values(x)
+    s = q.sum(axis=2)
+    err = ((d * s).astype(np.float16).astype(np.float32) - d16 * s).astype(np.float32)
+    size = quant.type_size(qtype)
+    mins = data.reshape(data.shape[0], -1, size)[:, :, 2:4].copy().view(np.float16)[:, :, 0]
+    return err @ mins.astype(np.float32).T
+
+
 def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray | None = None,
-               method: str = "auto") -> np.ndarray:
+               method: str = "auto", round_x: bool = False) -> np.ndarray:
     """x (n, cols) f32 times the weight rows in ``data`` (rows, row_bytes) uint8 -> (n, rows).
 
     ``data`` may be any C-contiguous row range of a tensor (e.g. one expert of a 3-D tensor).
     ``method``: "quant" (quantized activations, integer block dots, as llama.cpp), "blas"
     (dequantized f32 weight tiles @ numpy BLAS) or "auto" (blas for n >= BLAS_MIN_ROWS).
+    With ``round_x`` BLAS takes the activations rounded as llama.cpp's matmul rounds them
+    (``llama_activations``), so a prompt gets llama.cpp's numbers at BLAS speed.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, rows = x.shape[0], data.shape[0]
@@ -319,6 +384,7 @@ def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.n
     _check(qtype, data, cols)
     if method == "blas" or (method == "auto" and n >= BLAS_MIN_ROWS):
         _blas_on_one_thread()
+        xa = llama_activations(qtype, x) if round_x else x
         deq = _dequantizer(qtype, serial=True)
         # at least a tile per core the process may use, sized by that, not by the threads set
         tile = max(16, min(-(-rows // numba.config.NUMBA_NUM_THREADS), _TILE_BYTES // (4 * cols)))
@@ -334,8 +400,10 @@ def matmul_raw(qtype: str, data: np.ndarray, cols: int, x: np.ndarray, out: np.n
                 r0, r1 = j * tile, min(rows, (j + 1) * tile)
                 wt = buf[: r1 - r0]
                 deq(data, r0, r1, wt)
-                np.matmul(x, wt.T, out=out[:, r0:r1])
+                np.matmul(xa, wt.T, out=out[:, r0:r1])
         parallel_for(n_parts, part)
+        if round_x and qtype in _Q8_1_ACTS:
+            out += _q8_1_sum_correction(qtype, data, x)
         return out
     _driver(qtype)(data, x, out)
     return out
@@ -385,7 +453,7 @@ def matvec_rows(w, x: np.ndarray, rows: np.ndarray, out: np.ndarray | None = Non
 
 
 def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto",
-           numerics: str = "llama") -> np.ndarray:
+           numerics: str = "llama", round_x: bool = False) -> np.ndarray:
     """``w`` (QTensor) times each row of x (n, cols) f32 -> (n, rows) f32. See ``matmul_raw``.
 
     With method "auto", batches below the kernel's ``max_rows`` (``PREPARED_MAX_ROWS``;
@@ -401,16 +469,17 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
             out = np.empty((x.shape[0], w.data.shape[0]), np.float32)
         k.mv(w, x, out)
         return out
-    return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method)
+    return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method, round_x)
 
 
-def matmul_many(ws, x: np.ndarray, numerics: str = "llama") -> list[np.ndarray]:
+def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
+                round_x: bool = False) -> list[np.ndarray]:
     """``[matmul(w, x) for w in ws]``, for weights that share the input x (n, cols). Small
     batches of weights on the AVX2 kernels go through one call per weight type: the
     activations are quantized once and all rows share one parallel loop (q/k/v, gate/up)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] >= PREPARED_MAX_ROWS:
-        return [matmul(w, x, numerics=numerics) for w in ws]
+        return [matmul(w, x, numerics=numerics, round_x=round_x) for w in ws]
     groups: dict = {}
     for i, w in enumerate(ws):
         k = kernel(w.qtype, numerics)
@@ -427,7 +496,8 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama") -> list[np.ndarray]:
             part = out[:, start:start + size]   # one row: already contiguous
             res[i] = part if x.shape[0] == 1 else np.ascontiguousarray(part)
             start += size
-    return [r if r is not None else matmul(w, x, numerics=numerics) for r, w in zip(res, ws)]
+    return [r if r is not None else matmul(w, x, numerics=numerics, round_x=round_x)
+            for r, w in zip(res, ws)]
 
 
 def expert_decode(gate, up, down, x: np.ndarray, act: str, numerics: str = "llama"):

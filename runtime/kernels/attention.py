@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._base import VEC_OPTS, exp_f32, tanh_f32
+from ._base import VEC_OPTS, exp_f32, round_f16, tanh_f32
 from ._pool import parallel_for
 
 # Below this many query tokens the Numba kernel beats setting up BLAS products.
@@ -27,10 +27,12 @@ _ZERO = np.float32(0.0)
 
 
 @njit(**VEC_OPTS)
-def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
+def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16):
     """Scores sc (m, S) -> attention weights in place. Row i belongs to a query at position
     row_pos[i]; column s to the key held at slot_pos[s] (-1: empty). Rows that see no key
-    become zeros. Each pass is branch-free so that it vectorizes."""
+    become zeros. ``f16``: weights rounded to float16, as llama.cpp's attention (without
+    flash attention) converts them for the product with its F16 values. Each pass but that
+    rounding is branch-free so that it vectorizes."""
     m_rows, S = sc.shape
     for i in range(m_rows):
         p = row_pos[i]
@@ -59,6 +61,9 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap):
         inv = np.float32(1.0) / total
         for s in range(S):
             row[s] *= inv
+        if f16:
+            for s in range(S):
+                row[s] = round_f16(row[s])
 
 
 @njit(inline="always", **VEC_OPTS)
@@ -70,7 +75,8 @@ def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
 
 
 @njit(**VEC_OPTS)
-def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h, sc):
+def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out, t, h,
+                 sc):
     # One query token and head. Keys are stored transposed, kt (KVH, D, S), so each score
     # update is a contiguous run over slots (vectorizes).
     D = q.shape[2]
@@ -83,7 +89,7 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
                kt[kh, d], kt[kh, d + 1], kt[kh, d + 2], kt[kh, d + 3])
     for d in range(D - D % 4, D):
         _axpy4(row, n_slots, qh[d], _ZERO, _ZERO, _ZERO, kt[kh, d], kt[kh, d], kt[kh, d], kt[kh, d])
-    _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap)
+    _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap, f16)
     acc = out[t, h]
     acc[:] = 0.0
     for s in range(0, n_slots - 3, 4):
@@ -94,25 +100,25 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
 
 
 @njit(**VEC_OPTS)
-def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
+def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
     sc = np.empty((1, n_slots), np.float32)
     for t in range(q.shape[0]):
         for h in range(q.shape[1]):
-            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t, h,
-                         sc)
+            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out,
+                         t, h, sc)
 
 
 @njit(parallel=True, **VEC_OPTS)
-def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
+def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
     H = q.shape[1]
     for idx in prange(q.shape[0] * H):
         sc = np.empty((1, n_slots), np.float32)
         t = idx // H
-        _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out, t,
+        _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out, t,
                      idx - t * H, sc)
 
 
-def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out):
+def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
     # Per KV head and tile of queries: scores by BLAS over the slots the tile can see, mask
     # and softmax in a kernel, weighted values by BLAS. Tasks run on the worker threads.
     n, H, D = q.shape
@@ -139,26 +145,27 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, out
             return
         qq = q[t0:t1, kh * g:(kh + 1) * g].reshape((t1 - t0) * g, D)
         s = qq @ kt[kh, :, lo:hi]                                         # (tile*g, L)
-        _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap)
+        _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap, f16)
         out[t0:t1, kh * g:(kh + 1) * g] = (s @ vv[kh][lo:hi]).reshape(t1 - t0, g, D)
     parallel_for(KVH * len(tiles), task)
 
 
 def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n_slots: int,
            q_pos: np.ndarray, scale: float, window: int = 0, softcap: float = 0.0,
-           out: np.ndarray | None = None) -> np.ndarray:
+           out: np.ndarray | None = None, f16: bool = False) -> np.ndarray:
     """softmax(q·kᵀ·scale + mask)·v for every query token and head.
 
     q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D); H a multiple
     of KVH (grouped-query); only the first ``n_slots`` slots are read. A key at position sp
     is visible to a query at position p when 0 <= sp <= p and, if ``window`` > 0,
-    p - sp < window. A query that sees no key gets zeros.
+    p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
+    are rounded to float16 before they meet v (llama.cpp's numerics; see ``_softmax_masked``).
     """
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
     n, H, D = q.shape
     args = (q, kt, v, slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
-            out)
+            bool(f16), out)
     if n >= BLAS_MIN_QUERIES:
         _attend_blas(*args)
     elif n * H * n_slots * D < _PARALLEL_MIN_WORK:

@@ -8,7 +8,7 @@ KV cache, ``moe`` routing and expert evaluation, ``encoder`` the numpy parts of 
 from __future__ import annotations
 
 from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
-from pocketlm.nn.ops import BACKENDS, CPU, EXACT, NUMPY, CPUOps, NumpyOps, Ops, backend_ops
+from pocketlm.nn.ops import BACKENDS, CPU, EXACT, LLAMA, NUMPY, CPUOps, NumpyOps, Ops, backend_ops
 
-__all__ = ["BACKENDS", "CPU", "EXACT", "NUMPY", "CPUOps", "CompressedKeys", "NumpyOps", "Ops",
+__all__ = ["BACKENDS", "CPU", "EXACT", "LLAMA", "NUMPY", "CPUOps", "CompressedKeys", "NumpyOps", "Ops",
            "SparseConfig", "backend_ops"]

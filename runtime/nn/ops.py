@@ -1,8 +1,8 @@
 """The ops a model computes with: one object per device and numerics.
 
 A model never names a kernel or a device. It holds an ``Ops`` (``model.ops``) and calls its
-building blocks; ``CPUOps`` runs them on the Numba kernels under one numerics ("llama" or
-"exact", see ``pocketlm.kernels``), ``NumpyOps`` in plain numpy with weights dequantized to
+building blocks; ``CPUOps`` runs them on the Numba kernels under one numerics ("auto",
+"llama" or "exact", see ``CPUOps`` and ``pocketlm.kernels``), ``NumpyOps`` in plain numpy with weights dequantized to
 float32 (nothing is compiled, so it works where Numba cannot JIT, and is the reference the
 encoder kernels are tested against), and the CUDA backend's ``CudaOps`` on device arrays
 (``pocketlm.cuda.ops``). Quantization is invisible too: the QTensor's qtype picks the kernel.
@@ -61,23 +61,40 @@ class Ops:
         return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk)
 
 
+def _f16(a):
+    """a rounded to float16 and back, as llama.cpp's F16 KV cache and attention round."""
+    return a.astype(np.float16).astype(F)
+
+
 class CPUOps(Ops):
-    """The Numba kernels under ``numerics`` "llama" (8-bit activations in decode, as
-    llama.cpp) or "exact" (float activations)."""
+    """The Numba kernels under one of ``NUMERICS``:
+
+    - "auto" (the default): decode as llama.cpp's CPU path computes (activations quantized to
+      each weight's vec_dot type, 8-bit for quantized weights, exact integer block dots);
+      prompts in float activations through BLAS, so that a prompt re-run after a cached
+      prefix gets the logits of a fresh run (to float rounding).
+    - "llama": llama.cpp's arithmetic in prompts too (``kernels.llama_activations``), with
+      queries, keys, values and attention weights rounded to float16, as its F16 KV cache
+      without flash attention (llama-cpp-python's default) rounds them: for comparing with
+      llama.cpp's numbers, which then agree to float rounding until a rounding boundary.
+    - "exact": float activations and attention throughout, within float32 rounding of exact
+      math.
+    """
 
     name = "numba"
+    NUMERICS = ("auto", "llama", "exact")
 
-    def __init__(self, numerics: str = "llama"):
-        if numerics not in kernels.NUMERICS:
-            raise ValueError(f"numerics {numerics!r}: expected 'llama' or 'exact'")
+    def __init__(self, numerics: str = "auto"):
+        if numerics not in self.NUMERICS:
+            raise ValueError(f"numerics {numerics!r}: expected one of {', '.join(self.NUMERICS)}")
         self.numerics = numerics
+        self._llama = numerics == "llama"   # llama.cpp's rounding at BLAS sizes, f16 attention
+        # the kernels' numerics: 8-bit activations but under "exact"
+        self._k = "exact" if numerics == "exact" else "llama"
 
     @property
     def prompt(self) -> "CPUOps":
-        # Prompts take float activations at any length (a chunk of 16+ tokens runs through
-        # BLAS): a prompt re-run after a cached prefix then gets the logits of a fresh run
-        # (to float rounding), not the 8-bit-activation decode numerics.
-        return EXACT
+        return EXACT if self.numerics == "auto" else self
 
     # ------------------------------------------------------------------------ decoders
     def rms_norm(self, x, weight, eps: float):
@@ -93,9 +110,9 @@ class CPUOps(Ops):
     def linear(self, w, x, b=None):
         """x (n, cols) → (n, rows): x·wᵀ (+ b). One token takes the matvec (decode) path."""
         if x.shape[0] == 1:
-            out = kernels.matvec(w, x[0], numerics=self.numerics)[None, :]
+            out = kernels.matvec(w, x[0], numerics=self._k)[None, :]
         else:
-            out = kernels.matmul(w, x, numerics=self.numerics)
+            out = kernels.matmul(w, x, numerics=self._k, round_x=self._llama)
         if b is not None:
             out += b
         return out
@@ -104,15 +121,17 @@ class CPUOps(Ops):
         """``[linear(w, x, b) for w, b in zip(ws, bs)]`` for weights sharing the input (q/k/v,
         gate/up; ``bs``: biases or None each, default none): in decode one kernel call serves
         them all."""
-        outs = kernels.matmul_many(ws, x, numerics=self.numerics)
+        outs = kernels.matmul_many(ws, x, numerics=self._k, round_x=self._llama)
         return outs if bs is None else [o if b is None else o + b for o, b in zip(outs, bs)]
 
     def attention(self, q, k, v, cache: LayerCache, positions, scale: float,
                   softcap: float = 0.0):
         """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D) → (n, H*D)."""
+        if self._llama:
+            q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
         out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
-                     cache.window, softcap)
+                     cache.window, softcap, f16=self._llama)
         return out.reshape(q.shape[0], -1)
 
     def sparse_attention(self, q, k, v, cache: LayerCache, positions, scale: float,
@@ -125,6 +144,8 @@ class CPUOps(Ops):
         last = int(positions.max())
         if last + 1 < keys.cfg.dense_len:
             return self.attention(q, k, v, cache, positions, scale)
+        if self._llama:
+            q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
         keys.update(cache.kt, int(positions.min()), last)
         out = attend_sparse(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions,
@@ -139,7 +160,7 @@ class CPUOps(Ops):
         """One MoE expert (``moe.Expert``) on its tokens xe (m, n_embd) → (m, n_embd); ReLU
         decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given."""
         if len(xe) == 1 and not ex.down_t:
-            fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self.numerics)
+            fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self._k)
             if fused is not None:   # the calls below in one kernel, same numbers
                 if act == "relu" and neurons is not None:
                     neurons.active += fused[1]
@@ -153,7 +174,7 @@ class CPUOps(Ops):
             if neurons is not None:
                 neurons.active += len(active)
                 neurons.total += g.shape[1]
-            u = kernels.matvec_rows(ex.up, xe[0], active, numerics=self.numerics)[None, :]
+            u = kernels.matvec_rows(ex.up, xe[0], active, numerics=self._k)[None, :]
         else:
             u = self.linear(ex.up, xe)
         h = self.glu(g, u, act)                                              # (m, n_ff)
@@ -248,13 +269,14 @@ class NumpyOps(Ops):
     linear_f32 = staticmethod(CPUOps.linear_f32)
 
 
-CPU = CPUOps("llama")
+CPU = CPUOps("auto")
+LLAMA = CPUOps("llama")
 EXACT = CPUOps("exact")
 NUMPY = NumpyOps()
 
 
 def backend_ops(name: str) -> Ops:
-    """The ops of a CPU backend: "numba" (kernels, llama numerics) or "numpy"."""
+    """The ops of a CPU backend: "numba" (kernels, "auto" numerics) or "numpy"."""
     if name == "numba":
         return CPU
     if name == "numpy":
