@@ -240,6 +240,43 @@ class Q8_0(BlockType, name="Q8_0", block_size=32, type_size=34):
         return out
 
 
+# ggml's kvalues_mxfp4: E2M1 values doubled (the block scale is halved to match)
+MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """An E8M0 scale byte as float32 halved (GGML_E8M0_TO_FP32_HALF): 2**(e - 128), with
+    ggml's subnormal bit patterns for e = 0, 1."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+class MXFP4(BlockType, name="MXFP4", block_size=32, type_size=17):
+    # e: E8M0 shared exponent, qs[16]: 4-bit codes into MXFP4_VALUES, element j in the low
+    # nibble of byte j, element j+16 in its high nibble (as Q4_0)
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        q = MXFP4_VALUES[_nibbles(blocks[:, 1:])].astype(np.float32)
+        return q * e8m0_half(blocks[:, 0:1])
+
+    @classmethod
+    def quantize_blocks(cls, x):
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        # log2f correctly rounded to float32, then floored, as the C reference
+        with np.errstate(divide="ignore"):
+            lg = np.floor(np.log2(amax.astype(np.float64)).astype(np.float32))
+        e = np.where(amax > 0, np.clip(lg - 2 + 127, 0, 255), 0).astype(np.uint8)
+        d = e8m0_half(e)                                                     # (n, 1)
+        # best_index_mxfp4: the first code of least |value * d - x|
+        err = np.abs(MXFP4_VALUES.astype(np.float32) * d[:, :, None] - x[:, :, None])
+        q = err.argmin(axis=2).astype(np.uint8)                              # (n, 32)
+        out = np.empty((x.shape[0], cls.type_size), np.uint8)
+        out[:, 0:1] = e
+        out[:, 1:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+        return out
+
+
 # -- 256-element super-blocks (K-quants) -----------------------------------------------------
 
 _SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)

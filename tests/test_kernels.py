@@ -13,7 +13,7 @@ from pocketlm.gguf.tensor import QTensor
 from pocketlm.gguf.reader import GGUFFile
 
 RNG = np.random.default_rng(0)
-Q8_0_ACT = {"Q4_0", "Q5_0", "Q8_0"}
+Q8_0_ACT = {"Q4_0", "Q5_0", "Q8_0", "MXFP4"}
 Q8_1_ACT = {"Q4_1", "Q5_1"}
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
 # scale fields (byte offset, f16 or f32) to overwrite in random K-quant blocks
@@ -95,7 +95,7 @@ def random_weights(qtype, rows, cols):
 
 
 ALL = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"]
+       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "MXFP4"]
 
 
 def check_matvec(qtype, data, cols, x, out=None):

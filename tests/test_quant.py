@@ -16,8 +16,8 @@ from pocketlm import quant
 from pocketlm.gguf.reader import open_gguf
 
 ORACLE_DEQUANT = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-ORACLE_QUANT = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
+ORACLE_QUANT = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"]
 
 # byte offsets of the fp16 scales in each block (everything else may be random bits)
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
@@ -48,8 +48,8 @@ def random_blocks(qtype: str, n_blocks: int, rng) -> np.ndarray:
         return rng.standard_normal(n_blocks).astype(np.float32).view(np.uint8).reshape(n_blocks, 4)
     if qtype == "F16":
         return rng.standard_normal(n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
-    if qtype == "BF16":
-        return raw   # every bf16 pattern, NaN and inf included, widens exactly
+    if qtype in ("BF16", "MXFP4"):
+        return raw   # every pattern (bf16 NaN and inf, every E8M0 scale) decodes exactly
     scales = rng.standard_normal((n_blocks, 1)) * 10.0 ** rng.integers(-8, 3, (n_blocks, 1))
     for at in F16_FIELDS[qtype]:
         raw[:, at:at + 2] = scales.astype(np.float16).view(np.uint8)

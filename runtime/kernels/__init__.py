@@ -307,7 +307,7 @@ def _blas_on_one_thread():
         _blas.append(threadpool_limits(1, user_api="blas"))
 
 
-_Q8_0_ACTS = ("Q4_0", "Q5_0", "Q8_0")
+_Q8_0_ACTS = ("Q4_0", "Q5_0", "Q8_0", "MXFP4")
 _Q8_1_ACTS = ("Q4_1", "Q5_1")   # Q8_1: Q8_0's values, plus f16(d * sum) per block
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from pocketlm.quant import type_size
+from pocketlm.quant.blocks import MXFP4_VALUES, e8m0_half
 
 from ._base import OPTS, U, f32_at, h2f, round_f16
 
@@ -167,9 +168,13 @@ def scale_q3k(w, o, i):
 # type by a literal ``kind`` (dead branches fold away), and one entry point per type below.
 
 # Kinds index the block geometry, taken from quant's block table.
-NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = range(len(NAMES))
+NAMES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+         "MXFP4")
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, MXFP4 = range(len(NAMES))
 SIZE = tuple(type_size(q) for q in NAMES)
+# MXFP4: its codes' values (int16, to meet int16 activations) and its scale bytes as float32
+FP4 = MXFP4_VALUES.astype(np.int16)
+E8M0 = e8m0_half(np.arange(256, dtype=np.uint8))
 
 I32 = np.int32
 I16 = np.int16
@@ -201,7 +206,10 @@ def _rows32(kind, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
         for b in range(nb):
             o = base + U(b) * U(SIZE[kind])
             yb = U(b) * U(32)
-            sc = d[r, b] if prepared else h2f(w[o], w[o + U(1)])
+            if kind == MXFP4:
+                sc = E8M0[w[o]]
+            else:
+                sc = d[r, b] if prepared else h2f(w[o], w[o + U(1)])
             if kind == Q4_0:
                 acc += sc * yd[b] * (F(I32(_isum_q4(w, o + U(2), yq, yb))) - F(8) * ys[b])
             elif kind == Q4_1:
@@ -212,6 +220,8 @@ def _rows32(kind, w, rb, r0, r1, nb, d, m, yq, yd, ys, out):
                 acc += sc * yd[b] * F(I32(_isum_q8(wi, o + U(2), yq, yb)))
             elif kind == Q5_0:
                 acc += sc * yd[b] * (_sum_q5(w, o + U(2), o + U(6), yq, yb) - F(16) * ys[b])
+            elif kind == MXFP4:
+                acc += sc * yd[b] * F(I32(_isum_fp4(w, o + U(1), yq, yb)))
             else:   # Q5_1
                 acc += (sc * yd[b] * _sum_q5(w, o + U(4), o + U(8), yq, yb)
                         + h2f(w[o + U(2)], w[o + U(3)]) * ys[b])
@@ -240,6 +250,7 @@ mm_q4_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q4_1, w2, _NONE, _NONE, x, out))
 mm_q5_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_0, w2, _NONE, _NONE, x, out))
 mm_q5_1 = njit(**OPTS)(lambda w2, x, out: _mm32(Q5_1, w2, _NONE, _NONE, x, out))
 mm_q8_0 = njit(**OPTS)(lambda w2, x, out: _mm32(Q8_0, w2, _NONE, _NONE, x, out))
+mm_mxfp4 = njit(**OPTS)(lambda w2, x, out: _mm32(MXFP4, w2, _NONE, _NONE, x, out))
 mv_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_0, w2, d, m, x, out))
 mv_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_1, w2, d, m, x, out))
 mv_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q8_0, w2, d, m, x, out))
@@ -301,6 +312,17 @@ def _isum_q4(w, o, yq, yo):
         q = I16(w[o + U(j)])
         s += (I32(I16(q & I16(15)) * yq[yo + U(j)])
               + I32(I16(q >> I16(4)) * yq[yo + U(16 + j)]))
+    return s
+
+
+@njit(inline="always", **OPTS)
+def _isum_fp4(w, o, yq, yo):
+    """16 bytes of MXFP4 codes at o (low nibbles: elements 0..15) times 32 activations."""
+    s = I32(0)
+    for j in range(16):
+        q = w[o + U(j)]
+        s += (I32(FP4[q & np.uint8(15)] * yq[yo + U(j)])
+              + I32(FP4[q >> np.uint8(4)] * yq[yo + U(16 + j)]))
     return s
 
 
@@ -545,6 +567,20 @@ def deq_q8_0(w2, r0, r1, dst):
             d = h2f(row[o], row[o + U(1)])
             for j in range(32):
                 dst[r, b * 32 + j] = d * F(ri[o + U(2 + j)])
+
+
+@njit(**PAR)
+def deq_mxfp4(w2, r0, r1, dst):
+    cols = dst.shape[1]
+    for r in prange(r1 - r0):
+        row = w2[r0 + r]
+        for b in range(cols // 32):
+            o = U(b * 17)
+            d = E8M0[row[o]]
+            for j in range(16):
+                q = row[o + U(1 + j)]
+                dst[r, b * 32 + j] = F(FP4[q & np.uint8(15)]) * d
+                dst[r, b * 32 + 16 + j] = F(FP4[q >> np.uint8(4)]) * d
 
 
 @njit(**PAR)
