@@ -9,9 +9,10 @@ from pocketlm.kernels.attention import attend
 from pocketlm.nn.kvcache import KVCache, LayerCache
 
 
-def ref_attention(q, k, v, q_pos, k_pos, scale, window=0, f16=False):
+def ref_attention(q, k, v, q_pos, k_pos, scale, window=0, f16=False, sinks=None):
     # q (n, H, D); k, v (m, KVH, D); positions give the mask; f16: weights rounded to float16
-    # after the softmax (llama.cpp's attention without flash attention)
+    # after the softmax (llama.cpp's attention without flash attention); sinks (H,): a
+    # valueless logit per head in each softmax
     n, H, D = q.shape
     group = H // k.shape[1]
     out = np.zeros((n, H, D))
@@ -23,8 +24,10 @@ def ref_attention(q, k, v, q_pos, k_pos, scale, window=0, f16=False):
                 ok &= q_pos[t] - k_pos < window
             s = (k[:, kh].astype(np.float64) @ q[t, h].astype(np.float64)) * scale
             s = np.where(ok, s, -np.inf)
-            w = np.exp(s - s.max())
-            w /= w.sum()
+            sink = -np.inf if sinks is None else float(sinks[h])
+            top = max(s.max(), sink)
+            w = np.exp(s - top)
+            w /= w.sum() + np.exp(sink - top)
             if f16:
                 w = w.astype(np.float32).astype(np.float16).astype(np.float64)
             out[t, h] = w @ v[:, kh].astype(np.float64)
@@ -47,7 +50,8 @@ def test_attend_matches_reference(H, KVH, window, path):
     q_pos = np.arange(m - n, m, dtype=np.int64)
     got = np.empty_like(q)
     kt = np.ascontiguousarray(k.transpose(1, 2, 0))
-    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), False, got)
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), window, np.float32(0), False,
+                A._NO_SINKS, got)
     want = ref_attention(q, k, v, q_pos, k_pos, 0.25, window)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -65,13 +69,38 @@ def test_attend_f16_weights(path):
     q_pos = np.arange(m - n, m, dtype=np.int64)
     kt = np.ascontiguousarray(k.transpose(1, 2, 0))
     got = np.empty_like(q)
-    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), 0, np.float32(0), True, got)
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), 0, np.float32(0), True,
+                A._NO_SINKS, got)
     want = ref_attention(q, k, v, q_pos, k_pos, 0.25, f16=True)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     plain = ref_attention(q, k, v, q_pos, k_pos, 0.25)
     assert np.abs(got - plain).max() > 1e-5
     np.testing.assert_array_equal(attend(q, kt, v, k_pos, m, q_pos, 0.25, f16=True),
                                   attend(q, kt, v, k_pos, m, q_pos, 0.25, f16=True))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_attend_sinks(path):
+    """Per-head sinks join each softmax's normalization without a value, as gpt-oss's."""
+    rng = np.random.default_rng(2)
+    n, m, H, KVH, D = 6, 70, 6, 2, 16
+    q = rng.standard_normal((n, H, D)).astype(np.float32)
+    k = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    sinks = (rng.standard_normal(H) * 3).astype(np.float32)
+    sinks[0] = 40.0   # a sink that dominates: that head's output all but vanishes
+    k_pos = np.arange(m, dtype=np.int64)
+    q_pos = np.arange(m - n, m, dtype=np.int64)
+    kt = np.ascontiguousarray(k.transpose(1, 2, 0))
+    got = np.empty_like(q)
+    PATHS[path](q, kt, v, k_pos, m, q_pos, np.float32(0.25), 0, np.float32(0), False,
+                sinks, got)
+    want = ref_attention(q, k, v, q_pos, k_pos, 0.25, sinks=sinks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[:, 0]).max() < 1e-6
+    assert np.abs(want - ref_attention(q, k, v, q_pos, k_pos, 0.25)).max() > 1e-2
+    with pytest.raises(ValueError, match="sinks"):
+        attend(q, kt, v, k_pos, m, q_pos, 0.25, sinks=sinks[:2])
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -84,7 +113,8 @@ def test_attend_softcap_and_blind_query(path):
     q_pos = np.array([1, 6], dtype=np.int64)  # the first query precedes every key
     got = np.empty_like(q)
     kt = np.ascontiguousarray(k.transpose(1, 2, 0))
-    PATHS[path](q, kt, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), False, got)
+    PATHS[path](q, kt, v, k_pos, 5, q_pos, np.float32(1.0), 0, np.float32(5.0), False,
+                A._NO_SINKS, got)
     assert not got[0].any()
     s = np.einsum("hd,sd->hs", q[1].astype(np.float64), k[:, 0].astype(np.float64))
     s = 5.0 * np.tanh(s / 5.0)

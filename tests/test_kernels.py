@@ -241,7 +241,7 @@ def test_real_tensors(smollm2_path, gemma3_path, llama_numerics):
     assert seen == {"Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "MXFP4"])
 def test_prepared_matvec_random(qtype, llama_numerics):
     from pocketlm.gguf.tensor import QTensor
     rows, cols = 37, 1536
@@ -274,7 +274,7 @@ def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path
     assert seen == {"Q4_0", "Q4_1", "Q8_0"}
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "MXFP4"])
 def test_exact_numerics(qtype):
     """"exact" numerics: float activations, within f32 rounding of float64 math on the
     dequantized weights, for one row (decode) and small batches alike."""
@@ -338,6 +338,27 @@ def test_rope(mode, n_dims):
     np.testing.assert_allclose(got[..., b], xs[..., a] * np.sin(ang) + xs[..., b] * np.cos(ang), atol=1e-5)
 
 
+def test_rope_yarn():
+    """YaRN (gpt-oss's 32x over 4096): the ramp's pairs and scale as llama.cpp derives them,
+    and the rotation against the formula in float64."""
+    y = K.yarn(64, 150000.0, 1 / 32, 4096)
+    # corr dims: 64 ln(4096 / (beta 2 pi)) / (2 ln 150000) for beta 32 (floor) and 1 (ceil)
+    assert (y.ext_factor, y.corr_low, y.corr_high) == (1.0, 8.0, 18.0)
+    assert abs(y.attn_factor - 1.0) < 1e-6   # llama.cpp cancels the kernel's magnitude term
+    x = RNG.standard_normal((4, 2, 64)).astype(np.float32)
+    pos = np.array([0, 3, 50, 700])
+    got = K.rope(x.copy(), pos, 64, 150000.0, "neox", freq_scale=1 / 32, yarn=y)
+    i = np.arange(32)
+    ramp = 1 - np.clip((i - 8.0) / 10.0, 0, 1)
+    theta = pos[:, None] * 150000.0 ** (-2.0 * i / 64) * (1 / 32 * (1 - ramp) + ramp)
+    m = 1 + 0.1 * np.log(32)
+    c, s_ = (np.cos(theta) * m)[:, None], (np.sin(theta) * m)[:, None]
+    xa, xb = x[..., :32].astype(np.float64), x[..., 32:].astype(np.float64)
+    # angles near 700 rad carry float32 rounding of ~6e-5
+    np.testing.assert_allclose(got[..., :32], xa * c - xb * s_, atol=3e-4)
+    np.testing.assert_allclose(got[..., 32:], xa * s_ + xb * c, atol=3e-4)
+
+
 def test_rms_norm_softmax_glu():
     x = RNG.standard_normal((4, 3, 64)).astype(np.float32) * 3
     w = RNG.standard_normal(64).astype(np.float32)
@@ -351,6 +372,13 @@ def test_rms_norm_softmax_glu():
     gelu = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
     np.testing.assert_allclose(K.gelu_tanh_mul(g, u), gelu * u, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(K.relu_mul(g, u), np.maximum(g, 0) * u)
+    # gpt-oss: gate clamped above at 7, up to [-7, 7] (9 x reaches past both)
+    g, u = g * 3, u * 3
+    g64 = g.astype(np.float64)
+    assert g.max() > 7 and u.min() < -7
+    gc, uc = np.minimum(g64, 7.0), np.clip(u.astype(np.float64), -7.0, 7.0)
+    np.testing.assert_allclose(K.swiglu_oai_mul(g, u), gc / (1 + np.exp(-1.702 * gc)) * (uc + 1),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_threads_and_warmup():
@@ -371,7 +399,7 @@ def test_shape_errors():
         K.matvec_raw("IQ4_NL", data, 512, np.zeros(512, np.float32))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "MXFP4"])
 def test_matvec_rows_equals_matvec_on_selected_rows(qtype):
     """Under "exact" numerics the row-selecting matvec (ReGLU sparsity) gives matvec's values
     on the chosen rows (to float32 rounding: LLVM may order the block sums differently in

@@ -34,6 +34,7 @@ from the current thread.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -59,8 +60,9 @@ _DRIVERS = {
        for q in _quant.NAMES},
 }
 QTYPES = tuple(_DRIVERS)
-# Q4_0/Q4_1/Q8_0: byte offsets of the f16 fields a prepared weight keeps as float32 (d, m)
-_SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,)}
+# Q4_0/Q4_1/Q8_0: byte offsets of the f16 fields a prepared weight keeps as float32 (d, m);
+# MXFP4 has a float-activation kernel too but reads its byte scales through a table
+_SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "MXFP4": ()}
 
 _W = types.Array(types.uint8, 2, "C", readonly=True)     # writable arrays convert to this
 _X = types.Array(types.float32, 2, "C", readonly=True)
@@ -165,7 +167,7 @@ def _prepared(w) -> Prepared | None:
         a = np.empty((data.shape[0], data.shape[1] // size), np.float32)
         fill(data, size, off, a)
         arrays.append(a)
-    p = Prepared(arrays[0], arrays[1] if len(arrays) > 1 else _NO_SCALES)
+    p = Prepared(arrays[0] if arrays else _NO_SCALES, arrays[1] if len(arrays) > 1 else _NO_SCALES)
     object.__setattr__(w, "prepared", p)   # derived data: the weight itself stays immutable
     return p
 
@@ -558,14 +560,47 @@ def _expect_f32(what: str, *arrays: np.ndarray, contiguous: bool = False) -> Non
                              f"arrays, got {getattr(a, 'dtype', type(a).__name__)}")
 
 
+class YaRN(NamedTuple):
+    """ggml's YaRN parameters for ``rope``: the extrapolation mix, the pair range its ramp
+    spans and the cos/sin scale (see ``yarn``)."""
+
+    ext_factor: float
+    corr_low: float
+    corr_high: float
+    attn_factor: float
+
+
+def yarn(n_dims: int, base: float, freq_scale: float, n_ctx_orig: int, beta_fast: float = 32.0,
+         beta_slow: float = 1.0, rope_attn_factor: float = 1.0) -> YaRN:
+    """YaRN as llama.cpp sets it up for ``rope.scaling.type`` yarn: ext_factor 1, the ramp's
+    pairs from ggml_rope_yarn_corr_dims, and the attention factor llama_context computes
+    (its magnitude correction cancelled against the one the kernel applies, times the
+    file's ``rope.scaling.attn_factor``), all in float32 as there."""
+    F = np.float32
+
+    def corr_dim(n_rot):
+        return F(n_dims) * F(np.log(F(n_ctx_orig) / (F(n_rot) * F(2) * F(np.pi)))) / \
+            (F(2) * F(np.log(F(base))))
+    low = max(0.0, float(np.floor(corr_dim(beta_fast))))
+    high = min(float(n_dims - 1), float(np.ceil(corr_dim(beta_slow))))
+    factor = F(1) / F(freq_scale)
+    attn = F(1) if factor <= 1 else F(F(0.1) * F(np.log(factor)) + F(1))
+    attn = F(attn * (F(1) / (F(1) + F(0.1) * F(np.log(factor)))))
+    return YaRN(1.0, low, high, float(F(attn * F(rope_attn_factor))))
+
+
+_NO_YARN = YaRN(0.0, 0.0, 0.0, 1.0)
+
+
 def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: str = "neox",
          freq_scale: float = 1.0, out: np.ndarray | None = None,
-         freq_factors: np.ndarray | None = None) -> np.ndarray:
+         freq_factors: np.ndarray | None = None, yarn: YaRN | None = None) -> np.ndarray:
     """Rotary embedding of x (n_tokens, n_heads, head_dim) f32, in place unless ``out`` given.
 
     mode "neox" rotates pairs (i, i + n_dims/2), "norm" adjacent pairs (2i, 2i+1); dims from
-    n_dims on pass through. theta_i = pos * freq_scale * base**(-2i/n_dims) / freq_factors[i]
-    (ggml's ``rope_ext`` frequency factors, e.g. LongRoPE; none: all 1).
+    n_dims on pass through. theta_i = freq_scale * pos * base**(-2i/n_dims) / freq_factors[i]
+    (ggml's ``rope_ext`` frequency factors, e.g. LongRoPE; none: all 1); ``yarn`` (see
+    ``yarn()``) mixes in the unscaled angle over a ramp of pairs and scales cos and sin.
     """
     if mode not in ("neox", "norm"):
         raise ValueError(f"rope mode {mode!r}: expected 'neox' or 'norm'")
@@ -588,8 +623,10 @@ def rope(x: np.ndarray, positions: np.ndarray, n_dims: int, base: float, mode: s
                              f"({n_dims // 2},)")
     if out is None:
         out = x
-    _ops.rope_rows(x, positions, n_dims, float(base), float(freq_scale),
-                   mode == "neox", ff, out)
+    y = yarn or _NO_YARN
+    _ops.rope_rows(x, positions, n_dims, float(base), float(freq_scale), mode == "neox", ff,
+                   float(y.ext_factor), float(y.corr_low), float(y.corr_high),
+                   float(y.attn_factor), out)
     return out
 
 
@@ -622,6 +659,12 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) ->
 def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """gelu(gate) * up with ggml's tanh approximation (computed in f32, no f16 table)."""
     return _glu(_ops.gelu_tanh_mul_flat, gate, up, out)
+
+
+def swiglu_oai_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """gpt-oss's SwiGLU: g * sigmoid(1.702 g) * (u + 1) with g = min(gate, 7) and u = up
+    clamped to [-7, 7], f32."""
+    return _glu(_ops.swiglu_oai_mul_flat, gate, up, out)
 
 
 def relu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

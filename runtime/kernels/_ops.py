@@ -29,22 +29,35 @@ def rms_norm_rows(x, w, eps, out):
 
 
 @njit(**SER)
-def rope_rows(x, pos, n_dims, base, freq_scale, neox, ff, out):
+def rope_rows(x, pos, n_dims, base, freq_scale, neox, ff, ext_factor, corr0, corr1, mscale,
+              out):
     """x, out (n_tokens, n_heads, head_dim); pos (n_tokens,) int; ff (n_dims/2,) frequency
-    factors or empty. Angles as ggml's rope cache: theta_0 = pos * freq_scale,
-    theta_{i+1} = theta_i * base**(-2/n_dims), pair i rotated by theta_i / ff[i], all in f32."""
+    factors or empty. Angles as ggml's rope cache and rope_yarn, all in f32: theta_0 = pos,
+    theta_{i+1} = theta_i * base**(-2/n_dims); pair i turns by freq_scale * theta_i / ff[i],
+    or with YaRN (ext_factor != 0) by a ramp between that and theta_i / ff[i] over the pairs
+    corr0..corr1, and cos/sin are scaled by mscale (times 1 + 0.1 ln(1/freq_scale) with
+    YaRN)."""
     nt, nh, hd = x.shape
     half = n_dims // 2
     theta_scale = F(base ** (-2.0 / n_dims))
     has_ff = ff.shape[0] > 0
+    fs = F(freq_scale)
+    m = F(mscale)
+    if ext_factor != 0.0:
+        m *= F(1) + F(0.1) * F(math.log(F(1) / fs))
     for t in range(nt):
         cs = np.empty(half, np.float32)   # (n_dims/2,) cos per pair
         sn = np.empty(half, np.float32)   # (n_dims/2,) sin per pair
-        theta = F(pos[t]) * F(freq_scale)
+        theta = F(pos[t])
         for i in range(half):
-            th = theta / ff[i] if has_ff else theta
-            cs[i] = math.cos(th)
-            sn[i] = math.sin(th)
+            extrap = theta / ff[i] if has_ff else theta
+            th = fs * extrap
+            if ext_factor != 0.0:
+                y = (F(i) - F(corr0)) / max(F(0.001), F(corr1) - F(corr0))
+                ramp = (F(1) - min(F(1), max(F(0), y))) * F(ext_factor)
+                th = th * (F(1) - ramp) + extrap * ramp
+            cs[i] = F(math.cos(th)) * m
+            sn[i] = F(math.sin(th)) * m
             theta *= theta_scale
         for h in range(nh):
             for i in range(half):
@@ -91,6 +104,19 @@ def gelu_tanh_mul_flat(g, u, out):
         v = g[i]
         y = SQRT_2_OVER_PI * v * (F(1) + GELU_COEF_A * v * v)
         out[i] = v / (F(1) + exp_f32(F(-2) * y)) * u[i]
+
+
+# gpt-oss's clamped SwiGLU (ggml_swiglu_oai with llama.cpp's constants)
+OAI_ALPHA = F(1.702)
+OAI_LIMIT = F(7.0)
+
+
+@njit(**SER)
+def swiglu_oai_mul_flat(g, u, out):
+    for i in range(g.shape[0]):
+        x = min(g[i], OAI_LIMIT)
+        y = min(max(u[i], -OAI_LIMIT), OAI_LIMIT)
+        out[i] = x / (F(1) + exp_f32(OAI_ALPHA * -x)) * (y + F(1))
 
 
 @njit(**SER)

@@ -254,6 +254,7 @@ mm_mxfp4 = njit(**OPTS)(lambda w2, x, out: _mm32(MXFP4, w2, _NONE, _NONE, x, out
 mv_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_0, w2, d, m, x, out))
 mv_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q4_1, w2, d, m, x, out))
 mv_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(Q8_0, w2, d, m, x, out))
+mv_mxfp4 = njit(**OPTS)(lambda w2, d, m, x, out: _mm32(MXFP4, w2, d, m, x, out))
 
 
 @njit(inline="always", **OPTS)
@@ -715,6 +716,12 @@ def _row32f(kind, w, wi, r, rb, nb, d, m, x, xs):
             for j in range(32):
                 s += F(wi[o + U(2 + j)]) * x[xb + U(j)]
             acc += d[r, b] * s
+        elif kind == MXFP4:
+            for j in range(16):
+                q = w[o + U(1 + j)]
+                s += (F(FP4[q & np.uint8(15)]) * x[xb + U(j)]
+                      + F(FP4[q >> np.uint8(4)]) * x[xb + U(16 + j)])
+            acc += E8M0[w[o]] * s
         else:
             qo = o + U(2 if kind == Q4_0 else 4)
             for j in range(16):
@@ -757,6 +764,7 @@ def _mvf(kind, w2, d, m, x, out):
 mvf_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_0, w2, d, m, x, out))
 mvf_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_1, w2, d, m, x, out))
 mvf_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q8_0, w2, d, m, x, out))
+mvf_mxfp4 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(MXFP4, w2, d, m, x, out))
 
 
 # Selected rows only (ReLU-gated FFNs skip the rows whose gate is zero). Each row runs the
@@ -775,3 +783,4 @@ def _mvf_rows(kind, w2, d, m, x, idx, out):
 mvf_rows_q4_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_0, w2, d, m, x, i, out))
 mvf_rows_q4_1 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_1, w2, d, m, x, i, out))
 mvf_rows_q8_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q8_0, w2, d, m, x, i, out))
+mvf_rows_mxfp4 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(MXFP4, w2, d, m, x, i, out))

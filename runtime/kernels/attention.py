@@ -24,13 +24,15 @@ _QUERY_TILE = 64
 
 _NEG = np.float32(-1e30)  # masked score: finite, because fastmath assumes no infinities
 _ZERO = np.float32(0.0)
+_NO_SINKS = np.zeros(0, np.float32)
 
 
 @njit(**VEC_OPTS)
-def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16):
+def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16, sinks):
     """Scores sc (m, S) -> attention weights in place. Row i belongs to a query at position
     row_pos[i]; column s to the key held at slot_pos[s] (-1: empty). Rows that see no key
-    become zeros. ``f16``: weights rounded to float16, as llama.cpp's attention (without
+    become zeros. ``sinks`` (m,) or empty: a logit per row that joins the softmax's
+    normalization but has no value (gpt-oss's attention sinks, as llama.cpp adds them). ``f16``: weights rounded to float16, as llama.cpp's attention (without
     flash attention) converts them for the product with its F16 values. Each pass but that
     rounding is branch-free so that it vectorizes."""
     m_rows, S = sc.shape
@@ -49,6 +51,8 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16):
             x = row[s] if seen else _NEG
             row[s] = x
             mx = max(mx, x)
+        if sinks.shape[0] > 0:
+            mx = max(mx, sinks[i])
         if mx <= _NEG:
             for s in range(S):
                 row[s] = np.float32(0.0)
@@ -58,6 +62,8 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16):
             w = exp_f32(row[s] - mx)   # masked: exp(-1e30) is 0
             row[s] = w
             total += w
+        if sinks.shape[0] > 0:
+            total += exp_f32(sinks[i] - mx)
         inv = np.float32(1.0) / total
         for s in range(S):
             row[s] *= inv
@@ -75,8 +81,8 @@ def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
 
 
 @njit(**VEC_OPTS)
-def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out, t, h,
-                 sc):
+def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
+                 out, t, h, sc):
     # One query token and head. Keys are stored transposed, kt (KVH, D, S), so each score
     # update is a contiguous run over slots (vectorizes).
     D = q.shape[2]
@@ -89,7 +95,8 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
                kt[kh, d], kt[kh, d + 1], kt[kh, d + 2], kt[kh, d + 3])
     for d in range(D - D % 4, D):
         _axpy4(row, n_slots, qh[d], _ZERO, _ZERO, _ZERO, kt[kh, d], kt[kh, d], kt[kh, d], kt[kh, d])
-    _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap, f16)
+    _softmax_masked(sc, q_pos[t:t + 1], slot_pos, scale, window, softcap, f16,
+                    sinks[h:h + 1] if sinks.shape[0] > 0 else sinks)
     acc = out[t, h]
     acc[:] = 0.0
     for s in range(0, n_slots - 3, 4):
@@ -100,25 +107,27 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
 
 
 @njit(**VEC_OPTS)
-def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
+def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
+                   out):
     sc = np.empty((1, n_slots), np.float32)
     for t in range(q.shape[0]):
         for h in range(q.shape[1]):
-            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out,
-                         t, h, sc)
+            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16,
+                         sinks, out, t, h, sc)
 
 
 @njit(parallel=True, **VEC_OPTS)
-def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
+def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
+                     out):
     H = q.shape[1]
     for idx in prange(q.shape[0] * H):
         sc = np.empty((1, n_slots), np.float32)
         t = idx // H
-        _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out, t,
-                     idx - t * H, sc)
+        _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
+                     out, t, idx - t * H, sc)
 
 
-def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, out):
+def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks, out):
     # Per KV head and tile of queries: scores by BLAS over the slots the tile can see, mask
     # and softmax in a kernel, weighted values by BLAS. Tasks run on the worker threads.
     n, H, D = q.shape
@@ -136,6 +145,9 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
         spans.append((int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0))
     vv = [np.ascontiguousarray(v[:n_slots, kh]) for kh in range(KVH)]   # (S, D) each
     row_pos = [np.repeat(q_pos[t0:t1], g) for t0, t1 in tiles]          # (tile*g,) each
+    # rows of a tile are (token, head in the group): each head's sink repeats per token
+    row_sinks = [np.tile(sinks[kh * g:(kh + 1) * g], _QUERY_TILE) if len(sinks) else sinks
+                 for kh in range(KVH)]
 
     def task(i):
         kh, j = divmod(i, len(tiles))
@@ -145,14 +157,16 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
             return
         qq = q[t0:t1, kh * g:(kh + 1) * g].reshape((t1 - t0) * g, D)
         s = qq @ kt[kh, :, lo:hi]                                         # (tile*g, L)
-        _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap, f16)
+        _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap, f16,
+                        row_sinks[kh][:len(s)] if len(sinks) else sinks)
         out[t0:t1, kh * g:(kh + 1) * g] = (s @ vv[kh][lo:hi]).reshape(t1 - t0, g, D)
     parallel_for(KVH * len(tiles), task)
 
 
 def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n_slots: int,
            q_pos: np.ndarray, scale: float, window: int = 0, softcap: float = 0.0,
-           out: np.ndarray | None = None, f16: bool = False) -> np.ndarray:
+           out: np.ndarray | None = None, f16: bool = False,
+           sinks: np.ndarray | None = None) -> np.ndarray:
     """softmax(q·kᵀ·scale + mask)·v for every query token and head.
 
     q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D); H a multiple
@@ -160,12 +174,17 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     is visible to a query at position p when 0 <= sp <= p and, if ``window`` > 0,
     p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
     are rounded to float16 before they meet v (llama.cpp's numerics; see ``_softmax_masked``).
+    ``sinks`` (H,) float32: per head, a logit that joins each softmax without a value.
     """
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
     n, H, D = q.shape
+    if sinks is None:
+        sinks = _NO_SINKS
+    elif sinks.shape != (H,) or sinks.dtype != np.float32:
+        raise ValueError(f"attention sinks: expected ({H},) float32, got {sinks.shape} {sinks.dtype}")
     args = (q, kt, v, slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
-            bool(f16), out)
+            bool(f16), np.ascontiguousarray(sinks), out)
     if n >= BLAS_MIN_QUERIES:
         _attend_blas(*args)
     elif n * H * n_slots * D < _PARALLEL_MIN_WORK:

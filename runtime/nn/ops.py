@@ -26,7 +26,8 @@ from pocketlm.nn.kvcache import LayerCache
 F = np.float32
 BACKENDS = ("numba", "numpy")
 
-_GLU = {"silu": kernels.silu_mul, "gelu": kernels.gelu_tanh_mul, "relu": kernels.relu_mul}
+_GLU = {"silu": kernels.silu_mul, "gelu": kernels.gelu_tanh_mul, "relu": kernels.relu_mul,
+        "swiglu_oai": kernels.swiglu_oai_mul}
 
 
 class Ops:
@@ -102,10 +103,10 @@ class CPUOps(Ops):
         return kernels.rms_norm(x, weight, eps)
 
     def rope(self, x, positions, n_dims: int, base: float, mode: str = "neox",
-             freq_scale: float = 1.0, freq_factors=None):
+             freq_scale: float = 1.0, freq_factors=None, yarn=None):
         """Rotary embedding of x (n, heads, head_dim) in place; see ``kernels.rope``."""
         return kernels.rope(x, positions, n_dims, base, mode, freq_scale,
-                            freq_factors=freq_factors)
+                            freq_factors=freq_factors, yarn=yarn)
 
     def linear(self, w, x, b=None):
         """x (n, cols) → (n, rows): x·wᵀ (+ b). One token takes the matvec (decode) path."""
@@ -125,13 +126,14 @@ class CPUOps(Ops):
         return outs if bs is None else [o if b is None else o + b for o, b in zip(outs, bs)]
 
     def attention(self, q, k, v, cache: LayerCache, positions, scale: float,
-                  softcap: float = 0.0):
-        """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D) → (n, H*D)."""
+                  softcap: float = 0.0, sinks=None):
+        """Store k, v (n, KVH, D) in the layer cache, attend with q (n, H, D) → (n, H*D);
+        ``sinks`` (H,): per-head attention sinks (``kernels.attention.attend``)."""
         if self._llama:
             q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
         out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
-                     cache.window, softcap, f16=self._llama)
+                     cache.window, softcap, f16=self._llama, sinks=sinks)
         return out.reshape(q.shape[0], -1)
 
     def sparse_attention(self, q, k, v, cache: LayerCache, positions, scale: float,
@@ -153,12 +155,17 @@ class CPUOps(Ops):
         return out.reshape(q.shape[0], -1)
 
     def glu(self, g, u, act: str):
-        """act(g) * u with act one of silu, gelu (tanh approximation), relu."""
+        """act(g) * u with act one of silu, gelu (tanh approximation), relu; or "swiglu_oai",
+        gpt-oss's clamped form (``kernels.swiglu_oai_mul``)."""
         return _GLU[act](g, u)
 
-    def expert(self, ex, xe, act: str, neurons=None):
+    def expert(self, ex, xe, act: str, neurons=None, bias=None):
         """One MoE expert (``moe.Expert``) on its tokens xe (m, n_embd) → (m, n_embd); ReLU
-        decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given."""
+        decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given.
+        ``bias``: the expert's (gate, up, down) biases, added after each product."""
+        if bias is not None:
+            g, u = self.linear(ex.gate, xe, bias[0]), self.linear(ex.up, xe, bias[1])
+            return self.linear(ex.down, self.glu(g, u, act), bias[2])
         if len(xe) == 1 and not ex.down_t:
             fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self._k)
             if fused is not None:   # the calls below in one kernel, same numbers
