@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "qwen2moe": "pocketlm.models.qwen2moe",
     "olmoe": "pocketlm.models.olmoe",
     "granitemoe": "pocketlm.models.granitemoe",
+    "gpt-oss": "pocketlm.models.gpt_oss",
 }
 
 

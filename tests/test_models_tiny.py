@@ -276,10 +276,50 @@ class Tiny:
         assert rel < (2e-4 if self.qtype == "F32" else 3e-2)
 
 
+def _rope_yarn(x, pos, base, factor, n_ctx_orig):
+    """NEOX RoPE under YaRN (x (n, H, D) float64): pair i turns by theta_i times a ramp from
+    1/factor (slow pairs) to 1 (fast pairs) between the pairs that turn beta = 32 and 1
+    times over n_ctx_orig, and cos/sin grow by 1 + 0.1 ln(factor)."""
+    n, H, D = x.shape
+    i = np.arange(D // 2)
+
+    def pair(beta):   # the pair that turns beta times over the original context
+        return D * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+    lo, hi = max(0.0, np.floor(pair(32))), min(D - 1.0, np.ceil(pair(1)))
+    ramp = 1 - np.clip((i - lo) / max(0.001, hi - lo), 0, 1)
+    ang = pos[:, None] * base ** (-2.0 * i / D) * ((1 - ramp) / factor + ramp)
+    m = 1 + 0.1 * np.log(factor)
+    c, s = (np.cos(ang) * m)[:, None, :], (np.sin(ang) * m)[:, None, :]
+    a, b = x[..., :D // 2], x[..., D // 2:]
+    return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+
+
+def _attn_sinks(q, k, v, pos, scale, window, sinks):
+    """``_attn`` with a valueless logit per head in each softmax (gpt-oss)."""
+    n, H, D = q.shape
+    g = H // k.shape[1]
+    out = np.zeros_like(q)
+    for h in range(H):
+        s = q[:, h] @ k[:, h // g].T * scale
+        mask = pos[None, :] <= pos[:, None]
+        if window:
+            mask &= pos[:, None] - pos[None, :] < window
+        s = np.where(mask, s, -np.inf)
+        top = np.maximum(s.max(1, keepdims=True), sinks[h])
+        w = np.exp(s - top)
+        out[:, h] = (w / (w.sum(1, keepdims=True) + np.exp(sinks[h] - top))) @ v[:, h // g]
+    return out.reshape(n, -1)
+
+
+def _swiglu_oai(g, u):
+    g, u = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
+    return g / (1 + np.exp(-1.702 * g)) * (u + 1)
+
+
 class Float64MoE:
     """The llama-shaped MoE architectures (qwen3moe, qwen2moe, llama with experts, olmoe,
-    granitemoe) from llama.cpp's graphs, in float64 on a file's weights (dequantized by
-    gguf-py)."""
+    granitemoe) and gpt-oss from llama.cpp's graphs, in float64 on a file's weights
+    (dequantized by gguf-py)."""
 
     ROPE = {"qwen3moe": "neox", "qwen2moe": "neox", "olmoe": "neox", "llama": "norm",
             "granitemoe": "norm"}
@@ -305,6 +345,32 @@ class Float64MoE:
         self.es, self.rs = val("embedding_scale", 0.0) or 1.0, val("residual_scale", 0.0) or 1.0
         self.scale = val("attention.scale", 0.0) or 1 / np.sqrt(self.hd)
         self.ls = val("logit_scale", 1.0)
+        self.window = val("attention.sliding_window", 0)
+        self.yarn = (val("rope.scaling.factor"), val("rope.scaling.original_context_length"))
+
+    def _gpt_oss_layer(self, x, L, i, pos):
+        """gpt-oss: biased q/k/v/o, YaRN, sinks, even layers sliding; router with a bias,
+        softmax over the top k logits; biased experts with the clamped SwiGLU."""
+        n = len(x)
+        h = _rms(x, L["attn_norm.weight"], self.eps)
+        q, k, v = ((h @ L[f"attn_{p}.weight"].T + L[f"attn_{p}.bias"]) for p in "qkv")
+        q = _rope_yarn(q.reshape(n, self.H, self.hd), pos, self.base, *self.yarn)
+        k = _rope_yarn(k.reshape(n, self.KVH, self.hd), pos, self.base, *self.yarn)
+        o = _attn_sinks(q, k, v.reshape(n, self.KVH, self.hd), pos, self.scale,
+                        self.window if i % 2 == 0 else 0, L["attn_sinks.weight"])
+        x = x + o @ L["attn_output.weight"].T + L["attn_output.bias"]
+        h = _rms(x, L["post_attention_norm.weight"], self.eps)
+        z = h @ L["ffn_gate_inp.weight"].T + L["ffn_gate_inp.bias"]
+        y = np.zeros_like(h)
+        for r in range(n):
+            top = np.argsort(-z[r])[:self.k]
+            w = np.exp(z[r, top] - z[r, top].max())
+            for e, we in zip(top, w / w.sum()):
+                g = h[r] @ L["ffn_gate_exps.weight"][e].T + L["ffn_gate_exps.bias"][e]
+                u = h[r] @ L["ffn_up_exps.weight"][e].T + L["ffn_up_exps.bias"][e]
+                y[r] += we * (_swiglu_oai(g, u) @ L["ffn_down_exps.weight"][e].T
+                              + L["ffn_down_exps.bias"][e])
+        return x + y
 
     def _moe(self, h, L):
         z = h @ L["ffn_gate_inp.weight"].T
@@ -330,6 +396,9 @@ class Float64MoE:
         x = t["token_embd.weight"][ids] * self.es
         for i in range(self.L):
             L = _layer(t, i)
+            if self.arch == "gpt-oss":
+                x = self._gpt_oss_layer(x, L, i, pos)
+                continue
             h = _rms(x, L["attn_norm.weight"], eps)
             q = h @ L["attn_q.weight"].T + L.get("attn_q.bias", 0)
             k = h @ L["attn_k.weight"].T + L.get("attn_k.bias", 0)
@@ -351,12 +420,12 @@ class TinySynthMoE(Tiny):
     """A llama-shaped MoE model written by ``pocketlm synth`` (its ``-tiny`` preset, weights
     ``qtype``) against ``Float64MoE``."""
 
-    def __init__(self, path, preset, qtype="F32"):
+    def __init__(self, path, preset, qtype="F32", std=0.1):
         from pocketlm.tools import synth_minicpm
         from pocketlm.tools.synth import Options, presets, synthesize
         vocab = synth_minicpm.vocab_gguf(path.with_name("vocab.gguf"))
         synthesize(preset, path, Options(seed=3, qtype=qtype, recipe="plain",
-                                         overrides=dict(std=0.1)), vocab)
+                                         overrides=dict(std=std)), vocab)
         self.arch, self.qtype = presets()[preset].ARCH, qtype
         self.exact = Float64MoE(path)
 
@@ -488,6 +557,10 @@ CASES = {
     **{p: (TinySynthMoE, dict(preset=f"{p}-tiny")) for p in
        ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "granitemoe")},
     "qwen3moe-Q8_0": (TinySynthMoE, dict(preset="qwen3moe-tiny", qtype="Q8_0")),
+    # experts MXFP4 whatever the type of the other weights; no q/k norms, so a smaller
+    # init, as for Mixtral in tools.moe_reference (at 0.1 one expert choice is a near tie
+    # that 8-bit activations flip)
+    "gpt-oss-Q8_0": (TinySynthMoE, dict(preset="gpt-oss-tiny", qtype="Q8_0", std=0.07)),
     "bert": (TinyBert, {}),
     "embbert": (TinyEmbBert, {}),
 }

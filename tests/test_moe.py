@@ -12,11 +12,15 @@ def _reference(logits, k, gating, renorm, scale):
     z = logits.astype(np.float64)
     if gating == "sigmoid":
         p = 1.0 / (1.0 + np.exp(-z))
+    elif gating == "softmax_weight":
+        p = z
     else:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         p = e / e.sum(axis=1, keepdims=True)
     ids = np.argsort(-p, axis=1)[:, :k]
     w = np.take_along_axis(p, ids, axis=1)
+    if gating == "softmax_weight":
+        w = np.exp(w) / np.exp(w).sum(axis=1, keepdims=True)
     if renorm:
         w = w / w.sum(axis=1, keepdims=True)
     return ids, w * scale

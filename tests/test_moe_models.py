@@ -1,5 +1,5 @@
 """The llama-shaped MoE architectures (qwen3moe, qwen2moe, Mixtral-style llama, olmoe,
-granitemoe): tiny synthetic models against llama.cpp's logits (tests/data/moe-reference.*,
+granitemoe) and gpt-oss: tiny synthetic models against llama.cpp's logits (tests/data/moe-reference.*,
 made by tools/moe_reference.py) and the float64 forward; streaming under every policy never
 changes a number, and predicts the next layer from the FFN input; bad files are refused."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pocketlm.experts.policies import POLICIES
 from pocketlm.experts.store import ExpertStore
 from pocketlm.gguf.reader import open_gguf
 from pocketlm.models import ARCHITECTURES, load_model, qwen2moe, qwen3moe
-from pocketlm.tools import moe_reference as ref, synth_moe
+from pocketlm.tools import moe_reference as ref, synth_gpt_oss, synth_moe
 from pocketlm.tools.synth import Options, presets
 from pocketlm.tools.minicpm_reference import sha256
 
@@ -136,12 +136,14 @@ def test_metadata_and_shapes_are_checked(model_paths):
 
 
 @pytest.mark.parametrize("preset", [p for p, mod in presets().items()
-                                    if mod.build.__module__ == synth_moe.__name__])
+                                    if mod.build.__module__ in (synth_moe.__name__,
+                                                                synth_gpt_oss.__name__)])
 def test_every_preset_is_a_model_its_architecture_accepts(preset):
     """Each preset's metadata and tensor shapes (not written) pass the model's own checks;
-    the 30B-A3B shape has Qwen3-30B-A3B's parameter count with Qwen's vocabulary."""
+    the 30B-A3B shape has Qwen3-30B-A3B's parameter count with Qwen's vocabulary, the 20B
+    gpt-oss shape gpt-oss-20b's (20.9 B) with o200k's."""
     mod = presets()[preset]
-    n_vocab = 151936 if preset == "qwen3moe-30b-a3b" else 512
+    n_vocab = {"qwen3moe-30b-a3b": 151936, "gpt-oss-20b": 201088}.get(preset, 512)
     m = mod.build(mod.PRESETS[preset], Options(), n_vocab)
     meta = {"general.architecture": m.arch, "tokenizer.ggml.tokens": ["t"] * n_vocab,
             **{k: v for k, v, _ in m.metadata}}
@@ -156,6 +158,8 @@ def test_every_preset_is_a_model_its_architecture_accepts(preset):
     args = importlib.import_module(ARCHITECTURES[m.arch]).ModelArgs.from_gguf(meta)
     args.check(w)
     assert args.n_expert == mod.PRESETS[preset]["n_expert"] and args.routing is not None
+    n = sum(int(np.prod(t.shape)) for t in m.tensors)
     if preset == "qwen3moe-30b-a3b":
-        n = sum(int(np.prod(t.shape)) for t in m.tensors)
         assert 30.4e9 < n < 30.6e9, n
+    if preset == "gpt-oss-20b":
+        assert 20.85e9 < n < 20.95e9, n

@@ -1,5 +1,5 @@
-"""Make llama.cpp reference logits for the tiny synthetic llama-shaped MoE models (qwen3moe,
-qwen2moe, Mixtral-style llama, olmoe, granitemoe).
+"""Make llama.cpp reference logits for the tiny synthetic MoE models (qwen3moe, qwen2moe,
+Mixtral-style llama, olmoe, granitemoe, gpt-oss).
 
 The models are written by ``tools.synth`` (each architecture's ``-tiny`` preset, fixed seed,
 Q4_0, the 512-token vocabulary of ``synth_minicpm.vocab_gguf``); llama.cpp runs in a separate
@@ -27,6 +27,8 @@ MODELS = {
     "mixtral": ("mixtral-tiny", dict(std=0.07)),
     "olmoe": ("olmoe-tiny", dict(std=0.1)),
     "granitemoe": ("granitemoe-tiny", dict(std=0.1)),
+    # no q/k norms either, and experts in MXFP4 (as the released files)
+    "gpt-oss": ("gpt-oss-tiny", dict(std=0.07)),
 }
 SEED = 1
 RUNS = {m: (m, 256) for m in MODELS}

@@ -49,7 +49,8 @@ from pocketlm.gguf.writer import KV, RawKV, Tensor, copy_kv, write_gguf
 ARCH_MODULES = ("pocketlm.tools.synth_smallthinker", "pocketlm.tools.synth_embbert",
                 "pocketlm.tools.synth_minicpm", "pocketlm.tools.synth_qwen3moe",
                 "pocketlm.tools.synth_qwen2moe", "pocketlm.tools.synth_mixtral",
-                "pocketlm.tools.synth_olmoe", "pocketlm.tools.synth_granitemoe")
+                "pocketlm.tools.synth_olmoe", "pocketlm.tools.synth_granitemoe",
+                "pocketlm.tools.synth_gpt_oss")
 # Elements per slab of a 2-D tensor: bounds the float32 draw and its quantization temporaries.
 SLAB_ELEMS = 1 << 22
 

@@ -15,7 +15,8 @@ import numpy as np
 from pocketlm.gguf.tensor import QTensor
 from pocketlm.nn.ops import CPU, Ops
 
-GATINGS = ("softmax", "sigmoid")
+# "softmax_weight": the top k logits, then a softmax over those k only (gpt-oss)
+GATINGS = ("softmax", "sigmoid", "softmax_weight")
 # GGUF's expert_gating_func values (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*)
 GGUF_GATING = {1: "softmax", 2: "sigmoid"}
 
@@ -23,8 +24,9 @@ GGUF_GATING = {1: "softmax", 2: "sigmoid"}
 @dataclass(frozen=True)
 class Routing:
     """How a model turns router logits into experts: the top ``k`` per token after ``gating``
-    ("softmax" or "sigmoid") over all experts, their weights optionally renormalised to sum
-    to 1 (``renorm``) and then multiplied by ``scale``."""
+    ("softmax" or "sigmoid") over all experts, or ("softmax_weight") by logit with a softmax
+    over the k chosen; their weights optionally renormalised to sum to 1 (``renorm``) and
+    then multiplied by ``scale``."""
 
     k: int
     gating: str
@@ -48,11 +50,16 @@ def route(logits: np.ndarray, routing: Routing):
     z = logits.astype(np.float32)
     if routing.gating == "sigmoid":
         p = 1.0 / (1.0 + np.exp(-z))
+    elif routing.gating == "softmax_weight":
+        p = z
     else:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         p = e / e.sum(axis=1, keepdims=True)
     ids = np.argsort(-p, axis=1, kind="stable")[:, :routing.k]            # (n, k)
     w = np.take_along_axis(p, ids, axis=1)                                # (n, k)
+    if routing.gating == "softmax_weight":
+        e = np.exp(w - w[:, :1])   # the first is the largest
+        w = e / e.sum(axis=1, keepdims=True)
     if routing.renorm:
         w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))
     return ids, (w * np.float32(routing.scale)).astype(np.float32)
@@ -61,16 +68,19 @@ def route(logits: np.ndarray, routing: Routing):
 @dataclass(frozen=True)
 class Routers:
     """A model's routers: one router weight (n_expert, n_embd) per layer, sharing a Routing,
-    on the ops their weights live on (predictions run there)."""
+    on the ops their weights live on (predictions run there); ``biases``: per layer the
+    router's bias (n_expert,) float32 (gpt-oss), or None."""
 
     weights: tuple
     routing: Routing
     ops: Ops = CPU
+    biases: tuple | None = None
 
     def route(self, layer: int, x: np.ndarray, ops: Ops | None = None):
         """Layer ``layer``'s experts for its router input x (n, n_embd): ids, weights (n, k);
         ``ops``: those of the running forward (default: the routers' own)."""
-        return route((ops or self.ops).linear(self.weights[layer], x), self.routing)
+        b = None if self.biases is None else self.biases[layer]
+        return route((ops or self.ops).linear(self.weights[layer], x, b), self.routing)
 
     def hint_next(self, source, layer: int, x: np.ndarray | None):
         """Hint ``source`` with the experts the next layer's router picks on x, the input of
@@ -179,18 +189,23 @@ class ResidentExperts(ExpertSource):
 
 
 def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertSource,
-            layer: int, act: str) -> np.ndarray:
+            layer: int, act: str, biases=None) -> np.ndarray:
     """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd), each expert on ``ops`` (its
     ``expert`` block); tokens are grouped by expert so each expert's weights are read once
     per call. Experts are taken in the order the source has
     them ready; each token's terms are still added in its own fixed order (strongest first),
-    so the result does not depend on that order."""
+    so the result does not depend on that order. ``biases``: the layer's expert biases
+    (gate (E, n_ff), up (E, n_ff), down (E, n_embd)) float32 (gpt-oss), kept resident
+    beside any streamed experts (they are small)."""
     n, k = ids.shape
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
     for e, ex in experts.each(layer, ids):
         tok, slot = np.nonzero(ids == e)
-        parts[tok, slot] = weights[tok, slot][:, None] * ops.expert(ex, x[tok], act,
-                                                                    experts.neurons)
+        if biases is None:
+            y = ops.expert(ex, x[tok], act, experts.neurons)
+        else:
+            y = ops.expert(ex, x[tok], act, experts.neurons, bias=tuple(b[e] for b in biases))
+        parts[tok, slot] = weights[tok, slot][:, None] * y
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]
