@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm import kernels
+from pocketlm import nn
 from pocketlm.models import llama
 from pocketlm.models.base import check_decoder, check_experts, derived, key, swa_layers
 from pocketlm.nn import moe
@@ -28,9 +28,9 @@ def _freq_scale(a) -> float:
 def _yarn(a):
     if a.get("rope.scaling.type", "none") != "yarn":
         return None
-    return kernels.yarn(a.rope_dims, a.rope_base, a.rope_freq_scale,
-                        a.get("rope.scaling.original_context_length", a.n_ctx_train),
-                        rope_attn_factor=a.get("rope.scaling.attn_factor", 1.0))
+    return nn.yarn(a.rope_dims, a.rope_base, a.rope_freq_scale,
+                   a.get("rope.scaling.original_context_length", a.n_ctx_train),
+                   rope_attn_factor=a.get("rope.scaling.attn_factor", 1.0))
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ModelArgs(llama.ModelArgs):
     n_expert_used: int = key("expert_used_count", min=1)
     n_ff_exp: int = key("expert_feed_forward_length", min=1)
     rope_freq_scale: float = derived(_freq_scale)
-    yarn: kernels.YaRN | None = derived(_yarn)
+    yarn: nn.YaRN | None = derived(_yarn)
     window: int = key("attention.sliding_window", min=1)
     is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
         a.get("attention.sliding_window_pattern", 2), a.n_layer, False))

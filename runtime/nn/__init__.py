@@ -7,8 +7,9 @@ KV cache, ``moe`` routing and expert evaluation, ``encoder`` the numpy parts of 
 """
 from __future__ import annotations
 
+from pocketlm.kernels import YaRN, yarn
 from pocketlm.kernels.sparse_attention import CompressedKeys, SparseConfig
 from pocketlm.nn.ops import BACKENDS, CPU, EXACT, LLAMA, NUMPY, CPUOps, NumpyOps, Ops, backend_ops
 
 __all__ = ["BACKENDS", "CPU", "EXACT", "LLAMA", "NUMPY", "CPUOps", "CompressedKeys", "NumpyOps", "Ops",
-           "SparseConfig", "backend_ops"]
+           "SparseConfig", "YaRN", "backend_ops", "yarn"]
