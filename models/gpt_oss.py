@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from pocketlm import nn
 from pocketlm.models import llama
 from pocketlm.models.base import check_decoder, check_experts, derived, key, swa_layers
@@ -55,38 +53,23 @@ class ModelArgs(llama.ModelArgs):
 
 class Model(llama.Model):
     rope_mode = "neox"
+    ffn_norm = "post_attention_norm"
+    expert_act = "swiglu_oai"
 
     def __init__(self, args: ModelArgs, weights, experts=None):
         super().__init__(args, weights, experts)
         self.routers = moe.Routers(self.routers.weights, args.routing,
                                    biases=tuple(L.ffn_gate_inp_b for L in weights.blk))
-        # per layer: (gate, up, down) expert biases, (E, n_ff) (E, n_ff) (E, n_embd) float32
         self.expert_biases = [tuple(getattr(L, f"ffn_{p}_exps_b").dequantize()
                                     for p in ("gate", "up", "down")) for L in weights.blk]
 
     def layer_windows(self) -> list[int]:
         return [self.args.window if s else 0 for s in self.args.is_swa]
 
-    def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache, ops) -> np.ndarray:
-        a, W = self.args, self.w
-        n = len(ids)
-        x = ops.embed(W.token_embd, ids)                                     # (n, n_embd)
-        for i, (L, c) in enumerate(zip(W.blk, cache.layers)):
-            qkv_b, out_b = self.biases[i]
-            h = ops.rms_norm(x, L.attn_norm, a.rms_eps)
-            q, k, v = ops.linears([L.attn_q, L.attn_k, L.attn_v], h, qkv_b)
-            q = q.reshape(n, a.n_head, a.head_dim)
-            k = k.reshape(n, a.n_head_kv, a.head_dim)
-            v = v.reshape(n, a.n_head_kv, a.head_dim)
-            q = ops.rope(q, positions, a.rope_dims, a.rope_base, "neox", a.rope_freq_scale,
-                         yarn=a.yarn)
-            k = ops.rope(k, positions, a.rope_dims, a.rope_base, "neox", a.rope_freq_scale,
-                         yarn=a.yarn)
-            att = ops.attention(q, k, v, c, positions, self.scale, sinks=L.attn_sinks)
-            x = x + ops.linear(L.attn_output, att, out_b)
-            h = ops.rms_norm(x, L.post_attention_norm, a.rms_eps)
-            sel, wts = self.routers.route(i, h, ops)
-            self.experts.request(i, sel, h)
-            x = x + moe.moe_ffn(ops, h, sel, wts, self.experts, i, "swiglu_oai",
-                                self.expert_biases[i])
-        return ops.rms_norm(x, W.output_norm, a.rms_eps)
+    def _rope(self, ops, t, positions):
+        a = self.args
+        return ops.rope(t, positions, a.rope_dims, a.rope_base, "neox", a.rope_freq_scale,
+                        yarn=a.yarn)
+
+    def _attend(self, ops, L, q, k, v, cache, positions):
+        return ops.attention(q, k, v, cache, positions, self.scale, sinks=L.attn_sinks)

@@ -3,8 +3,9 @@ llama-arch GGUF (GQA, tied or separate head, the optional q/k/v/output biases ll
 takes).
 
 The decoder here is also the block the llama-shaped MoE architectures (qwen2moe, qwen3moe,
-olmoe, granitemoe) subclass: they differ only in RoPE pairing, q/k norms, routing, a shared
-expert and muP multipliers, each set by a class attribute or an args field.
+olmoe, granitemoe, gpt-oss) subclass: they differ only in RoPE pairing, q/k norms, routing, a
+shared expert, muP multipliers, expert biases and activation, each set by a class attribute or
+an args field, and gpt-oss in its RoPE and attention (``_rope``, ``_attend``).
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ class ModelArgs(DecoderArgs):
 class Model(BaseModel):
     rope_mode = "norm"   # adjacent pairs, as llama.cpp's LLAMA_ROPE_TYPE_NORM
     qk_norm = None       # "head": RMSNorm per head (qwen3moe); "full": over all heads (olmoe)
+    ffn_norm = "ffn_norm"   # the layer's norm before the FFN, by tensor name
+    expert_act = "silu"     # the experts' GLU activation (``Ops.glu``)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -88,6 +91,8 @@ class Model(BaseModel):
             self.biases.append((None if all(b is None for b in qkv) else qkv,
                                 vars(L).get("attn_output_b")))
         self.routers = self.experts = None
+        # per layer: the experts' (gate, up, down) biases, or None (gpt-oss has them)
+        self.expert_biases = [None] * args.n_layer
         if args.n_expert:
             if not all(hasattr(L, "ffn_gate_exps") for L in weights.blk):
                 raise ValueError(f"{args.arch}: MoE model lacks stacked ffn_gate_exps tensors "
@@ -111,6 +116,13 @@ class Model(BaseModel):
                     ops.rms_norm(k.reshape(n, -1), L.attn_k_norm, a.rms_eps).reshape(k.shape))
         return q, k
 
+    def _rope(self, ops, t, positions):
+        a = self.args
+        return ops.rope(t, positions, a.rope_dims, a.rope_base, self.rope_mode, a.rope_freq_scale)
+
+    def _attend(self, ops, L, q, k, v, cache, positions):
+        return ops.attention(q, k, v, cache, positions, self.scale)
+
     def _ffn(self, ops, i: int, L, h):
         if self.experts is None:
             return ops.glu_ffn(h, L.ffn_gate, L.ffn_up, L.ffn_down, "silu")
@@ -118,7 +130,8 @@ class Model(BaseModel):
         # the router reads the FFN input, known only after attention: the source reads these
         # experts now and predicts the next layer's from the same input (speculatively)
         self.experts.request(i, sel, h)
-        f = moe.moe_ffn(ops, h, sel, wts, self.experts, i, "silu")
+        f = moe.moe_ffn(ops, h, sel, wts, self.experts, i, self.expert_act,
+                        self.expert_biases[i])
         if self.args.n_ff_shexp:
             s = ops.glu_ffn(h, L.ffn_gate_shexp, L.ffn_up_shexp, L.ffn_down_shexp, "silu")
             if self.args.shexp_gate:   # scaled by sigmoid(ffn_gate_inp_shexp·x)
@@ -142,10 +155,9 @@ class Model(BaseModel):
             k = k.reshape(n, a.n_head_kv, a.head_dim)
             v = v.reshape(n, a.n_head_kv, a.head_dim)
             q, k = self._norm_qk(ops, L, q, k)
-            q = ops.rope(q, positions, a.rope_dims, a.rope_base, self.rope_mode, a.rope_freq_scale)
-            k = ops.rope(k, positions, a.rope_dims, a.rope_base, self.rope_mode, a.rope_freq_scale)
-            o = ops.linear(L.attn_output, ops.attention(q, k, v, c, positions, self.scale), out_b)
+            q, k = self._rope(ops, q, positions), self._rope(ops, k, positions)
+            o = ops.linear(L.attn_output, self._attend(ops, L, q, k, v, c, positions), out_b)
             x = x + (o * rs if rs else o)
-            f = self._ffn(ops, i, L, ops.rms_norm(x, L.ffn_norm, a.rms_eps))
+            f = self._ffn(ops, i, L, ops.rms_norm(x, getattr(L, self.ffn_norm), a.rms_eps))
             x = x + (f * rs if rs else f)
         return ops.rms_norm(x, W.output_norm, a.rms_eps)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from pocketlm.tools.synth import SynthModel, TensorSpec, normal
+from pocketlm.tools.synth_moe import gain
 
 ARCH = "gpt-oss"
 PRESETS = {
@@ -29,10 +28,6 @@ PRESETS = {
                         yarn_orig_ctx=4096, eps=1e-5, std=0.02),
 }
 EXPERT_QTYPE = "MXFP4"
-
-
-def _gain(rng, shape):
-    return 1.0 + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32)
 
 
 def build(c: dict, opts, n_vocab: int) -> SynthModel:
@@ -69,11 +64,11 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
     ]
     q, f32, w = opts.qtype, "F32", normal(std)
     tensors = [TensorSpec("token_embd.weight", (n_vocab, d), q, w),
-               TensorSpec("output_norm.weight", (d,), f32, _gain),
+               TensorSpec("output_norm.weight", (d,), f32, gain),
                TensorSpec("output.weight", (n_vocab, d), q, w)]
     for i in range(L):
         b = f"blk.{i}."
-        tensors.append(TensorSpec(b + "attn_norm.weight", (d,), f32, _gain))
+        tensors.append(TensorSpec(b + "attn_norm.weight", (d,), f32, gain))
         for name, rows in (("attn_q", H * hd), ("attn_k", KVH * hd), ("attn_v", KVH * hd)):
             tensors += [TensorSpec(b + name + ".weight", (rows, d), q, w),
                         TensorSpec(b + name + ".bias", (rows,), f32, w)]
@@ -81,7 +76,7 @@ def build(c: dict, opts, n_vocab: int) -> SynthModel:
             TensorSpec(b + "attn_output.weight", (d, H * hd), q, normal(out_std)),
             TensorSpec(b + "attn_output.bias", (d,), f32, w),
             TensorSpec(b + "attn_sinks.weight", (H,), f32, normal(1.0)),
-            TensorSpec(b + "post_attention_norm.weight", (d,), f32, _gain),
+            TensorSpec(b + "post_attention_norm.weight", (d,), f32, gain),
             TensorSpec(b + "ffn_gate_inp.weight", (E, d), f32, w),
             TensorSpec(b + "ffn_gate_inp.bias", (E,), f32, w),
             TensorSpec(b + "ffn_gate_exps.weight", (E, ff, d), EXPERT_QTYPE, w),

@@ -36,7 +36,8 @@ FEATURES = {
 }
 
 
-def _gain(rng, shape):
+def gain(rng, shape):
+    """Norm gains about 1, drawn so that tests see them."""
     return 1.0 + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32)
 
 
@@ -96,12 +97,12 @@ def builder(arch: str):
 
         q, f32, w = opts.qtype, "F32", normal(std)
         tensors = [TensorSpec("token_embd.weight", (n_vocab, d), q, w),
-                   TensorSpec("output_norm.weight", (d,), f32, _gain),
+                   TensorSpec("output_norm.weight", (d,), f32, gain),
                    TensorSpec("output.weight", (n_vocab, d), q, w)]
         qn = {"head": hd, "full": H * hd, None: 0}[f["qk_norm"]]
         for i in range(L):
             b = f"blk.{i}."
-            tensors += [TensorSpec(b + "attn_norm.weight", (d,), f32, _gain)]
+            tensors += [TensorSpec(b + "attn_norm.weight", (d,), f32, gain)]
             for name, rows in (("attn_q", H * hd), ("attn_k", KVH * hd), ("attn_v", KVH * hd)):
                 tensors.append(TensorSpec(b + name + ".weight", (rows, d), q, w))
                 if f["bias"]:
@@ -109,10 +110,10 @@ def builder(arch: str):
             tensors.append(TensorSpec(b + "attn_output.weight", (d, H * hd), q, normal(out_std)))
             if qn:
                 kn = hd if f["qk_norm"] == "head" else KVH * hd
-                tensors += [TensorSpec(b + "attn_q_norm.weight", (qn,), f32, _gain),
-                            TensorSpec(b + "attn_k_norm.weight", (kn,), f32, _gain)]
+                tensors += [TensorSpec(b + "attn_q_norm.weight", (qn,), f32, gain),
+                            TensorSpec(b + "attn_k_norm.weight", (kn,), f32, gain)]
             tensors += [
-                TensorSpec(b + "ffn_norm.weight", (d,), f32, _gain),
+                TensorSpec(b + "ffn_norm.weight", (d,), f32, gain),
                 TensorSpec(b + "ffn_gate_inp.weight", (E, d), f32, w),
                 TensorSpec(b + "ffn_gate_exps.weight", (E, ff, d), q, w),
                 TensorSpec(b + "ffn_up_exps.weight", (E, ff, d), q, w),

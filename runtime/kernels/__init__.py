@@ -160,14 +160,13 @@ def _prepared(w) -> Prepared | None:
         return p
     data, size = w.data, quant.type_size(w.qtype)
     _check(w.qtype, data, w.shape[-1])
-    fill = _once(("scales", "any"), lambda: _quant.block_scales,
-                 (_W, types.int64, types.int64, _O))
-    arrays = []
-    for off in _SCALE_FIELDS[w.qtype]:
-        a = np.empty((data.shape[0], data.shape[1] // size), np.float32)
-        fill(data, size, off, a)
-        arrays.append(a)
-    p = Prepared(arrays[0] if arrays else _NO_SCALES, arrays[1] if len(arrays) > 1 else _NO_SCALES)
+    arrays = [_NO_SCALES, _NO_SCALES]   # (d, m); MXFP4 keeps none
+    for i, off in enumerate(_SCALE_FIELDS[w.qtype]):
+        fill = _once(("scales", "any"), lambda: _quant.block_scales,
+                     (_W, types.int64, types.int64, _O))
+        arrays[i] = np.empty((data.shape[0], data.shape[1] // size), np.float32)
+        fill(data, size, off, arrays[i])
+    p = Prepared(*arrays)
     object.__setattr__(w, "prepared", p)   # derived data: the weight itself stays immutable
     return p
 

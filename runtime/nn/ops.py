@@ -163,18 +163,16 @@ class CPUOps(Ops):
         """One MoE expert (``moe.Expert``) on its tokens xe (m, n_embd) → (m, n_embd); ReLU
         decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given.
         ``bias``: the expert's (gate, up, down) biases, added after each product."""
-        if bias is not None:
-            g, u = self.linear(ex.gate, xe, bias[0]), self.linear(ex.up, xe, bias[1])
-            return self.linear(ex.down, self.glu(g, u, act), bias[2])
-        if len(xe) == 1 and not ex.down_t:
+        bg, bu, bd = (None, None, None) if bias is None else bias
+        if bias is None and len(xe) == 1 and not ex.down_t:
             fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self._k)
             if fused is not None:   # the calls below in one kernel, same numbers
                 if act == "relu" and neurons is not None:
                     neurons.active += fused[1]
                     neurons.total += ex.gate.shape[-2]
                 return fused[0][None, :]
-        g = self.linear(ex.gate, xe)                                         # (m, n_ff)
-        if act == "relu" and len(xe) == 1:
+        g = self.linear(ex.gate, xe, bg)                                     # (m, n_ff)
+        if act == "relu" and len(xe) == 1 and bu is None:
             # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
             # rows of up are computed (exact: each is the same dot product as in the matvec)
             active = np.flatnonzero(g[0] > 0)
@@ -183,12 +181,13 @@ class CPUOps(Ops):
                 neurons.total += g.shape[1]
             u = kernels.matvec_rows(ex.up, xe[0], active, numerics=self._k)[None, :]
         else:
-            u = self.linear(ex.up, xe)
+            u = self.linear(ex.up, xe, bu)
         h = self.glu(g, u, act)                                              # (m, n_ff)
         if ex.down_t:
             # stored (n_ff, n_embd), as PowerInfer's converter may write it: h · down
-            return h @ ex.down.dequantize()
-        return self.linear(ex.down, h)
+            out = h @ ex.down.dequantize()
+            return out if bd is None else out + bd
+        return self.linear(ex.down, h, bd)
 
     # ------------------------------------------------------------------------ encoders
     @staticmethod
