@@ -266,12 +266,51 @@ class Capabilities:
     accounting: bool = False        # paper-style memory figures: activation_values(n)
 
 
-def rope_linear_scale(r: Reading) -> float:
-    """RoPE frequency scale: 1/factor for linear scaling, else 1."""
-    if r.get("rope.scaling.type", "none") != "linear":
-        return 1.0
-    factor = r.get("rope.scaling.factor", 1.0)
-    return 1.0 / factor if factor else 1.0
+ROPE_SCALINGS = ("none", "linear", "yarn", "longrope")
+
+
+def rope_scaling(r: Reading) -> str:
+    """``rope.scaling.type``: linear when absent, as llama.cpp reads it."""
+    t = r.get("rope.scaling.type", "linear")
+    expect_that(t in ROPE_SCALINGS, r.full("rope.scaling.type"), repr(t),
+                f"one of {', '.join(ROPE_SCALINGS)}")
+    return t
+
+
+def rope_freq_scale(r: Reading) -> float:
+    """RoPE frequency scale as llama.cpp sets it: 1/``rope.scaling.factor`` (or the older
+    ``rope.scale_linear``) under every scaling type but none. Needs a ``rope_scaling`` field."""
+    factor = r.get("rope.scaling.factor", 0.0) or r.get("rope.scale_linear", 0.0)
+    expect_that(isinstance(factor, (int, float, np.number)) and factor >= 0, r.full("rope.scaling.factor"),
+                _short(factor), ">= 0")
+    return 1.0 / factor if factor and r.rope_scaling != "none" else 1.0
+
+
+def rope_yarn(r: Reading):
+    """The YaRN parameters (``nn.YaRN``) when ``rope.scaling.type`` is yarn, else None. Needs
+    the ``rope_scaling``, ``rope_dims``, ``rope_base``, ``rope_freq_scale`` and ``n_ctx_train``
+    fields."""
+    if r.rope_scaling != "yarn":
+        return None
+    return nn.yarn(r.rope_dims, r.rope_base, r.rope_freq_scale,
+                   r.get("rope.scaling.original_context_length", r.n_ctx_train),
+                   rope_attn_factor=r.get("rope.scaling.attn_factor", 1.0))
+
+
+def check_rope_scaling(a, *supported: str) -> None:
+    """The file's ``rope.scaling.type`` (field ``rope_scaling``) is one the architecture's graph
+    applies; any other would be ignored, which is silently wrong output."""
+    expect_that(a.rope_scaling in supported, a.key_name("rope.scaling.type"), a.rope_scaling,
+                " or ".join(supported))
+
+
+def rope_factors(w: SimpleNamespace, name: str, n_rot: int):
+    """Tensor ``name`` (``rope_freqs``, LongRoPE's ``rope_factors_long``/``_short``): one
+    frequency divisor per rotated pair, float32 (n_rot/2,); None when the file has none."""
+    f = getattr(w, name, None)
+    if f is not None and (not isinstance(f, np.ndarray) or f.shape != (n_rot // 2,)):
+        raise ValueError(f"tensor {name} must be float32 of shape ({n_rot // 2},)")
+    return f
 
 
 def swa_layers(pattern, n_layer: int, dense_first: bool) -> tuple[bool, ...]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder, derived,
-                                  key, rope_linear_scale, swa_layers)
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
+                                  check_rope_scaling, derived, key, rope_freq_scale,
+                                  rope_scaling, swa_layers)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class ModelArgs(DecoderArgs):
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6, min=1e-20, max=1.0)
     rope_base: float = key("rope.freq_base", default=1e6, min=1.0)
     rope_base_swa: float = key("rope.freq_base_swa", default=1e4, min=1.0)
-    rope_freq_scale: float = derived(rope_linear_scale)
+    rope_scaling: str = derived(rope_scaling)
+    rope_freq_scale: float = derived(rope_freq_scale)   # global layers only, as llama.cpp
     window: int = key("attention.sliding_window", default=0, convert=lambda v: max(int(v), 0))
     # the last layer of every period is global, the rest slide
     is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
@@ -35,6 +37,7 @@ class ModelArgs(DecoderArgs):
 
     def check(self, w) -> None:
         e, ff, d = self.n_embd, self.n_ff, self.head_dim
+        check_rope_scaling(self, "none", "linear")
         check_decoder(self, w, d, attn_q_norm=(d,), attn_k_norm=(d,), post_attention_norm=(e,),
                       ffn_norm=(e,), ffn_gate=(ff, e), ffn_up=(ff, e), ffn_down=(e, ff),
                       post_ffw_norm=(e,))

@@ -5,7 +5,8 @@ takes).
 The decoder here is also the block the llama-shaped MoE architectures (qwen2moe, qwen3moe,
 olmoe, granitemoe, gpt-oss) subclass: they differ only in RoPE pairing, q/k norms, routing, a
 shared expert, muP multipliers, expert biases and activation, each set by a class attribute or
-an args field, and gpt-oss in its RoPE and attention (``_rope``, ``_attend``).
+an args field, and gpt-oss in its attention (``_attend``). RoPE follows the file's scaling
+for all of them: linear, YaRN, and Llama 3's per-pair factors (``rope_freqs``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
-                                  check_experts, derived, key, rope_linear_scale)
+                                  check_experts, check_rope_scaling, derived, key,
+                                  rope_factors,
+                                  rope_freq_scale, rope_scaling, rope_yarn)
+from pocketlm import nn
 from pocketlm.nn import moe
 
 
@@ -32,7 +36,9 @@ class ModelArgs(DecoderArgs):
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-5, min=1e-20, max=1.0)
     rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
     rope_dims: int = key("rope.dimension_count", default="head_dim")
-    rope_freq_scale: float = derived(rope_linear_scale)
+    rope_scaling: str = derived(rope_scaling)
+    rope_freq_scale: float = derived(rope_freq_scale)
+    yarn: nn.YaRN | None = derived(rope_yarn)
     n_expert: int = key("expert_count", default=0)
     n_expert_used: int = key("expert_used_count", default=0)
     # one expert's FFN width: Mixtral's experts are feed_forward_length wide
@@ -43,6 +49,7 @@ class ModelArgs(DecoderArgs):
 
     def check(self, w) -> None:
         e = self.n_embd
+        check_rope_scaling(self, "none", "linear", "yarn")
         check_decoder(self, w, self.rope_dims, ffn_norm=(e,), **self.ffn_shapes(w),
                       **self.qk_norm_shapes())
 
@@ -82,6 +89,8 @@ class Model(BaseModel):
     def __init__(self, args: ModelArgs, weights, experts=None):
         super().__init__(args, weights)
         self.scale = 1.0 / np.sqrt(args.head_dim)
+        # per-pair frequency divisors (Llama 3's rope scaling), as llama.cpp's graph takes them
+        self.rope_factors = rope_factors(weights, "rope_freqs", args.rope_dims)
         # muP multipliers (granite): 0 leaves the embeddings and residual branches unscaled
         self.embedding_scale = self.residual_scale = 0.0
         # per layer: biases of q, k, v (None each, or all None) and of the attention output
@@ -118,7 +127,8 @@ class Model(BaseModel):
 
     def _rope(self, ops, t, positions):
         a = self.args
-        return ops.rope(t, positions, a.rope_dims, a.rope_base, self.rope_mode, a.rope_freq_scale)
+        return ops.rope(t, positions, a.rope_dims, a.rope_base, self.rope_mode, a.rope_freq_scale,
+                        freq_factors=self.rope_factors, yarn=a.yarn)
 
     def _attend(self, ops, L, q, k, v, cache, positions):
         return ops.attention(q, k, v, cache, positions, self.scale)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
-                                  check_experts, derived, expect_that, key)
+                                  check_experts, check_rope_scaling, derived, expect_that, key,
+                                  rope_factors, rope_freq_scale, rope_scaling)
 from pocketlm.nn import moe
 from pocketlm.nn import CompressedKeys, SparseConfig
 
@@ -40,12 +41,6 @@ def _logit_scale(v) -> float:
     return float(v)
 
 
-def _rope_freq_scale(a) -> float:
-    # as llama.cpp: any scaling factor acts linearly unless the type is "none"
-    factor = a.get("rope.scaling.factor", 0.0)
-    return 1.0 / factor if factor and a.get("rope.scaling.type", "linear") != "none" else 1.0
-
-
 @dataclass(frozen=True)
 class ModelArgs(DecoderArgs):
     rope_dims: int = key("rope.dimension_count", default="head_dim")
@@ -55,9 +50,10 @@ class ModelArgs(DecoderArgs):
         lambda a: a.get("rope.scaling.original_context_length", 0) or a.n_ctx_train)
     rms_eps: float = key("attention.layer_norm_rms_epsilon", min=1e-20, max=1.0)
     rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
-    rope_freq_scale: float = derived(_rope_freq_scale)
+    rope_scaling: str = derived(rope_scaling)
+    rope_freq_scale: float = derived(rope_freq_scale)
     rope_attn_factor: float = key("rope.scaling.attn_factor", default=1.0)
-    longrope: bool = derived(lambda a: a.get("rope.scaling.type", "linear") == "longrope")
+    longrope: bool = derived(lambda a: a.rope_scaling == "longrope")
     embedding_scale: float = key("embedding_scale", default=12.0)
     residual_scale: float = key("residual_scale", default=lambda a: 1.4 / np.sqrt(a.n_layer))
     logit_scale: float = key("logit_scale", default=_default_logit_scale, convert=_logit_scale)
@@ -75,6 +71,7 @@ class ModelArgs(DecoderArgs):
 
     def check(self, w) -> None:
         e, ff = self.n_embd, self.n_ff
+        check_rope_scaling(self, "none", "linear", "longrope")
         ffn = check_experts(self, w, ff) if self.n_expert else \
             dict(ffn_gate=(ff, e), ffn_up=(ff, e), ffn_down=(e, ff))
         check_decoder(self, w, self.rope_dims, ffn_norm=(e,), **ffn)
@@ -106,11 +103,8 @@ class Model(BaseModel):
                                        args.routing)
             self.experts = experts or moe.ResidentExperts(
                 [(L.ffn_gate_exps, L.ffn_up_exps, L.ffn_down_exps) for L in weights.blk])
-        half = args.head_dim // 2
         for name in ("rope_factors_long", "rope_factors_short", "rope_freqs"):
-            f = getattr(weights, name, None)
-            if f is not None and (not isinstance(f, np.ndarray) or f.shape != (half,)):
-                raise ValueError(f"minicpm: {name} must be float32 of shape ({half},)")
+            rope_factors(weights, name, args.head_dim)
         if args.longrope and (getattr(weights, "rope_factors_long", None) is None
                               or getattr(weights, "rope_factors_short", None) is None):
             raise ValueError("minicpm: LongRoPE model lacks rope_factors_long/short tensors")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
-                                  check_experts, derived, expect_that, key, swa_layers)
+                                  check_experts, check_rope_scaling, derived, expect_that, key,
+                                  rope_freq_scale, rope_scaling, swa_layers)
 from pocketlm.nn import moe
 
 SWA_WINDOW = 4096
@@ -41,6 +42,8 @@ class ModelArgs(DecoderArgs):
     rms_eps: float = key("attention.layer_norm_rms_epsilon", default=1e-6, min=1e-20, max=1.0)
     rope_base: float = key("rope.freq_base", default=10000.0, min=1.0)
     rope_base_swa: float = key("rope.freq_base_swa", default="rope_base", min=1.0)
+    rope_scaling: str = derived(rope_scaling)
+    rope_freq_scale: float = derived(rope_freq_scale)
     # the sliding-window key switches on the 21B layout (the window itself is fixed)
     layout_21b: bool = key("attention.sliding_window", default=0, convert=lambda v: v > 0)
     is_swa: tuple[bool, ...] = derived(lambda a: swa_layers(
@@ -50,6 +53,7 @@ class ModelArgs(DecoderArgs):
         i % NOPE_STEP != 0 for i in range(a.n_layer)) if a.layout_21b else (True,) * a.n_layer)
 
     def check(self, w) -> None:
+        check_rope_scaling(self, "none", "linear")
         check_decoder(self, w, self.head_dim, ffn_norm=(self.n_embd,),
                       **check_experts(self, w, self.n_ff_exp))
 
@@ -84,8 +88,8 @@ class Model(BaseModel):
             v = v.reshape(n, a.n_head_kv, a.head_dim)
             if a.use_rope[i]:
                 base = a.rope_base_swa if a.is_swa[i] else a.rope_base
-                q = ops.rope(q, positions, a.head_dim, base, "neox")
-                k = ops.rope(k, positions, a.head_dim, base, "neox")
+                q = ops.rope(q, positions, a.head_dim, base, "neox", a.rope_freq_scale)
+                k = ops.rope(k, positions, a.head_dim, base, "neox", a.rope_freq_scale)
             o = ops.attention(q, k, v, c, positions, self.scale)
             x = x + ops.linear(L.attn_output, o)
             h = ops.rms_norm(x, L.ffn_norm, a.rms_eps)

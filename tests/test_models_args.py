@@ -31,7 +31,9 @@ def _write(path, arch="llama", drop=(), **meta):
     for k, v in values.items():
         if k in drop:
             continue
-        if isinstance(v, float):
+        if isinstance(v, str):
+            w.add_string(f"{arch}.{k}", v)
+        elif isinstance(v, float):
             w.add_float32(f"{arch}.{k}", v)
         else:
             w.add_uint32(f"{arch}.{k}", v)
@@ -100,6 +102,30 @@ def test_rope_dimensions(tmp_path):
     # MiniCPM rotates whole heads only
     assert _load_error(_write(tmp_path / "c.gguf", "minicpm", rope__dimension_count=8)) == \
         f"GGUF metadata minicpm.rope.dimension_count is 8, expected the head size {HD}"
+
+
+def test_rope_scaling(tmp_path):
+    """A scaling type the architecture's graph does not apply is refused at load, never
+    ignored; a factor with no type scales linearly, as llama.cpp reads it."""
+    assert _load_error(_write(tmp_path / "a.gguf", rope__scaling__type="dynamic")) == \
+        "GGUF metadata llama.rope.scaling.type is 'dynamic', expected one of none, linear, " \
+        "yarn, longrope"
+    assert _load_error(_write(tmp_path / "b.gguf", rope__scaling__type="longrope")) == \
+        "GGUF metadata llama.rope.scaling.type is longrope, expected none or linear or yarn"
+    for arch in ("gemma3", "smallthinker"):
+        assert _load_error(_write(tmp_path / f"{arch}.gguf", arch,
+                                  rope__scaling__type="yarn")) == \
+            f"GGUF metadata {arch}.rope.scaling.type is yarn, expected none or linear"
+    assert _load_error(_write(tmp_path / "c.gguf", "minicpm", rope__scaling__type="yarn")) == \
+        "GGUF metadata minicpm.rope.scaling.type is yarn, expected none or linear or longrope"
+    assert _load_error(_write(tmp_path / "d.gguf", rope__scaling__factor=-2.0)) == \
+        "GGUF metadata llama.rope.scaling.factor is -2.0, expected >= 0"
+    scales = {}
+    for name, meta in {"default": {}, "none": dict(rope__scaling__type="none")}.items():
+        with open_gguf(_write(tmp_path / f"{name}.gguf", rope__scaling__factor=4.0,
+                              **meta)) as g:
+            scales[name] = load_model(g).args.rope_freq_scale
+    assert scales == {"default": 0.25, "none": 1.0}
 
 
 def test_gating_function(tmp_path):

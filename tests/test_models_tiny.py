@@ -34,12 +34,29 @@ def _ln(x, w, b, eps):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
-def _rope(x, pos, base, mode):
-    # x (n, H, D) float64
+def _rope(x, pos, base, mode, scale=1.0, factors=None, yarn=None):
+    """RoPE of x (n, H, D) float64, pairs adjacent ("norm") or half a head apart ("neox").
+    Pair i turns by base^(-2i/D) / factors[i] per position, times ``scale`` (linear
+    scaling). Under YaRN (``yarn``: factor, original context) the scale is instead a ramp
+    from 1/factor (slow pairs) to 1 (fast pairs) between the pairs that turn beta = 32 and 1
+    times over the original context, and cos/sin grow by 1 + 0.1 ln(factor)."""
     n, H, D = x.shape
-    inv = base ** (-np.arange(0, D, 2) / D)                     # (D/2,)
-    ang = pos[:, None] * inv[None, :]                           # (n, D/2)
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    i = np.arange(D // 2)
+    theta = base ** (-2.0 * i / D) / (1.0 if factors is None else factors)   # (D/2,)
+    m = 1.0
+    if yarn:
+        factor, n_ctx_orig = yarn
+
+        def pair(beta):   # the pair that turns beta times over the original context
+            return D * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+        lo, hi = max(0.0, np.floor(pair(32))), min(D - 1.0, np.ceil(pair(1)))
+        ramp = 1 - np.clip((i - lo) / max(0.001, hi - lo), 0, 1)
+        theta = theta * ((1 - ramp) / factor + ramp)
+        m = 1 + 0.1 * np.log(factor)
+    else:
+        theta = theta * scale
+    ang = pos[:, None] * theta[None, :]                          # (n, D/2)
+    c, s = (np.cos(ang) * m)[:, None, :], (np.sin(ang) * m)[:, None, :]
     out = x.copy()
     if mode == "norm":
         a, b = x[..., 0::2], x[..., 1::2]
@@ -126,11 +143,13 @@ def _layer(t, i):
 class Tiny:
     """A tiny decoder: llama, qwen2 (q/k/v biases, NEOX RoPE), gemma3 (``window``: SWA period
     ``pattern``), smallthinker (MoE in every layer; ``swa``: the 21B layout) or minicpm (``mup``
-    scales; MoE with ``n_expert``)."""
+    scales; MoE with ``n_expert``). ``rope``: llama and qwen2's RoPE scaling, as a file
+    declares it: {"type": ..., "factor": ..., "orig": original context} (a missing type is
+    llama.cpp's linear), or {"freqs": True} for Llama 3's per-pair ``rope_freqs`` tensor."""
 
     def __init__(self, path, arch, qtype="F32", seed=0, n_layer=3, d=64, H=4, KVH=2, hd=16,
                  ff=96, window=0, pattern=2, n_expert=0, n_used=0, gating=SOFTMAX, swa=False,
-                 mup=(12.0, 1.0, 1.0)):
+                 mup=(12.0, 1.0, 1.0), rope=None):
         self.path, self.arch, self.qtype, self.d, self.H, self.KVH, self.hd = \
             path, arch, qtype, d, H, KVH, hd
         self.n_layer, self.window, self.pattern, self.swa = n_layer, window, pattern, swa
@@ -148,6 +167,18 @@ class Tiny:
         w.add_layer_norm_rms_eps(EPS)
         self.base = 1e4 if arch in ("llama", "minicpm") else 1e6
         w.add_rope_freq_base(self.base)
+        rope = rope or {}
+        if "type" in rope:
+            w.add_string(f"{arch}.rope.scaling.type", rope["type"])
+        if "factor" in rope:
+            w.add_rope_scaling_factor(rope["factor"])
+        if "orig" in rope:
+            w.add_rope_scaling_orig_ctx_len(rope["orig"])
+        self.rope_kw = {}
+        if rope.get("type") == "yarn":
+            self.rope_kw = dict(yarn=(rope["factor"], rope["orig"]))
+        elif "factor" in rope:
+            self.rope_kw = dict(scale=1 / rope["factor"])
         if arch == "gemma3" and window:
             w.add_sliding_window(window)
             w.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern)
@@ -174,6 +205,10 @@ class Tiny:
         add = _Tensors(w, qtype, seed)
         add("token_embd.weight", (len(VOCAB), d), 0.5)
         add("output_norm.weight", (d,), norm=True)
+        if rope.get("freqs"):   # Llama 3's shape: fast pairs unscaled, slow ones 8x slower
+            factors = np.linspace(1.0, 8.0, hd // 2).astype(np.float32)
+            w.add_tensor("rope_freqs.weight", factors)
+            self.rope_kw = dict(factors=factors.astype(np.float64))
         for i in range(n_layer):
             p = f"blk.{i}."
             add(p + "attn_norm.weight", (d,), norm=True)
@@ -233,8 +268,10 @@ class Tiny:
             # smallthinker's 21B layout (spec §4): layers 0, 4, … global without RoPE, the
             # others RoPE and a 4096-token window
             swa, nope = self.swa and i % 4 != 0, self.swa and i % 4 == 0
-            if self.arch == "llama":
-                q, k = _rope(q, pos, self.base, "norm"), _rope(k, pos, self.base, "norm")
+            if self.arch in ("llama", "qwen2"):
+                mode = "norm" if self.arch == "llama" else "neox"
+                q = _rope(q, pos, self.base, mode, **self.rope_kw)
+                k = _rope(k, pos, self.base, mode, **self.rope_kw)
             elif not nope:
                 base = self.base_swa if swa else self.base
                 q, k = _rope(q, pos, base, "neox"), _rope(k, pos, base, "neox")
@@ -274,24 +311,6 @@ class Tiny:
         rel = np.abs(steps - want).max() / scale
         print(f"{self.arch} {self.qtype} llama decode: max |Δ| {rel:.1e} of max |logit|")
         assert rel < (2e-4 if self.qtype == "F32" else 3e-2)
-
-
-def _rope_yarn(x, pos, base, factor, n_ctx_orig):
-    """NEOX RoPE under YaRN (x (n, H, D) float64): pair i turns by theta_i times a ramp from
-    1/factor (slow pairs) to 1 (fast pairs) between the pairs that turn beta = 32 and 1
-    times over n_ctx_orig, and cos/sin grow by 1 + 0.1 ln(factor)."""
-    n, H, D = x.shape
-    i = np.arange(D // 2)
-
-    def pair(beta):   # the pair that turns beta times over the original context
-        return D * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
-    lo, hi = max(0.0, np.floor(pair(32))), min(D - 1.0, np.ceil(pair(1)))
-    ramp = 1 - np.clip((i - lo) / max(0.001, hi - lo), 0, 1)
-    ang = pos[:, None] * base ** (-2.0 * i / D) * ((1 - ramp) / factor + ramp)
-    m = 1 + 0.1 * np.log(factor)
-    c, s = (np.cos(ang) * m)[:, None, :], (np.sin(ang) * m)[:, None, :]
-    a, b = x[..., :D // 2], x[..., D // 2:]
-    return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
 
 
 def _attn_sinks(q, k, v, pos, scale, window, sinks):
@@ -354,8 +373,8 @@ class Float64MoE:
         n = len(x)
         h = _rms(x, L["attn_norm.weight"], self.eps)
         q, k, v = ((h @ L[f"attn_{p}.weight"].T + L[f"attn_{p}.bias"]) for p in "qkv")
-        q = _rope_yarn(q.reshape(n, self.H, self.hd), pos, self.base, *self.yarn)
-        k = _rope_yarn(k.reshape(n, self.KVH, self.hd), pos, self.base, *self.yarn)
+        q = _rope(q.reshape(n, self.H, self.hd), pos, self.base, "neox", yarn=self.yarn)
+        k = _rope(k.reshape(n, self.KVH, self.hd), pos, self.base, "neox", yarn=self.yarn)
         o = _attn_sinks(q, k, v.reshape(n, self.KVH, self.hd), pos, self.scale,
                         self.window if i % 2 == 0 else 0, L["attn_sinks.weight"])
         x = x + o @ L["attn_output.weight"].T + L["attn_output.bias"]
@@ -537,6 +556,11 @@ CASES = {
     "llama": (Tiny, dict(arch="llama")),
     "llama-Q8_0": (Tiny, dict(arch="llama", qtype="Q8_0")),
     "qwen2": (Tiny, dict(arch="qwen2")),
+    # RoPE scaling as files declare it: a factor with no type acts linearly (llama.cpp's
+    # default type), Llama 3's per-pair factors, YaRN past an original context of 64
+    "llama-linear": (Tiny, dict(arch="llama", rope=dict(factor=4.0))),
+    "llama-rope-freqs": (Tiny, dict(arch="llama", rope=dict(freqs=True))),
+    "qwen2-yarn": (Tiny, dict(arch="qwen2", rope=dict(type="yarn", factor=4.0, orig=64))),
     "qwen2-Q8_0": (Tiny, dict(arch="qwen2", qtype="Q8_0")),
     "gemma3": (Tiny, dict(arch="gemma3")),
     "gemma3-swa": (Tiny, dict(arch="gemma3", window=4)),

@@ -301,9 +301,10 @@ class CudaOps(Ops):
     glu = staticmethod(glu)
     attention = staticmethod(attention)
 
-    def rope(self, x, positions, n_dims, base, mode="neox", freq_scale=1.0, freq_factors=None):
-        if freq_factors is not None:
-            raise ValueError("rope frequency factors (LongRoPE) have no CUDA kernel; "
+    def rope(self, x, positions, n_dims, base, mode="neox", freq_scale=1.0, freq_factors=None,
+             yarn=None):
+        if freq_factors is not None or yarn is not None:
+            raise ValueError("rope frequency factors and YaRN have no CUDA kernel; "
                              "use device 'cpu'")
         return rope(x, positions, n_dims, base, mode, freq_scale)
 
