@@ -281,8 +281,8 @@ def rope_freq_scale(r: Reading) -> float:
     """RoPE frequency scale as llama.cpp sets it: 1/``rope.scaling.factor`` (or the older
     ``rope.scale_linear``) under every scaling type but none. Needs a ``rope_scaling`` field."""
     factor = r.get("rope.scaling.factor", 0.0) or r.get("rope.scale_linear", 0.0)
-    expect_that(isinstance(factor, (int, float, np.number)) and factor >= 0, r.full("rope.scaling.factor"),
-                _short(factor), ">= 0")
+    expect_that(isinstance(factor, (int, float, np.number)) and factor >= 0,
+                r.full("rope.scaling.factor"), _short(factor), ">= 0")
     return 1.0 / factor if factor and r.rope_scaling != "none" else 1.0
 
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
-                                  check_experts, check_rope_scaling, derived, key,
-                                  rope_factors,
-                                  rope_freq_scale, rope_scaling, rope_yarn)
 from pocketlm import nn
+from pocketlm.models.base import (BaseModel, Capabilities, DecoderArgs, check_decoder,
+                                  check_experts, check_rope_scaling, derived, key, rope_factors,
+                                  rope_freq_scale, rope_scaling, rope_yarn)
 from pocketlm.nn import moe
 
 
@@ -81,9 +80,12 @@ class Model(BaseModel):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Routed experts only when the file has them; the GPU path runs dense models only."""
+        """Routed experts only when the file has them; the GPU path runs dense models only,
+        and only with plain or linear RoPE (it has no YaRN or frequency-factor kernel)."""
         if self.args.n_expert:
             return Capabilities(generate=True, moe=True, devices=("cpu",))
+        if self.args.yarn is not None or self.rope_factors is not None:
+            return Capabilities(generate=True, devices=("cpu",))
         return Capabilities(generate=True, devices=("cpu", "cuda"))
 
     def __init__(self, args: ModelArgs, weights, experts=None):

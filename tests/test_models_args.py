@@ -126,6 +126,14 @@ def test_rope_scaling(tmp_path):
                               **meta)) as g:
             scales[name] = load_model(g).args.rope_freq_scale
     assert scales == {"default": 0.25, "none": 1.0}
+    # the CUDA path has no YaRN kernel: placing such a model there is refused before upload
+    from pocketlm.nn.backend import place
+    with open_gguf(_write(tmp_path / "y.gguf", rope__scaling__type="yarn",
+                          rope__scaling__factor=4.0)) as g:
+        m = load_model(g)
+        assert m.args.yarn is not None and m.capabilities.devices == ("cpu",)
+        with pytest.raises(ValueError, match="no CUDA path"):
+            place(m, "cuda")
 
 
 def test_gating_function(tmp_path):

@@ -50,6 +50,7 @@ def place(model, device: str, gpu_budget: int | None = None):
             raise ValueError("a GPU budget needs device 'cuda'")
         return model
     if device not in model.capabilities.devices:
-        raise ValueError("only decoder models run on the CUDA backend; use device 'cpu'")
+        raise ValueError("this model has no CUDA path (it runs dense decoders with plain or "
+                         "linear RoPE); use device 'cpu'")
     from pocketlm.cuda.model import upload
     return upload(model, gpu_budget)
