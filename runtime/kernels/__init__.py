@@ -127,8 +127,14 @@ def _serial_float(qtype: str):
                  _MM_SIG, False)
 
 
+_BLOCKS: dict = {}   # qtype -> (elements, bytes) per block: looked up on every kernel call
+
+
 def _check(qtype, data, cols):
-    block, size = quant.block_size(qtype), quant.type_size(qtype)
+    shape = _BLOCKS.get(qtype)
+    if shape is None:
+        shape = _BLOCKS[qtype] = (quant.block_size(qtype), quant.type_size(qtype))
+    block, size = shape
     if cols % block or data.shape[1] != cols // block * size:
         raise ValueError(f"{qtype}: {cols} columns do not match row bytes {data.shape[1]}")
 
@@ -283,15 +289,19 @@ _FUSED = 3
 _FUSED_SIG = (types.int64, _W, _W, _W, _X, _O)
 
 
+_NO_ROWS = np.zeros((0, 1), np.uint8)   # a weight of no rows, for the unused slots
+
+
 def _simd_mv(ws, x2, out2):
     """ws: up to ``_FUSED`` QTensors of one AVX2 qtype and x2's column count -> out2 (n, sum
     rows)."""
     for w in ws:
         _check(w.qtype, w.data, w.shape[-1])
-    fn = _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
-    datas = [w.data for w in ws]
-    datas += [datas[0][:0]] * (_FUSED - len(ws))
-    fn(_simd.KIND[ws[0].qtype], *datas, x2, out2)
+    fn = _compiled.get(("simd", "mv")) or \
+        _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
+    n = len(ws)
+    fn(_simd.KIND[ws[0].qtype], ws[0].data, ws[1].data if n > 1 else _NO_ROWS,
+       ws[2].data if n > 2 else _NO_ROWS, x2, out2)
 
 
 # ------------------------------------------------------------------------------ the calls
@@ -481,6 +491,18 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] >= PREPARED_MAX_ROWS:
         return [matmul(w, x, numerics=numerics, round_x=round_x) for w in ws]
+    q = ws[0].qtype
+    k = kernel(q, numerics)
+    if x.shape[0] == 1 and k.fused and len(ws) <= _FUSED and \
+            all(w.qtype == q and w.shape[-1] == x.shape[1] for w in ws):
+        # decode's usual case (q/k/v or gate/up of one type): one call, no grouping
+        out = np.empty((1, sum(w.data.shape[0] for w in ws)), np.float32)
+        _simd_mv(ws, x, out)
+        res, start = [], 0
+        for w in ws:
+            res.append(out[:, start:start + w.data.shape[0]])
+            start += w.data.shape[0]
+        return res
     groups: dict = {}
     for i, w in enumerate(ws):
         k = kernel(w.qtype, numerics)
