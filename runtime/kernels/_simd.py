@@ -9,6 +9,9 @@ activations (K-quants weight the pairs by their sub-block scales in the ``vpmadd
 are converted and accumulated with the block scale in an 8-lane float register; lanes are
 summed once per row. Per-block constant terms (Q4_0's -8, Q5_0's -16 and Q6_K's -32
 offsets, Q4_1's and Q4_K's mins) use the activation block sums and accumulate separately.
+Rows run two to a loop, so each activation block is loaded once for both and the two
+chains of dependent instructions overlap (ffn_up of SmolLM2: 31 -> 27 us on 2 threads);
+with AVX512-VNNI one ``vpdpbusd`` replaces the byte-product pair of the 32-weight types.
 
 Numerics are "llama" (see ``pocketlm.kernels``): activations quantized per block as
 ggml does (Q8_0; Q8_1 for Q4_1; Q8_K for K-quants), exact integer block dots, float32
