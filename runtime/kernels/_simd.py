@@ -43,6 +43,7 @@ _F32, _F16 = ir.FloatType(), ir.HalfType()
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
 _V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
 _V16F32 = ir.VectorType(_F32, 16)
+_V1F32 = ir.VectorType(_F32, 1)
 
 # qtype -> (block bytes from quant's table, offset of the quants, weight offset applied
 # through block sums)
@@ -94,11 +95,19 @@ class _Ops:
         self.psign = _declare(mod, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
         self.fma8 = _declare(mod, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
         # scalar products are fused explicitly: left as fmul + fadd, the backend may or may
-        # not contract them depending on the caller, and results would differ by call site
-        self.fma1 = _declare(mod, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
+        # not contract them depending on the caller, and results would differ by call site.
+        # One-lane vectors: Numba's fastmath pass flags calls that return a scalar float,
+        # and a chain of reassociable calls may be regrouped (also by call site).
+        self.fma1 = _declare(mod, "llvm.fma.v1f32", _V1F32, [_V1F32, _V1F32, _V1F32])
         if VNNI:
             self.dpbusd = _declare(mod, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
                                    [_V8I32, _V8I32, _V8I32])
+
+    def fma(self, a, b, c):
+        """a * b + c for scalar floats, rounded once, in this order wherever it is inlined."""
+        lanes = [self.b.insert_element(ir.Constant(_V1F32, ir.Undefined), v, _c64(0))
+                 for v in (a, b, c)]
+        return self.b.extract_element(self.b.call(self.fma1, lanes), _c64(0))
 
     def splat(self, v, vtype):
         b = self.b
@@ -157,10 +166,12 @@ _ORDERED = ("nsz",)
 
 
 def _hsum(builder, v):
+    """Sum of v's 8 lanes in the order of ggml's AVX hsum: lanes k and k + 4, then k and
+    k + 2, then the last pair."""
     lanes = [builder.extract_element(v, _c64(k)) for k in range(8)]
-    while len(lanes) > 1:   # pairwise
-        lanes = [builder.fadd(lanes[k], lanes[k + 1], flags=_ORDERED)
-                 for k in range(0, len(lanes), 2)]
+    while len(lanes) > 1:
+        half = len(lanes) // 2
+        lanes = [builder.fadd(lanes[k], lanes[k + half], flags=_ORDERED) for k in range(half)]
     return lanes[0]
 
 
@@ -176,11 +187,11 @@ def _step_32(qtype, o, wbase, xa, da, sa):
         if qtype == "Q8_0":   # vpmaddubsw takes unsigned x signed: move w's sign to x
             w, x = b.call(o.psign, [w, w]), b.call(o.psign, [x, w])
         sums = b.sitofp(o.dot32(w, x), _V8F32)
-        scale = b.fmul(_half_at(b, blk, 0), b.load(b.gep(da.data, [i])))
+        scale = b.fmul(_half_at(b, blk, 0), b.load(b.gep(da.data, [i])), flags=_ORDERED)
         acc = b.call(o.fma8, [sums, o.splat(scale, _V8F32), acc])
         if qtype == "Q4_1" or offset:   # Q4_1: min * f16(d_x * sum); else d * sum
             first = _half_at(b, blk, 2) if qtype == "Q4_1" else scale
-            acc_c = b.call(o.fma1, [first, b.load(b.gep(sa.data, [i])), acc_c])
+            acc_c = o.fma(first, b.load(b.gep(sa.data, [i])), acc_c)
         return acc, acc_c
     return step
 
@@ -247,9 +258,9 @@ def _step_q4_k(o, wbase, xa, da, sa):
                                                              list(range(8, 16)))), _V8F32)
         summ = _sum_exact(b, b.fmul(mins, pairs))
         dx = b.load(b.gep(da.data, [i]))
-        scale = b.fmul(_half_at(b, blk, 0), dx)
+        scale = b.fmul(_half_at(b, blk, 0), dx, flags=_ORDERED)
         acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
-        acc_c = b.call(o.fma1, [b.fmul(_half_at(b, blk, 2), dx), summ, acc_c])
+        acc_c = o.fma(b.fmul(_half_at(b, blk, 2), dx, flags=_ORDERED), summ, acc_c)
         return acc, acc_c
     return step
 
@@ -282,9 +293,10 @@ def _step_q6_k(o, wbase, xa, da, sa):
         # scales . block sums, for the -32: integers, exact in any order
         bs = o.load(sa.data, b.mul(i, _c64(16)), _V16F32)
         offs = _sum_exact(b, b.fmul(b.sitofp(sc8, _V16F32), bs))
-        scale = b.fmul(_half_at(b, blk, 208), b.load(b.gep(da.data, [i])))
+        scale = b.fmul(_half_at(b, blk, 208), b.load(b.gep(da.data, [i])),
+                       flags=_ORDERED)
         acc = b.call(o.fma8, [b.sitofp(isum, _V8F32), o.splat(scale, _V8F32), acc])
-        acc_c = b.call(o.fma1, [scale, offs, acc_c])
+        acc_c = o.fma(scale, offs, acc_c)
         return acc, acc_c
     return step
 
@@ -340,8 +352,7 @@ def _dot_codegen(n_rows: int):
                 return out
             vals = _loop(builder, nb, [ir.Constant(_V8F32, None),
                                        ir.Constant(_F32, 0.0)] * n_rows, body)
-            incoming.append(([builder.call(o.fma1, [vals[2 * k + 1], c_scale,
-                                                    _hsum(builder, vals[2 * k])])
+            incoming.append(([o.fma(vals[2 * k + 1], c_scale, _hsum(builder, vals[2 * k]))
                               for k in range(n_rows)], builder.block))
             builder.branch(done)
         builder.position_at_end(done)
