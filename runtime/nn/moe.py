@@ -188,6 +188,9 @@ class ResidentExperts(ExpertSource):
             yield int(e), self.get(layer, int(e))
 
 
+_ONE_TOKEN = np.zeros(1, np.int64)
+
+
 def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertSource,
             layer: int, act: str, biases=None) -> np.ndarray:
     """sum_k w_k · expert_{ids_k}(x) for x (n, n_embd), each expert on ``ops`` (its
@@ -199,13 +202,20 @@ def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: E
     beside any streamed experts (they are small)."""
     n, k = ids.shape
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
+    # decode: one token, whose k experts are distinct; no search for the expert's tokens
+    slot_of = {int(e): j for j, e in enumerate(ids[0])} if n == 1 else None
     for e, ex in experts.each(layer, ids):
-        tok, slot = np.nonzero(ids == e)
-        if biases is None:
-            y = ops.expert(ex, x[tok], act, experts.neurons)
+        if slot_of is not None:
+            tok, slot = _ONE_TOKEN, slot_of[e]
+            xe = x
         else:
-            y = ops.expert(ex, x[tok], act, experts.neurons, bias=tuple(b[e] for b in biases))
-        parts[tok, slot] = weights[tok, slot][:, None] * y
+            tok, slot = np.nonzero(ids == e)
+            xe = x[tok]
+        if biases is None:
+            y = ops.expert(ex, xe, act, experts.neurons)
+        else:
+            y = ops.expert(ex, xe, act, experts.neurons, bias=tuple(b[e] for b in biases))
+        parts[tok, slot] = weights[tok, slot][..., None] * y
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]
