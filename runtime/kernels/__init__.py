@@ -297,8 +297,7 @@ def _simd_mv(ws, x2, out2):
     rows)."""
     for w in ws:
         _check(w.qtype, w.data, w.shape[-1])
-    fn = _compiled.get(("simd", "mv")) or \
-        _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
+    fn = _once(("simd", "mv"), lambda: _simd.mv, _FUSED_SIG, _AVX2_CODEGEN)
     n = len(ws)
     fn(_simd.KIND[ws[0].qtype], ws[0].data, ws[1].data if n > 1 else _NO_ROWS,
        ws[2].data if n > 2 else _NO_ROWS, x2, out2)
@@ -483,6 +482,20 @@ def matmul(w, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto"
     return matmul_raw(w.qtype, w.data, w.shape[-1], x, out, method, round_x)
 
 
+def _fused_outputs(ws, x) -> list[np.ndarray]:
+    """Up to ``_FUSED`` weights of one AVX2 type times x (n, cols) in one ``_simd_mv`` call:
+    each weight's (n, rows) output."""
+    sizes = [w.data.shape[0] for w in ws]
+    out = np.empty((x.shape[0], sum(sizes)), np.float32)
+    _simd_mv(ws, x, out)
+    parts, start = [], 0
+    for size in sizes:
+        part = out[:, start:start + size]   # one row: already contiguous
+        parts.append(part if x.shape[0] == 1 else np.ascontiguousarray(part))
+        start += size
+    return parts
+
+
 def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
                 round_x: bool = False) -> list[np.ndarray]:
     """``[matmul(w, x) for w in ws]``, for weights that share the input x (n, cols). Small
@@ -493,16 +506,9 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
         return [matmul(w, x, numerics=numerics, round_x=round_x) for w in ws]
     q = ws[0].qtype
     k = kernel(q, numerics)
-    if x.shape[0] == 1 and k.fused and len(ws) <= _FUSED and \
+    if k.fused and x.shape[0] < k.max_rows and len(ws) <= _FUSED and \
             all(w.qtype == q and w.shape[-1] == x.shape[1] for w in ws):
-        # decode's usual case (q/k/v or gate/up of one type): one call, no grouping
-        out = np.empty((1, sum(w.data.shape[0] for w in ws)), np.float32)
-        _simd_mv(ws, x, out)
-        res, start = [], 0
-        for w in ws:
-            res.append(out[:, start:start + w.data.shape[0]])
-            start += w.data.shape[0]
-        return res
+        return _fused_outputs(ws, x)   # decode's usual case (q/k/v, gate/up): no grouping
     groups: dict = {}
     for i, w in enumerate(ws):
         k = kernel(w.qtype, numerics)
@@ -511,14 +517,8 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
     res: list = [None] * len(ws)
     calls = [idx[j:j + _FUSED] for idx in groups.values() for j in range(0, len(idx), _FUSED)]
     for idx in calls:
-        sizes = [ws[i].data.shape[0] for i in idx]
-        out = np.empty((x.shape[0], sum(sizes)), np.float32)
-        _simd_mv(tuple(ws[i] for i in idx), x, out)
-        start = 0
-        for i, size in zip(idx, sizes):
-            part = out[:, start:start + size]   # one row: already contiguous
-            res[i] = part if x.shape[0] == 1 else np.ascontiguousarray(part)
-            start += size
+        for i, part in zip(idx, _fused_outputs([ws[i] for i in idx], x)):
+            res[i] = part
     return [r if r is not None else matmul(w, x, numerics=numerics, round_x=round_x)
             for r, w in zip(res, ws)]
 

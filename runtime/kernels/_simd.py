@@ -316,14 +316,14 @@ KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q6_K": 5}
 
 
 def _dot_codegen(n_rows: int):
-    """The codegen of dot(kind, w_1, o_1, ..., w_n, o_n, xq, xd, xs, nb) -> n_rows float32
-    (one value, or a tuple): for each row, the nb blocks of weight type ``kind`` starting at
+    """The codegen of dot(kind, w_1, o_1, ..., w_n, o_n, xq, xd, xs, nb) -> a tuple of
+    n_rows float32: for each row, the nb blocks of weight type ``kind`` starting at
     byte o_k of the uint8 array w_k (C-contiguous, any shape) against int8 activations xq
     with block scales xd and block sums xs (32-blocks: integer sums, Q4_1: f16(d * sum) as
     ggml's Q8_1; K-quants: Q8_K's sums per 16). The rows share one loop over the blocks, so
     each activation block is loaded once for all of them; every row's result is the one it
     gets alone."""
-    ret = types.float32 if n_rows == 1 else types.UniTuple(types.float32, n_rows)
+    ret = types.UniTuple(types.float32, n_rows)
 
     def codegen(context, builder, sig, args):
         arrays = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array)
@@ -362,7 +362,7 @@ def _dot_codegen(n_rows: int):
             for vals, bb in incoming:
                 phi.add_incoming(vals[k], bb)
             res.append(phi)
-        return res[0] if n_rows == 1 else context.make_tuple(builder, ret, res)
+        return context.make_tuple(builder, ret, res)
     return ret, codegen
 
 
@@ -397,7 +397,7 @@ def _pair(kind, wa, ra, wb, rb, xq, xd, xs, nb):
 def _halves(p, n):
     """The rows of pair p of n rows: p and the row half the range further on (the last row
     of an odd count pairs with itself). Pairs of neighbouring rows stream from memory up to
-    2.5x slower (measured on Q8_0 matrices beyond the caches), distant ones do not."""
+    2.8x slower (measured on Q8_0 matrices beyond the caches), distant ones do not."""
     return p + 0, min(p + (n + 1) // 2, n - 1)
 
 
@@ -435,17 +435,24 @@ def mv(kind, w0, w1, w2, x, out):
 
 
 @njit(**PAR)
-def mv_rows(kind, w2, x, idx, out):
-    """Rows idx of w2 times x (1, cols) -> out[idx]; other entries untouched."""
-    nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
-    xq, xd, xs = _act(x, kind)
+def _rows_at(kind, w, idx, xq, xd, xs, nb, out):
+    """out[idx[i]] = row idx[i] of w against the quantized activations, two rows at a time
+    (``_halves``)."""
     n = idx.shape[0]
     for p in prange((n + 1) // 2):
         ia, ib = _halves(p, n)
         ra, rb = idx[ia], idx[ib]
-        ya, yb = _pair(kind, w2, ra, w2, rb, xq[0], xd[0], xs[0], nb)
+        ya, yb = _pair(kind, w, ra, w, rb, xq, xd, xs, nb)
         out[ra] = ya
         out[rb] = yb
+
+
+@njit(**VEC_OPTS)
+def mv_rows(kind, w2, x, idx, out):
+    """Rows idx of w2 times x (1, cols) -> out[idx]; other entries untouched."""
+    nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
+    xq, xd, xs = _act(x, kind)
+    _rows_at(kind, w2, idx, xq[0], xd[0], xs[0], nb, out)
 
 
 @njit(**VEC_OPTS)
@@ -462,7 +469,7 @@ def _glu_rows(g, u, relu, idx):
     return h
 
 
-@njit(**PAR)
+@njit(**VEC_OPTS)
 def expert(kind, gate, up, down, x, relu, out):
     """One expert on one token: out (n_embd,) = down · (act(gate · x) * (up · x)), x (1, n_embd).
 
@@ -473,27 +480,12 @@ def expert(kind, gate, up, down, x, relu, out):
     xq, xd, xs = _act(x, kind)
     n_ff = gate.shape[0]
     g = np.empty(n_ff, np.float32)
-    for p in prange((n_ff + 1) // 2):
-        ra, rb = _halves(p, n_ff)
-        ga, gb = _pair(kind, gate, ra, gate, rb, xq[0], xd[0], xs[0], nb)
-        g[ra] = ga
-        g[rb] = gb
+    _rows_at(kind, gate, np.arange(n_ff), xq[0], xd[0], xs[0], nb, g)
     idx = np.flatnonzero(g > 0) if relu else np.arange(n_ff)
     u = np.zeros(n_ff, np.float32)
-    n = idx.shape[0]
-    for p in prange((n + 1) // 2):
-        ia, ib = _halves(p, n)
-        ra, rb = idx[ia], idx[ib]
-        ua, ub = _pair(kind, up, ra, up, rb, xq[0], xd[0], xs[0], nb)
-        u[ra] = ua
-        u[rb] = ub
+    _rows_at(kind, up, idx, xq[0], xd[0], xs[0], nb, u)
     h = _glu_rows(g, u, relu, idx)
     nbh = np.int64(n_ff // (256 if kind >= 4 else 32))
     hq, hd, hs = _act(h, kind)
-    n_out = down.shape[0]
-    for p in prange((n_out + 1) // 2):
-        ra, rb = _halves(p, n_out)
-        oa, ob = _pair(kind, down, ra, down, rb, hq[0], hd[0], hs[0], nbh)
-        out[ra] = oa
-        out[rb] = ob
+    _rows_at(kind, down, np.arange(down.shape[0]), hq[0], hd[0], hs[0], nbh, out)
     return idx.shape[0]
