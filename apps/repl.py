@@ -77,12 +77,26 @@ def _ctrl_c_sets(cancel: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
+def _warm(llm, messages: list[dict]) -> None:
+    """``llm.warm``; one that fails costs nothing (the turn then evaluates its whole
+    prompt)."""
+    try:
+        llm.warm(messages)
+    except Exception:   # noqa: BLE001  (a full context, a closed model: the turn reports it)
+        pass
+
+
 def chat_repl(llm, settings: dict, system: str | None = None, verbose: bool = False):
     """Read messages from stdin, stream answers to stdout, until /bye or end of input."""
     history: list[dict] = []
     last = None
+    warmed = None
     print("pocketlm chat — /help for commands, /bye to leave", file=sys.stderr)
     while True:
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        if msgs != warmed:   # the next prompt's start runs while the user types
+            warmed = list(msgs)
+            threading.Thread(target=_warm, args=(llm, warmed), daemon=True).start()
         try:
             text = _read_message(">>> ")
         except KeyboardInterrupt:
@@ -130,7 +144,7 @@ def chat_repl(llm, settings: dict, system: str | None = None, verbose: bool = Fa
                 print(f"unknown command {cmd}; /help lists them")
             continue
         history.append({"role": "user", "content": text})
-        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        msgs = msgs + [history[-1]]
         answer = []
         cancel = threading.Event()
         try:

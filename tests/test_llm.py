@@ -58,6 +58,23 @@ def test_prefix_reuse_processes_only_new_tokens(llm):
     assert r.timings.prompt_tokens == 1  # only the last prompt token is evaluated again
 
 
+def test_warm_evaluates_the_next_chat_prompts_start(llm):
+    system = {"role": "system", "content": "You answer briefly."}
+    user = {"role": "user", "content": "What is 2+2? Answer with a number."}
+    llm.generate("Unrelated text", max_tokens=1)   # a cache holding something else
+    cold = llm.chat([system, user], max_tokens=8, temperature=0)
+    llm.generate("Unrelated text", max_tokens=1)
+    llm.warm([system])
+    warm = llm.chat([system, user], max_tokens=8, temperature=0)
+    # the system turn and the user turn's opening came from the cache: only the message
+    # and the assistant header ran, and the answer is the same
+    preamble = len(llm.tokenize("<|im_start|>system\nYou answer briefly.<|im_end|>\n"
+                                "<|im_start|>user\n", parse_special=True))
+    assert warm.prompt_tokens == cold.prompt_tokens
+    assert cold.prompt_tokens - warm.timings.prompt_tokens >= preamble - 1
+    assert warm.text == cold.text
+
+
 def test_chat_answers(llm):
     r = llm.chat([{"role": "user", "content": "What is 2+2? Answer with a number."}],
                  max_tokens=24, temperature=0)

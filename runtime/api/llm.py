@@ -393,21 +393,43 @@ class LLM:
         cancel = cancel or threading.Event()
         template_tools, tool_setup = self._tool_setup(tools, tool_choice, parallel_tool_calls)
         messages = template_messages(messages)
+        return self._generate(lambda: self._chat_ids(messages, template_tools, cancel), stream,
+                              cancel, settings, tool_setup)
 
-        def prompt_ids() -> list[int]:
-            tok = self.tokenizer
-            text, plain = self.template.render_marked(
-                messages, tok.control_texts, add_generation_prompt=True, tools=template_tools,
-                bos_token=tok.bos_text, eos_token=tok.eos_text, cancel=cancel)
-            # control tokens only where the template wrote them, never in what users wrote
-            ids = tok.encode(text, add_special=True, parse_special=True, plain=plain)
-            # a template that writes the BOS itself must not get a second one
-            bos = self.tokenizer.bos_id
-            if len(ids) > 1 and bos is not None and ids[0] == bos and ids[1] == bos:
-                ids = ids[1:]
-            return ids
+    def _chat_ids(self, messages: list[dict], tools, cancel: threading.Event) -> list[int]:
+        """The prompt of a chat: ``messages`` (as ``template_messages`` gives them) rendered
+        for an answer, tokenized."""
+        tok = self.tokenizer
+        text, plain = self.template.render_marked(
+            messages, tok.control_texts, add_generation_prompt=True, tools=tools,
+            bos_token=tok.bos_text, eos_token=tok.eos_text, cancel=cancel)
+        # control tokens only where the template wrote them, never in what users wrote
+        ids = tok.encode(text, add_special=True, parse_special=True, plain=plain)
+        # a template that writes the BOS itself must not get a second one
+        bos = tok.bos_id
+        if len(ids) > 1 and bos is not None and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
 
-        return self._generate(prompt_ids, stream, cancel, settings, tool_setup)
+    def warm(self, messages: list[dict] = ()) -> None:
+        """Get the next ``chat`` on ``messages`` plus a new user message ready before that
+        message is known: evaluate the prompt they begin with (the template's preamble and
+        the conversation so far) into the model's cache, and take one decoded step, which
+        also loads every kernel of a chat. That ``chat`` then starts from there, as any
+        prompt reuses the cached prefix it shares. ``pocketlm chat`` calls this while it
+        waits for input."""
+        self._decoder_only("warm")
+        if self.template is None:
+            return
+        cancel = threading.Event()
+        msgs = template_messages(list(messages))
+        # what the prompt is for two different user messages shares: the part before one
+        a, b = (self._chat_ids(msgs + [{"role": "user", "content": c}], None, cancel)
+                for c in ("a", "b"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if n:
+            collect(self._run(lambda: a[:n], self._config({"max_tokens": 2, "temperature": 0}),
+                              cancel))
 
     def cancel(self):
         """Stop the running generation at the next decode step or prefill chunk (queued ones
