@@ -10,9 +10,9 @@ kernel serves a weight is looked up in one registry keyed by (numerics, qtype):
   (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K; ``matmul_many`` serves several weights sharing an input in
   one call, ``expert_decode`` a whole gated expert), elsewhere by the portable Numba drivers
   of ``_quant``. Results sit about 0.2-0.4 logits from exact math, as llama.cpp's do.
-- numerics "exact": activations stay float32 and Q4_0/Q4_1/Q8_0 weights are dequantized in
-  registers, so results sit within float32 rounding of exact math; other types keep the
-  8-bit path.
+- numerics "exact": activations stay float32 and Q4_0/Q4_1/Q8_0/MXFP4 weights are
+  dequantized in registers, so results sit within float32 rounding of exact math; other
+  types keep the 8-bit path.
 
 Larger batches (prefill) dequantize weight row tiles to f32 and multiply with numpy's BLAS
 under either numerics (several times faster than the integer path at prefill sizes; weights
@@ -21,8 +21,8 @@ vec_dot type (``llama_activations``), which gives llama.cpp's integer products t
 rounding.
 ``matmul(..., method="quant")`` runs the integer path.
 
-Q4_0/Q4_1/Q8_0 outside the AVX2 kernels read their f16 block scales from float32 side arrays
-made once per weight: a ``Prepared`` record attached to the QTensor on first use
+Q4_0/Q4_1/Q8_0 with 8-bit activations outside the AVX2 kernels read their f16 block scales
+from float32 side arrays made once per weight: a ``Prepared`` record attached to the QTensor on first use
 (``prepare(w)``), so a weight's data must not be modified in place afterwards; a refilled
 buffer gets a new QTensor. Extra memory: 4 bytes per 32 weights (8 for Q4_1).
 
@@ -73,7 +73,8 @@ _O1 = types.Array(types.float32, 1, "C")
 _MM_SIG = (_W, _X, _O)
 _DEQ_SIG = (_W, types.int64, types.int64, _O)
 _MV_SIG = (_W, _S, _S, _X, _O)
-_ROWS_SIG = (_W, _S, _S, _X, _IDX, _O1)
+_MVF_SIG = (_W, _X, _O)
+_MVF_ROWS_SIG = (_W, _X, _IDX, _O1)
 
 # Small batches of prepared weights run the matvec drivers row by row up to this many rows;
 # above it dequantize + BLAS amortizes its fixed cost (crossover measured at 16 rows on
@@ -203,15 +204,15 @@ class _Portable:
 
 
 class _Scaled:
-    """Q4_0/Q4_1/Q8_0 through their prepared f32 block scales: 8-bit activations ("llama"
-    off AVX2) or float ones ("exact", which also selects rows)."""
+    """Q4_0/Q4_1/Q8_0 with 8-bit activations through their prepared f32 block scales
+    ("llama" off AVX2)."""
 
     fused = False
+    rows = False
     max_rows = PREPARED_MAX_ROWS
 
-    def __init__(self, qtype: str, float_acts: bool):
-        self.qtype, self.rows = qtype, float_acts
-        self.prefix = "mvf_" if float_acts else "mv_"
+    def __init__(self, qtype: str):
+        self.qtype = qtype
 
     def mv(self, w, x2, out2):
         p = _prepared(w)
@@ -220,14 +221,32 @@ class _Scaled:
         self.compile()(w.data, p.d, p.m, x2, out2)
 
     def compile(self):
-        return _once((self.prefix, self.qtype),
-                     lambda: getattr(_quant, self.prefix + self.qtype.lower()), _MV_SIG)
+        return _once(("mv_", self.qtype), lambda: getattr(_quant, "mv_" + self.qtype.lower()),
+                     _MV_SIG)
+
+
+class _Float:
+    """Q4_0/Q4_1/Q8_0/MXFP4 against float activations ("exact"): every row or selected
+    rows, scales read from the blocks."""
+
+    fused = False
+    rows = True
+    max_rows = PREPARED_MAX_ROWS
+
+    def __init__(self, qtype: str):
+        self.qtype = qtype
+
+    def mv(self, w, x2, out2):
+        _check(w.qtype, w.data, w.shape[-1])
+        fn = _once(("mvf_", self.qtype), lambda: getattr(_quant, "mvf_" + self.qtype.lower()),
+                   _MVF_SIG)
+        fn(w.data, x2, out2)
 
     def mv_rows(self, w, x2, idx, out):
-        p = _prepared(w)
+        _check(w.qtype, w.data, w.shape[-1])
         fn = _once(("rows", w.qtype), lambda: getattr(_quant, "mvf_rows_" + w.qtype.lower()),
-                   _ROWS_SIG)
-        fn(w.data, p.d, p.m, x2, idx, out)
+                   _MVF_ROWS_SIG)
+        fn(w.data, x2, idx, out)
 
 
 class _Avx2:
@@ -260,7 +279,7 @@ def _entry(numerics: str, qtype: str):
                                                     qtype not in _SCALE_FIELDS):
         return _Avx2(qtype, numerics)
     if qtype in _SCALE_FIELDS:
-        return _Scaled(qtype, numerics == "exact")
+        return _Float(qtype) if numerics == "exact" else _Scaled(qtype)
     return _Portable(qtype)
 
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 
+import llvmlite.binding as llvm
 import numpy as np
-from numba import config, njit
+from llvmlite import ir
+from numba import config, njit, types
+from numba.extending import intrinsic
 
 U = np.uint64  # unsigned indices: Numba then emits no negative-index wraparound selects
 
@@ -72,18 +75,32 @@ def tanh_f32(x):
     return np.float32(1) - np.float32(2) / (exp_f32(np.float32(2) * x) + np.float32(1))
 
 
-@njit(inline="always", **OPTS)
-def u16f(h):
-    """IEEE half given as uint16 -> float32; exact for normals, subnormals and zeros.
+@intrinsic
+def _fpext_half(typingctx, h):
+    """uint16 bits of an IEEE half -> float32 by LLVM's fpext: one vcvtph2ps with F16C."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
 
-    The exponent is rebiased in the integer domain: a float multiply by 2**112 would be
-    reassociated by fastmath into neighbouring products and overflow.
-    """
-    h = np.uint32(h)
-    mag = np.uint32(((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)).view(np.float32)
-    if (h & np.uint32(0x7C00)) == np.uint32(0):
-        mag = np.float32(h & np.uint32(0x3FF)) * np.float32(5.9604645e-08)  # subnormal: m * 2**-24
-    return np.uint32(np.float32(mag).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+if llvm.get_host_cpu_features().get("f16c", False):
+    @njit(inline="always", **OPTS)
+    def u16f(h):
+        """IEEE half given as uint16 -> float32, exactly (the CPU's conversion)."""
+        return _fpext_half(np.uint16(h))
+else:   # without F16C fpext would be a library call that Numba's JIT may not link
+    @njit(inline="always", **OPTS)
+    def u16f(h):
+        """IEEE half given as uint16 -> float32; exact for normals, subnormals and zeros.
+
+        The exponent is rebiased in the integer domain: a float multiply by 2**112 would be
+        reassociated by fastmath into neighbouring products and overflow.
+        """
+        h = np.uint32(h)
+        mag = np.uint32(((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)).view(np.float32)
+        if (h & np.uint32(0x7C00)) == np.uint32(0):
+            mag = np.float32(h & np.uint32(0x3FF)) * np.float32(5.9604645e-08)  # subnormal: m * 2**-24
+        return np.uint32(np.float32(mag).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
 
 
 @njit(inline="always", **OPTS)

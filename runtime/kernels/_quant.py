@@ -702,9 +702,11 @@ def deq_q3_k(w2, r0, r1, dst):
 # Float-activation ("exact") variants: x stays float32, weights are dequantized in registers
 # and only the f32 rounding of the sums separates the result from exact math. Block sums of
 # x (xs) carry Q4_0's -8 offset and Q4_1's min term. Reassociation is allowed here so the
-# 32-term block sums vectorize.
+# 32-term block sums vectorize. Scales are read from the blocks themselves (one f16
+# conversion per 32 float products is cheap beside them), so these weights carry no
+# prepared side arrays: 21 MiB for Gemma 3's Q8_0 output head, which prompts reach.
 @njit(**OPTS)
-def _row32f(kind, w, wi, r, rb, nb, d, m, x, xs):
+def _row32f(kind, w, wi, r, rb, nb, x, xs):
     """Row r of a 32-block weight against one token's float activations x (block sums xs)."""
     literally(kind)
     acc = F(0)
@@ -715,7 +717,7 @@ def _row32f(kind, w, wi, r, rb, nb, d, m, x, xs):
         if kind == Q8_0:
             for j in range(32):
                 s += F(wi[o + U(2 + j)]) * x[xb + U(j)]
-            acc += d[r, b] * s
+            acc += h2f(w[o], w[o + U(1)]) * s
         elif kind == MXFP4:
             for j in range(16):
                 q = w[o + U(1 + j)]
@@ -727,10 +729,11 @@ def _row32f(kind, w, wi, r, rb, nb, d, m, x, xs):
             for j in range(16):
                 q = I32(w[qo + U(j)])
                 s += F(q & I32(15)) * x[xb + U(j)] + F(q >> I32(4)) * x[xb + U(16 + j)]
+            d = h2f(w[o], w[o + U(1)])
             if kind == Q4_0:
-                acc += d[r, b] * (s - F(8) * xs[b])
+                acc += d * (s - F(8) * xs[b])
             else:
-                acc += d[r, b] * s + m[r, b] * xs[b]
+                acc += d * s + h2f(w[o + U(2)], w[o + U(3)]) * xs[b]
     return acc
 
 
@@ -749,7 +752,7 @@ def _block_sums(x):
 
 
 @njit(**PAR)
-def _mvf(kind, w2, d, m, x, out):
+def _mvf(kind, w2, x, out):
     literally(kind)
     rows, rb, (n, cols) = w2.shape[0], U(w2.shape[1]), x.shape
     w = w2.reshape(-1)
@@ -758,29 +761,29 @@ def _mvf(kind, w2, d, m, x, out):
     for c in prange((rows + ROW_TILE - 1) // ROW_TILE):
         for t in range(n):
             for r in range(c * ROW_TILE, min(rows, (c + 1) * ROW_TILE)):
-                out[t, r] = _row32f(kind, w, wi, r, rb, cols // 32, d, m, x[t], xs[t])
+                out[t, r] = _row32f(kind, w, wi, r, rb, cols // 32, x[t], xs[t])
 
 
-mvf_q4_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_0, w2, d, m, x, out))
-mvf_q4_1 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q4_1, w2, d, m, x, out))
-mvf_q8_0 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(Q8_0, w2, d, m, x, out))
-mvf_mxfp4 = njit(**OPTS)(lambda w2, d, m, x, out: _mvf(MXFP4, w2, d, m, x, out))
+mvf_q4_0 = njit(**OPTS)(lambda w2, x, out: _mvf(Q4_0, w2, x, out))
+mvf_q4_1 = njit(**OPTS)(lambda w2, x, out: _mvf(Q4_1, w2, x, out))
+mvf_q8_0 = njit(**OPTS)(lambda w2, x, out: _mvf(Q8_0, w2, x, out))
+mvf_mxfp4 = njit(**OPTS)(lambda w2, x, out: _mvf(MXFP4, w2, x, out))
 
 
 # Selected rows only (ReLU-gated FFNs skip the rows whose gate is zero). Each row runs the
 # full drivers' row function; LLVM may still order its block sums differently here (the
 # sums are reassociable), so results agree to float32 rounding.
 @njit(**PAR)
-def _mvf_rows(kind, w2, d, m, x, idx, out):
+def _mvf_rows(kind, w2, x, idx, out):
     literally(kind)
     rb, w, cols = U(w2.shape[1]), w2.reshape(-1), x.shape[1]
     wi = w.view(np.int8)
     xs = _block_sums(x)
     for i in prange(idx.shape[0]):
-        out[idx[i]] = _row32f(kind, w, wi, idx[i], rb, cols // 32, d, m, x[0], xs[0])
+        out[idx[i]] = _row32f(kind, w, wi, idx[i], rb, cols // 32, x[0], xs[0])
 
 
-mvf_rows_q4_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_0, w2, d, m, x, i, out))
-mvf_rows_q4_1 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q4_1, w2, d, m, x, i, out))
-mvf_rows_q8_0 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(Q8_0, w2, d, m, x, i, out))
-mvf_rows_mxfp4 = njit(**OPTS)(lambda w2, d, m, x, i, out: _mvf_rows(MXFP4, w2, d, m, x, i, out))
+mvf_rows_q4_0 = njit(**OPTS)(lambda w2, x, i, out: _mvf_rows(Q4_0, w2, x, i, out))
+mvf_rows_q4_1 = njit(**OPTS)(lambda w2, x, i, out: _mvf_rows(Q4_1, w2, x, i, out))
+mvf_rows_q8_0 = njit(**OPTS)(lambda w2, x, i, out: _mvf_rows(Q8_0, w2, x, i, out))
+mvf_rows_mxfp4 = njit(**OPTS)(lambda w2, x, i, out: _mvf_rows(MXFP4, w2, x, i, out))
