@@ -497,33 +497,42 @@ def block_scales(w2, bsz, off, dst):
 # ------------------------------------------------------------------------ dequantization
 # deq_<t>(w2, r0, r1, dst): rows r0..r1 of w2 -> dst (r1 - r0, cols) float32, threads over rows.
 
+# A block's loop bound LLVM cannot fold (it is 16 or 32 whenever there are columns) keeps the
+# loop a loop, which the loop vectorizer takes; fully unrolled, the SLP vectorizer left these
+# scalar (Q4_0 2.3 -> 6.8, Q8_0 2.2 -> 8-11 G weights/s on one core). Nibbles come from the
+# bytes read as int8 and masked in int32, which vectorizes where uint8 arithmetic (widened
+# to int64 by Numba) does not.
 @njit(**PAR)
 def deq_q4_0(w2, r0, r1, dst):
     cols = dst.shape[1]
+    half = 16 if cols > 0 else 0
     for r in prange(r1 - r0):
         row = w2[r0 + r]
+        ri = row.view(np.int8)
         for b in range(cols // 32):
             o = U(b * 18)
             d = h2f(row[o], row[o + U(1)])
-            for j in range(16):
-                lo, hi = nib(F(row[o + U(2 + j)]))
-                dst[r, b * 32 + j] = d * (lo - F(8))
-                dst[r, b * 32 + 16 + j] = d * (hi - F(8))
+            for j in range(half):
+                q = I32(ri[o + U(2 + j)])
+                dst[r, b * 32 + j] = d * F(I32(q & I32(15)) - I32(8))
+                dst[r, b * 32 + 16 + j] = d * F(I32(I32(q >> I32(4)) & I32(15)) - I32(8))
 
 
 @njit(**PAR)
 def deq_q4_1(w2, r0, r1, dst):
     cols = dst.shape[1]
+    half = 16 if cols > 0 else 0
     for r in prange(r1 - r0):
         row = w2[r0 + r]
+        ri = row.view(np.int8)
         for b in range(cols // 32):
             o = U(b * 20)
             d = h2f(row[o], row[o + U(1)])
             m = h2f(row[o + U(2)], row[o + U(3)])
-            for j in range(16):
-                lo, hi = nib(F(row[o + U(4 + j)]))
-                dst[r, b * 32 + j] = d * lo + m
-                dst[r, b * 32 + 16 + j] = d * hi + m
+            for j in range(half):
+                q = I32(ri[o + U(4 + j)])
+                dst[r, b * 32 + j] = d * F(I32(q & I32(15))) + m
+                dst[r, b * 32 + 16 + j] = d * F(I32(I32(q >> I32(4)) & I32(15))) + m
 
 
 @njit(**PAR)
@@ -560,13 +569,14 @@ def deq_q5_1(w2, r0, r1, dst):
 @njit(**PAR)
 def deq_q8_0(w2, r0, r1, dst):
     cols = dst.shape[1]
+    block = 32 if cols > 0 else 0   # see deq_q4_0
     for r in prange(r1 - r0):
         row = w2[r0 + r]
         ri = row.view(np.int8)
         for b in range(cols // 32):
             o = U(b * 34)
             d = h2f(row[o], row[o + U(1)])
-            for j in range(32):
+            for j in range(block):
                 dst[r, b * 32 + j] = d * F(ri[o + U(2 + j)])
 
 
