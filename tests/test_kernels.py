@@ -264,6 +264,22 @@ def test_prepared_matvec_random(qtype, llama_numerics):
         K.matvec(w, x[:-32])
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_prepared_nbytes_is_what_the_kernels_attach(portable, request):
+    """The memory planner's count of side arrays: what every numerics' matvec attaches."""
+    from pocketlm.gguf.tensor import QTensor
+    if portable:
+        request.getfixturevalue("llama_numerics")
+    for qtype in ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "MXFP4"]:
+        w = QTensor(qtype, (37, 512), random_weights(qtype, 37, 512))
+        x = RNG.standard_normal(512).astype(np.float32)
+        for numerics in K.NUMERICS:
+            K.matvec(w, x, numerics=numerics)
+        p = w.prepared
+        attached = 0 if p is None else p.d.nbytes + p.m.nbytes
+        assert attached == K.prepared_nbytes(qtype, 37, 512), (qtype, portable)
+
+
 def test_prepared_matvec_real(smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path, llama_numerics):
     seen = set()
     for path in (smollm2_path, smollm2_q4_0_path, smollm2_q8_0_path):

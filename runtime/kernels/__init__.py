@@ -179,7 +179,11 @@ def _prepared(w) -> Prepared | None:
 
 
 def prepared_nbytes(qtype: str, rows: int, cols: int) -> int:
-    """Bytes of side arrays ``prepare`` adds to a (rows, cols) weight of ``qtype``."""
+    """Bytes of side arrays the kernels attach to a (rows, cols) weight of ``qtype``: the
+    prepared scales of the 8-bit drivers off AVX2 (``_Scaled``), where those serve it; no
+    other kernel prepares."""
+    if not isinstance(_REGISTRY.get(("llama", qtype)), _Scaled):
+        return 0
     return rows * (cols // 32) * 4 * len(_SCALE_FIELDS.get(qtype, ()))
 
 
@@ -203,16 +207,25 @@ class _Portable:
         fn(w.data, x2, out2)
 
 
-class _Scaled:
-    """Q4_0/Q4_1/Q8_0 with 8-bit activations through their prepared f32 block scales
-    ("llama" off AVX2)."""
+class _Blocks32:
+    """The Numba drivers of ``_quant`` for Q4_0/Q4_1/Q8_0 (and MXFP4), one specialization
+    per qtype: ``_Scaled`` and ``_Float``."""
 
     fused = False
-    rows = False
     max_rows = PREPARED_MAX_ROWS
 
     def __init__(self, qtype: str):
         self.qtype = qtype
+
+    def _fn(self, prefix: str, sig):
+        return _once((prefix, self.qtype),
+                     lambda: getattr(_quant, prefix + self.qtype.lower()), sig)
+
+
+class _Scaled(_Blocks32):
+    """8-bit activations through prepared f32 block scales ("llama" off AVX2)."""
+
+    rows = False
 
     def mv(self, w, x2, out2):
         p = _prepared(w)
@@ -221,32 +234,22 @@ class _Scaled:
         self.compile()(w.data, p.d, p.m, x2, out2)
 
     def compile(self):
-        return _once(("mv_", self.qtype), lambda: getattr(_quant, "mv_" + self.qtype.lower()),
-                     _MV_SIG)
+        return self._fn("mv_", _MV_SIG)
 
 
-class _Float:
-    """Q4_0/Q4_1/Q8_0/MXFP4 against float activations ("exact"): every row or selected
-    rows, scales read from the blocks."""
+class _Float(_Blocks32):
+    """Float activations ("exact"): every row or selected rows, scales read from the
+    blocks."""
 
-    fused = False
     rows = True
-    max_rows = PREPARED_MAX_ROWS
-
-    def __init__(self, qtype: str):
-        self.qtype = qtype
 
     def mv(self, w, x2, out2):
         _check(w.qtype, w.data, w.shape[-1])
-        fn = _once(("mvf_", self.qtype), lambda: getattr(_quant, "mvf_" + self.qtype.lower()),
-                   _MVF_SIG)
-        fn(w.data, x2, out2)
+        self._fn("mvf_", _MVF_SIG)(w.data, x2, out2)
 
     def mv_rows(self, w, x2, idx, out):
         _check(w.qtype, w.data, w.shape[-1])
-        fn = _once(("rows", w.qtype), lambda: getattr(_quant, "mvf_rows_" + w.qtype.lower()),
-                   _MVF_ROWS_SIG)
-        fn(w.data, x2, idx, out)
+        self._fn("mvf_rows_", _MVF_ROWS_SIG)(w.data, x2, idx, out)
 
 
 class _Avx2:

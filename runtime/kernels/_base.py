@@ -9,6 +9,8 @@ from llvmlite import ir
 from numba import config, njit, types
 from numba.extending import intrinsic
 
+CPU_FEATURES = llvm.get_host_cpu_features()   # what this host's code may use
+
 U = np.uint64  # unsigned indices: Numba then emits no negative-index wraparound selects
 
 # 'arcp' is left out so divisions (activation scales) round exactly as in C.
@@ -83,7 +85,7 @@ def _fpext_half(typingctx, h):
     return types.float32(types.uint16), codegen
 
 
-if llvm.get_host_cpu_features().get("f16c", False):
+if CPU_FEATURES.get("f16c", False):
     @njit(inline="always", **OPTS)
     def u16f(h):
         """IEEE half given as uint16 -> float32, exactly (the CPU's conversion)."""

@@ -20,7 +20,6 @@ portable kernels run.
 """
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -28,10 +27,10 @@ from numba.extending import intrinsic
 
 from pocketlm.quant import type_size
 
+from ._base import CPU_FEATURES as _FEATURES
 from ._base import VEC_OPTS, silu_f32
 from ._quant import act_q8_0, act_q8_k
 
-_FEATURES = llvm.get_host_cpu_features()
 AVAILABLE = all(_FEATURES.get(f, False) for f in ("avx2", "fma", "f16c"))
 # AVX512-VNNI's vpdpbusd on 256-bit registers: the four-product sums of vpmaddubsw +
 # vpmaddwd in one instruction, exact where those are (no pair sum here reaches int16's
