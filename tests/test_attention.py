@@ -124,6 +124,33 @@ def test_attend_softcap_and_blind_query(path):
     np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 3, 20])     # serial decode, parallel decode, BLAS
+def test_half_copy_is_the_float_cache_rounded(n):
+    """A cache's float16 copy (what decode attention reads, as llama.cpp's default cache
+    holds keys and values) gives what float32 arrays of the rounded values give, to float32
+    rounding (the two compiled kernels may group their sums differently), on every path, and
+    the reference's result for those values; the float32 cache is unchanged."""
+    rng = np.random.default_rng(4)
+    H, KVH, D, m = 6, 2, 64, 300
+    q = rng.standard_normal((n, H, D)).astype(np.float32)
+    k = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    v = rng.standard_normal((m, KVH, D)).astype(np.float32)
+    pos = np.arange(m, dtype=np.int64)
+    c = LayerCache(KVH, D, n_ctx=m, half_copy=True)
+    c.store(k, v, pos)
+    assert c.kt16.dtype == np.float16 and c.nbytes == (c.kt.nbytes + c.v.nbytes) * 3 // 2
+    np.testing.assert_array_equal(c.v, v)
+    k16, v16 = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    got = attend(q, c.kt16, c.v16, c.slot_pos, c.n_slots, pos[-n:], 0.2)
+    want = attend(q, np.ascontiguousarray(k16.transpose(1, 2, 0)), v16, c.slot_pos,
+                  c.n_slots, pos[-n:], 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, ref_attention(q, k16, v16, pos[-n:], pos, 0.2),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        attend(q, c.kt, c.v16, c.slot_pos, m, pos[-n:], 0.2)
+
+
 def test_ring_cache_decode_equals_full_attention():
     """A sliding-window ring cache fed chunk by chunk gives the same outputs as a full cache."""
     rng = np.random.default_rng(1)

@@ -98,19 +98,21 @@ def resident_bytes(g) -> int:
 
 def kv_cache_bytes(model, n_ctx: int, chunk: int) -> int:
     a = model.args
+    item = 4 + (2 if model.ops.kv_half_copy else 0)   # float32, and the float16 copy
     total = 0
     for w in model.layer_windows():
         slots = n_ctx if w <= 0 else min(n_ctx, w + chunk)
-        total += slots * (2 * a.n_head_kv * a.head_dim * 4 + 8)
+        total += slots * (2 * a.n_head_kv * a.head_dim * item + 8)
     return total
 
 
 def scratch_bytes(model, n_ctx: int, chunk: int) -> int:
     """Activations of one prefill chunk: attention scores for all heads over the context (the
-    largest term), residual/projection buffers, the expert outputs and one row of logits."""
+    largest term), a contiguous copy of a layer's values for its BLAS products,
+    residual/projection buffers, the expert outputs and one row of logits."""
     a = model.args
     n = min(chunk, n_ctx)
-    scores = a.n_head * n * n_ctx * 4
+    scores = a.n_head * n * n_ctx * 4 + a.n_head_kv * a.head_dim * n_ctx * 4
     ffn = getattr(a, "n_ff_exp", 0) or getattr(a, "n_ff", 0)
     k = getattr(a, "n_expert_used", 1)
     acts = n * 4 * (16 * a.n_embd + 3 * a.n_head * a.head_dim + (k + 2) * a.n_embd + 3 * ffn)

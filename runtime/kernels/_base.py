@@ -7,7 +7,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import config, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 CPU_FEATURES = llvm.get_host_cpu_features()   # what this host's code may use
 
@@ -103,6 +103,19 @@ else:   # without F16C fpext would be a library call that Numba's JIT may not li
         if (h & np.uint32(0x7C00)) == np.uint32(0):
             mag = np.float32(h & np.uint32(0x3FF)) * np.float32(5.9604645e-08)  # subnormal: m * 2**-24
         return np.uint32(np.float32(mag).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+def load_f32(a, i):
+    """a[i] as float32, for arrays of float32 or of IEEE halves held as uint16 (the KV
+    cache's two storage types): one kernel source compiles for either."""
+    return np.float32(a[i])
+
+
+@overload(load_f32)
+def _load_f32(a, i):
+    if a.dtype == types.uint16:
+        return lambda a, i: u16f(a[i])
+    return lambda a, i: a[i]
 
 
 @njit(inline="always", **OPTS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._base import VEC_OPTS, exp_f32, round_f16, tanh_f32
+from ._base import VEC_OPTS, exp_f32, load_f32, round_f16, tanh_f32
 from ._pool import parallel_for
 
 # Below this many query tokens the Numba kernel beats setting up BLAS products.
@@ -75,9 +75,10 @@ def _softmax_masked(sc, row_pos, slot_pos, scale, window, softcap, f16, sinks):
 @njit(inline="always", **VEC_OPTS)
 def _axpy4(acc, n, c0, c1, c2, c3, r0, r1, r2, r3):
     """acc[:n] += c0 r0 + c1 r1 + c2 r2 + c3 r3: four rows per pass over acc keep its loads
-    and stores few."""
+    and stores few. The rows are float32 or halves (``load_f32``)."""
     for i in range(n):
-        acc[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i]
+        acc[i] += (c0 * load_f32(r0, i) + c1 * load_f32(r1, i) + c2 * load_f32(r2, i)
+                   + c3 * load_f32(r3, i))
 
 
 @njit(**VEC_OPTS)
@@ -143,7 +144,9 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
             seen &= sp > p.min() - window
         idx = np.flatnonzero(seen)
         spans.append((int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0))
-    vv = [np.ascontiguousarray(v[:n_slots, kh]) for kh in range(KVH)]   # (S, D) each
+    # float32 copies of a half cache, once per KV head: BLAS multiplies float32
+    kk = [np.asarray(kt[kh, :, :n_slots], np.float32) for kh in range(KVH)]   # (D, S) each
+    vv = [np.ascontiguousarray(v[:n_slots, kh], np.float32) for kh in range(KVH)]  # (S, D)
     row_pos = [np.repeat(q_pos[t0:t1], g) for t0, t1 in tiles]          # (tile*g,) each
     # rows of a tile are (token, head in the group): each head's sink repeats per token
     row_sinks = [np.tile(sinks[kh * g:(kh + 1) * g], _QUERY_TILE) if len(sinks) else sinks
@@ -156,7 +159,7 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
             out[t0:t1, kh * g:(kh + 1) * g] = 0.0
             return
         qq = q[t0:t1, kh * g:(kh + 1) * g].reshape((t1 - t0) * g, D)
-        s = qq @ kt[kh, :, lo:hi]                                         # (tile*g, L)
+        s = qq @ kk[kh][:, lo:hi]                                         # (tile*g, L)
         _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap, f16,
                         row_sinks[kh][:len(s)] if len(sinks) else sinks)
         out[t0:t1, kh * g:(kh + 1) * g] = (s @ vv[kh][lo:hi]).reshape(t1 - t0, g, D)
@@ -169,10 +172,10 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
            sinks: np.ndarray | None = None) -> np.ndarray:
     """softmax(q·kᵀ·scale + mask)·v for every query token and head.
 
-    q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D); H a multiple
-    of KVH (grouped-query); only the first ``n_slots`` slots are read. A key at position sp
-    is visible to a query at position p when 0 <= sp <= p and, if ``window`` > 0,
-    p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
+    q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D), both float32
+    or both float16; H a multiple of KVH (grouped-query); only the first ``n_slots`` slots
+    are read. A key at position sp is visible to a query at position p when
+    0 <= sp <= p and, if ``window`` > 0, p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
     are rounded to float16 before they meet v (llama.cpp's numerics; see ``_softmax_masked``).
     ``sinks`` (H,) float32: per head, a logit that joins each softmax without a value.
     """
@@ -183,21 +186,32 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
         sinks = _NO_SINKS
     elif sinks.shape != (H,) or sinks.dtype != np.float32:
         raise ValueError(f"attention sinks: expected ({H},) float32, got {sinks.shape} {sinks.dtype}")
-    args = (q, kt, v, slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
+    if kt.dtype != v.dtype or kt.dtype not in (np.float32, np.float16):
+        raise ValueError(f"attention cache: expected float32 or float16 keys and values, got "
+                         f"{kt.dtype} and {v.dtype}")
+    rest = (slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
             bool(f16), np.ascontiguousarray(sinks), out)
     if n >= BLAS_MIN_QUERIES:
-        _attend_blas(*args)
-    elif n * H * n_slots * D < _PARALLEL_MIN_WORK:
+        _attend_blas(q, kt, v, *rest)
+        return out
+    args = (q, *kernel_view(kt, v), *rest)
+    if n * H * n_slots * D < _PARALLEL_MIN_WORK:
         _attend_serial(*args)
     else:
         _attend_parallel(*args)
     return out
 
 
-def warm(head_dim: int) -> None:
-    """Call the decode kernel of long contexts once, so that it does not compile mid-answer
-    when a growing context switches to it."""
+def kernel_view(*arrays: np.ndarray) -> tuple:
+    """Cache arrays as the Numba kernels take them: float16 as its bits (uint16), which
+    ``load_f32`` converts; float32 as it is."""
+    return tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays)
+
+
+def warm(head_dim: int, dtype=np.float32) -> None:
+    """Call the decode kernel of long contexts once for a cache of ``dtype``, so that it does
+    not compile mid-answer when a growing context switches to it."""
     slots = _PARALLEL_MIN_WORK // head_dim + 1
-    attend(np.zeros((1, 1, head_dim), np.float32), np.zeros((1, head_dim, slots), np.float32),
-           np.zeros((slots, 1, head_dim), np.float32), np.zeros(slots, np.int64), slots,
+    attend(np.zeros((1, 1, head_dim), np.float32), np.zeros((1, head_dim, slots), dtype),
+           np.zeros((slots, 1, head_dim), dtype), np.zeros(slots, np.int64), slots,
            np.zeros(1, np.int64), 1.0)

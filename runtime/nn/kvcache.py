@@ -13,20 +13,29 @@ class LayerCache:
     """
 
     def __init__(self, n_kv_heads: int, head_dim: int, n_ctx: int, window: int = 0,
-                 chunk: int = 512, dtype=np.float32):
+                 chunk: int = 512, dtype=np.float32, half_copy: bool = False):
         self.window = window
         self.capacity = n_ctx if window <= 0 else min(n_ctx, window + chunk)
         # keys transposed so a query's scores are contiguous runs over slots
         self.kt = np.zeros((n_kv_heads, head_dim, self.capacity), dtype=dtype)  # (KVH, D, S)
         self.v = np.zeros((self.capacity, n_kv_heads, head_dim), dtype=dtype)   # (S, KVH, D)
+        # ``half_copy``: the same keys and values in float16 too, for decode attention (half
+        # the bytes per step; llama.cpp's cache type), while prompts read the float32 ones
+        # and stay exact, whatever part of them came from the cache
+        self.kt16 = np.zeros(self.kt.shape, np.float16) if half_copy else None
+        self.v16 = np.zeros(self.v.shape, np.float16) if half_copy else None
         self.slot_pos = np.full(self.capacity, -1, dtype=np.int64)             # (S,)
         self.n_slots = 0  # slots [0, n_slots) have been written at least once
 
     def store(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
         """Write k, v (n, KVH, D) for ``positions`` (n,)."""
         slots = self.claim(positions)
-        self.kt[:, :, slots] = k.transpose(1, 2, 0)
+        kt = k.transpose(1, 2, 0)
+        self.kt[:, :, slots] = kt
         self.v[slots] = v
+        if self.kt16 is not None:
+            self.kt16[:, :, slots] = kt
+            self.v16[slots] = v
 
     def claim(self, positions: np.ndarray):
         """Tag the slots for ``positions`` (n,) and return them (an index array, or a slice
@@ -64,7 +73,8 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        return self.kt.nbytes + self.v.nbytes
+        half = 0 if self.kt16 is None else self.kt16.nbytes + self.v16.nbytes
+        return self.kt.nbytes + self.v.nbytes + half
 
 
 class KVCache:

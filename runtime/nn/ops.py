@@ -19,7 +19,7 @@ import numpy as np
 from pocketlm import kernels, quant
 from pocketlm.gguf.tensor import QTensor
 from pocketlm.kernels import layernorm, tinyops
-from pocketlm.kernels.attention import attend
+from pocketlm.kernels.attention import BLAS_MIN_QUERIES, attend
 from pocketlm.kernels.sparse_attention import CompressedKeys, attend_sparse
 from pocketlm.nn.kvcache import LayerCache
 
@@ -35,6 +35,7 @@ class Ops:
 
     name = "ops"
     device = "cpu"
+    kv_half_copy = False   # whether layer caches keep a float16 copy for decode
 
     @property
     def prompt(self) -> "Ops":
@@ -59,7 +60,8 @@ class Ops:
     def layer_cache(self, n_head_kv: int, head_dim: int, n_ctx: int, window: int,
                     chunk: int) -> LayerCache:
         """One layer's KV cache where this device keeps it."""
-        return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk)
+        return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk,
+                          half_copy=self.kv_half_copy)
 
 
 def _f16(a):
@@ -73,7 +75,9 @@ class CPUOps(Ops):
     - "auto" (the default): decode as llama.cpp's CPU path computes (activations quantized to
       each weight's vec_dot type, 8-bit for quantized weights, exact integer block dots);
       prompts in float activations through BLAS, so that a prompt re-run after a cached
-      prefix gets the logits of a fresh run (to float rounding).
+      prefix gets the logits of a fresh run (to float rounding). Decode attention reads
+      keys and values rounded to float16, as llama.cpp's default cache holds them
+      (``kv_half_copy``); prompts read them in float32.
     - "llama": llama.cpp's arithmetic in prompts too (``kernels.llama_activations``), with
       queries, keys, values and attention weights rounded to float16, as its F16 KV cache
       without flash attention (llama-cpp-python's default) rounds them: for comparing with
@@ -96,6 +100,13 @@ class CPUOps(Ops):
     @property
     def prompt(self) -> "CPUOps":
         return EXACT if self.numerics == "auto" else self
+
+    @property
+    def kv_half_copy(self) -> bool:
+        """Decode attention on the 8-bit-activation kernels reads a float16 copy of the
+        keys and values (as llama.cpp's default cache keeps them: half the bytes per step);
+        "exact" keeps float32 only."""
+        return self.numerics != "exact"
 
     # ------------------------------------------------------------------------ decoders
     def rms_norm(self, x, weight, eps: float):
@@ -132,7 +143,10 @@ class CPUOps(Ops):
         if self._llama:
             q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
-        out = attend(q, cache.kt, cache.v, cache.slot_pos, cache.n_slots, positions, scale,
+        kt, vv = cache.kt, cache.v
+        if self._k == "llama" and cache.kt16 is not None and len(q) < BLAS_MIN_QUERIES:
+            kt, vv = cache.kt16, cache.v16     # decode's kernels: the float16 copy
+        out = attend(q, kt, vv, cache.slot_pos, cache.n_slots, positions, scale,
                      cache.window, softcap, f16=self._llama, sinks=sinks)
         return out.reshape(q.shape[0], -1)
 
