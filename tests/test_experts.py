@@ -159,6 +159,26 @@ def test_read_error_reaches_the_caller(tiny):
         cache.close()
 
 
+def test_groups_serve_what_is_ready_together_and_pin_it(tiny):
+    """Experts already read come in one group (one decode kernel call), pinned while the
+    caller holds the group and released when it asks for the next; each group's experts are
+    the ones asked for, once."""
+    g, model = tiny
+    cache = ExpertCache(ExpertStore.from_gguf(g), 8)
+    try:
+        layer = min(cache.store.layers)
+        ids = np.array([[3, 1, 2]])
+        got = [e for grp in cache.groups(layer, ids) for e, _ in grp]   # reads them
+        assert sorted(got) == [1, 2, 3] and not any(cache.pins)
+        gen = cache.groups(layer, ids)
+        first = next(gen)
+        assert sorted(e for e, _ in first) == [1, 2, 3]                 # all ready: one group
+        assert sum(cache.pins) == 3
+        assert next(gen, None) is None and not any(cache.pins)
+    finally:
+        cache.close()
+
+
 def test_parse_size():
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("1.5G") == 3 << 29

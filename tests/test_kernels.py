@@ -441,23 +441,29 @@ def test_matvec_rows_equals_matvec_on_selected_rows(qtype):
 @pytest.mark.skipif(not K._simd.AVAILABLE, reason="host lacks AVX2/FMA/F16C")
 @pytest.mark.parametrize("qtype,act", [("Q4_0", "relu"), ("Q4_0", "silu"), ("Q8_0", "relu"),
                                        ("Q4_K", "silu")])
-def test_expert_decode_equals_separate_calls(qtype, act):
-    """The one-call expert (gate, up rows, GLU, down) gives the separate calls' numbers."""
-    n_embd, n_ff = 512, 768
-    gate, up = (QTensor(qtype, (n_ff, n_embd), random_weights(qtype, n_ff, n_embd))
-                for _ in range(2))
-    down = QTensor(qtype, (n_embd, n_ff), random_weights(qtype, n_embd, n_ff))
+def test_experts_decode_equals_separate_calls(qtype, act):
+    """The one-call experts (gate and up rows of all, GLU, down of all) give each expert's
+    separate calls' numbers, bit for bit."""
+    from pocketlm.nn.moe import Expert
+    n_embd, n_ff, k = 512, 768, 3
+    exs = [Expert(*(QTensor(qtype, shape, random_weights(qtype, *shape))
+                    for shape in ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))))
+           for _ in range(k)]
     x = RNG.standard_normal(n_embd).astype(np.float32)
-    got, n_rows = K.expert_decode(gate, up, down, x, act)
-    g = K.matvec(gate, x)
-    if act == "relu":
-        rows = np.flatnonzero(g > 0)
-        h = K.relu_mul(g, K.matvec_rows(up, x, rows))
-        assert n_rows == len(rows) < n_ff
-    else:
-        h = K.silu_mul(g, K.matvec(up, x))
-        assert n_rows == n_ff
-    np.testing.assert_array_equal(got, K.matvec(down, h))
-    assert K.expert_decode(gate, up, down, x, "gelu") is None      # no fused GELU
+    got, n_rows = K.experts_decode(exs, x, act)
+    assert got.shape == (k, n_embd)
+    total = 0
+    for ex, y in zip(exs, got):
+        g = K.matvec(ex.gate, x)
+        if act == "relu":
+            rows = np.flatnonzero(g > 0)
+            h = K.relu_mul(g, K.matvec_rows(ex.up, x, rows))
+            total += len(rows)
+        else:
+            h = K.silu_mul(g, K.matvec(ex.up, x))
+            total += n_ff
+        np.testing.assert_array_equal(y, K.matvec(ex.down, h))
+    assert n_rows == total and (act == "silu" or total < k * n_ff)
+    assert K.experts_decode(exs, x, "gelu") is None      # no fused GELU
     with pytest.raises(ValueError):
-        K.expert_decode(gate, up, down, x[:256], act)
+        K.experts_decode(exs, x[:256], act)

@@ -90,7 +90,8 @@ def test_next_layer_is_predicted_from_the_ffn_input(model_paths, name):
         model = load_model(g)
         seen = []
         model.experts = src = SimpleNamespace(request=lambda i, ids, x=None: seen.append(
-            (i, x)), each=model.experts.each, neurons=None)
+            (i, x)), each=model.experts.each, groups=model.experts.groups,
+            neurons=None)
         model.forward(np.array(IDS[:4]), np.arange(4), model.new_cache(8))
         assert [i for i, _ in seen] == list(range(model.args.n_layer))
         assert all(x is not None and x.shape == (4, model.args.n_embd) for _, x in seen)

@@ -170,11 +170,19 @@ class ExpertCache(ExpertSource):
 
     def each(self, layer: int, ids):
         """Yield (expert id, Expert) for the unique ``ids`` of ``layer``, ready ones first; each
-        stays pinned until the caller asks for the next."""
+        stays pinned until the caller is done with its group (``groups``)."""
+        for group in self.groups(layer, ids):
+            yield from group
+
+    def groups(self, layer: int, ids):
+        """Yield lists of (expert id, Expert) covering the unique ``ids`` of ``layer``: each
+        list every expert ready at that moment (at least one, waited for), pinned until the
+        caller asks for the next list."""
         remaining = {int(e) for e in np.unique(ids)}
         if not {(layer, e) for e in remaining} <= self.wanted:
             self.request(layer, ids)
         while remaining:
+            group, slots = [], []
             with self.cv:
                 t0 = None
                 while True:
@@ -186,15 +194,24 @@ class ExpertCache(ExpertSource):
                     self.cv.wait(0.05)
                 if t0 is not None:
                     self.stats.wait_s += time.perf_counter() - t0
-                self.pins[s] += 1
-                self.wanted.discard((layer, e))
-                remaining.discard(e)
-                ex = self.expert[s]
+                try:
+                    while e is not None:
+                        self.pins[s] += 1
+                        slots.append(s)
+                        self.wanted.discard((layer, e))
+                        remaining.discard(e)
+                        group.append((e, self.expert[s]))
+                        e, s = self._ready_one(layer, remaining) if remaining else (None, None)
+                except BaseException:   # another expert's read failed: nothing stays pinned
+                    for s in slots:
+                        self.pins[s] -= 1
+                    raise
             try:
-                yield e, ex
+                yield group
             finally:
                 with self.cv:
-                    self.pins[s] -= 1
+                    for s in slots:
+                        self.pins[s] -= 1
                     self.cv.notify_all()
 
     def _ready_one(self, layer, remaining):

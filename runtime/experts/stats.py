@@ -37,6 +37,9 @@ class RoutingTap(ExpertSource):
     def each(self, layer: int, ids):
         return self.source.each(layer, ids)
 
+    def groups(self, layer: int, ids):
+        return self.source.groups(layer, ids)
+
 
 @contextmanager
 def tap_routing(model, on_route):

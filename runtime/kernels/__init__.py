@@ -8,7 +8,7 @@ kernel serves a weight is looked up in one registry keyed by (numerics, qtype):
   or Q8_K), takes exact integer block dot products and accumulates blocks in f32, as
   llama.cpp's x86 CPU path does: on AVX2 hosts by the LLVM IR kernels of ``_simd``
   (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K; ``matmul_many`` serves several weights sharing an input in
-  one call, ``expert_decode`` a whole gated expert), elsewhere by the portable Numba drivers
+  one call, ``experts_decode`` a layer's gated experts), elsewhere by the portable Numba drivers
   of ``_quant``. Results sit about 0.2-0.4 logits from exact math, as llama.cpp's do.
 - numerics "exact": activations stay float32 and Q4_0/Q4_1/Q8_0/MXFP4 weights are
   dequantized in registers, so results sit within float32 rounding of exact math; other
@@ -545,29 +545,54 @@ def matmul_many(ws, x: np.ndarray, numerics: str = "llama",
             for r, w in zip(res, ws)]
 
 
-def expert_decode(gate, up, down, x: np.ndarray, act: str, numerics: str = "llama"):
-    """One token through one gated expert, down · (act(gate · x) * (up · x)), in one kernel
-    call; x (n_embd,). Returns (out (n_embd,), rows computed in up) — for "relu" (ReGLU)
-    only the rows with a positive gate — or None when the weights' kernel has no fused
-    expert (the caller then takes the separate calls, whose results these equal bit for
-    bit)."""
-    q = gate.qtype
-    if act not in ("relu", "silu") or not kernel(q, numerics).fused or up.qtype != q or \
-            down.qtype != q:
+_ADDR = types.Array(types.int64, 2, "C", readonly=True)
+_O2 = types.Array(types.float32, 2, "C")
+
+
+def experts_decode(experts: list, x: np.ndarray, act: str, numerics: str = "llama"):
+    """One token through k gated experts (``moe.Expert``), down_e · (act(gate_e · x) *
+    (up_e · x)) for each, in one kernel call; x (n_embd,). Returns (out (k, n_embd), up rows
+    computed) — for "relu" (ReGLU) only the rows with a positive gate — or None when the
+    weights' kernel has no fused expert (the caller then takes the separate calls, whose
+    results these equal bit for bit). The experts' buffers must stay alive during the call
+    (the kernel reads them by address)."""
+    first = experts[0]
+    q = first.gate.qtype
+    if act not in ("relu", "silu") or not kernel(q, numerics).fused:
         return None
+    n_ff, n_embd = first.gate.shape[-2], first.gate.shape[-1]
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, -1)
-    n_ff, n_embd = gate.shape[-2], gate.shape[-1]
-    if x.shape[1] != n_embd or up.shape[-2:] != (n_ff, n_embd) or \
-            down.shape[-2:] != (n_embd, n_ff):
-        raise ValueError(f"expert shapes {gate.shape} {up.shape} {down.shape} do not fit "
-                         f"x of {x.shape[1]}")
-    for w in (gate, up, down):
-        _check(q, w.data, w.shape[-1])
-    fn = _once(("simd", "expert"), lambda: _simd.expert,
-               (types.int64, _W, _W, _W, _X, types.boolean, _O1), _AVX2_CODEGEN)
-    out = np.empty(n_embd, np.float32)
-    n = fn(_simd.KIND[q], gate.data, up.data, down.data, x, act == "relu", out)
+    if x.shape[1] != n_embd:
+        raise ValueError(f"experts of {n_embd} columns do not fit x of {x.shape[1]}")
+    addr = np.empty((len(experts), 3), np.int64)
+    for i, ex in enumerate(experts):
+        a = _addresses(ex, q, n_ff, n_embd)
+        if a is None:
+            return None
+        addr[i] = a
+    fn = _once(("simd", "experts"), lambda: _simd.experts,
+               (types.int64, _ADDR, types.int64, types.int64, types.int64, _X, types.boolean,
+                _O2), _AVX2_CODEGEN)
+    out = np.empty((len(experts), n_embd), np.float32)
+    n = fn(_simd.KIND[q], addr, n_ff, first.gate.data.shape[1], first.down.data.shape[1], x,
+           act == "relu", out)
     return out, int(n)
+
+
+def _addresses(ex, q: str, n_ff: int, n_embd: int):
+    """The byte addresses of an expert's gate, up and down, checked once and kept on it; None
+    when the expert does not fit the fused kernel (another type, a transposed down)."""
+    if ex.addr is None:
+        ws = (ex.gate, ex.up, ex.down)
+        if ex.down_t or any(w.qtype != q for w in ws) or ex.gate.shape[-2:] != (n_ff, n_embd) \
+                or ex.up.shape[-2:] != (n_ff, n_embd) or ex.down.shape[-2:] != (n_embd, n_ff):
+            return None
+        for w in ws:
+            _check(q, w.data, w.shape[-1])
+            if not w.data.flags.c_contiguous:
+                return None
+        ex.addr = tuple(w.data.__array_interface__["data"][0] for w in ws)
+    return ex.addr
 
 
 def dequantize_raw(qtype: str, data: np.ndarray, cols: int) -> np.ndarray:

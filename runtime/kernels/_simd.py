@@ -317,7 +317,7 @@ KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q6_K": 5}
 def _dot_codegen(n_rows: int):
     """The codegen of dot(kind, w_1, o_1, ..., w_n, o_n, xq, xd, xs, nb) -> a tuple of
     n_rows float32: for each row, the nb blocks of weight type ``kind`` starting at
-    byte o_k of the uint8 array w_k (C-contiguous, any shape) against int8 activations xq
+    byte o_k of the uint8 array w_k (C-contiguous, any shape; or an int64 address) against int8 activations xq
     with block scales xd and block sums xs (32-blocks: integer sums, Q4_1: f16(d * sum) as
     ggml's Q8_1; K-quants: Q8_K's sums per 16). The rows share one loop over the blocks, so
     each activation block is loaded once for all of them; every row's result is the one it
@@ -330,7 +330,10 @@ def _dot_codegen(n_rows: int):
         xa, da, sa = arrays[-4:-1]
         nb = args[-1]
         o = _Ops(builder)
+        # a weight given as an address (an integer) instead of an array: its bytes start there
         bases = [builder.gep(arrays[1 + 2 * k].data, [args[2 + 2 * k]])
+                 if arrays[1 + 2 * k] is not None else
+                 builder.inttoptr(builder.add(args[1 + 2 * k], args[2 + 2 * k]), _I8.as_pointer())
                  for k in range(n_rows)]
         done = builder.append_basic_block("dot_done")
         blocks = {q: builder.append_basic_block(q) for q in KIND}
@@ -454,37 +457,66 @@ def mv_rows(kind, w2, x, idx, out):
     _rows_at(kind, w2, idx, xq[0], xd[0], xs[0], nb, out)
 
 
-@njit(**VEC_OPTS)
-def _glu_rows(g, u, relu, idx):
-    """act(g) * u over the rows in idx (relu) or all rows (SiLU), others 0."""
-    h = np.zeros((1, g.shape[0]), np.float32)
-    if relu:
-        for i in range(idx.shape[0]):
-            r = idx[i]
-            h[0, r] = g[r] * u[r]      # g > 0 on the active rows
-    else:
-        for r in range(g.shape[0]):
-            h[0, r] = silu_f32(g[r]) * u[r]
-    return h
+@njit(**PAR)
+def _gate_up(kind, addr, rb, xq, xd, xs, nb, relu, g, u):
+    """g[e], u[e] = expert e's gate and up rows (at byte addresses addr[e, 0] and addr[e, 1],
+    rb bytes a row) against the quantized activations, every expert's rows in one parallel
+    loop, two rows at a time (``_halves``). With ``relu`` (ReGLU) an up row is computed only
+    where its gate is positive: elsewhere it would be multiplied by 0 (u stays 0 there)."""
+    k, n = g.shape
+    half = (n + 1) // 2
+    for p in prange(k * half):
+        e = p // half
+        ra, rb_ = _halves(p - e * half, n)
+        ga, gb = _dot2(kind, addr[e, 0], ra * rb, addr[e, 0], rb_ * rb, xq, xd, xs, nb)
+        g[e, ra] = ga
+        g[e, rb_] = gb
+        if relu and not (ga > 0 or gb > 0):
+            continue
+        r0, r1 = ra, rb_
+        if relu:      # one active row of the two: compute it twice, as a pair
+            r0 = ra if ga > 0 else rb_
+            r1 = rb_ if gb > 0 else ra
+        ua, ub = _dot2(kind, addr[e, 1], r0 * rb, addr[e, 1], r1 * rb, xq, xd, xs, nb)
+        u[e, r0] = ua
+        u[e, r1] = ub
+
+
+@njit(**PAR)
+def _down_rows(kind, addr, rb, hq, hd, hs, nb, out):
+    """out[e] = expert e's down matrix (at addr[e, 2]) times its activations hq[e]."""
+    k, n = out.shape
+    half = (n + 1) // 2
+    for p in prange(k * half):
+        e = p // half
+        ra, rb_ = _halves(p - e * half, n)
+        ya, yb = _dot2(kind, addr[e, 2], ra * rb, addr[e, 2], rb_ * rb, hq[e], hd[e], hs[e], nb)
+        out[e, ra] = ya
+        out[e, rb_] = yb
 
 
 @njit(**VEC_OPTS)
-def expert(kind, gate, up, down, x, relu, out):
-    """One expert on one token: out (n_embd,) = down · (act(gate · x) * (up · x)), x (1, n_embd).
-
-    With ``relu`` (ReGLU) only the up rows whose gate is positive are computed (the others
-    are multiplied by 0). Returns the number of active rows. The same block dots, activation
-    quantization and GLU as the separate calls, in one call with three parallel loops."""
-    nb = np.int64(x.shape[1] // (256 if kind >= 4 else 32))
+def experts(kind, addr, n_ff, rb_in, rb_ff, x, relu, out):
+    """k experts on one token: out[e] (n_embd,) = down_e · (act(gate_e · x) * (up_e · x)),
+    x (1, n_embd); expert e's gate and up (n_ff rows of rb_in bytes) and down (n_embd rows
+    of rb_ff bytes) start at the byte addresses addr[e]. Returns the number of up rows computed (``relu``: those
+    with a positive gate). The same block dots, activation quantization and GLU as separate
+    calls, in two parallel loops for all the experts together."""
+    k, n_embd = out.shape
+    blk = 256 if kind >= 4 else 32
     xq, xd, xs = _act(x, kind)
-    n_ff = gate.shape[0]
-    g = np.empty(n_ff, np.float32)
-    _rows_at(kind, gate, np.arange(n_ff), xq[0], xd[0], xs[0], nb, g)
-    idx = np.flatnonzero(g > 0) if relu else np.arange(n_ff)
-    u = np.zeros(n_ff, np.float32)
-    _rows_at(kind, up, idx, xq[0], xd[0], xs[0], nb, u)
-    h = _glu_rows(g, u, relu, idx)
-    nbh = np.int64(n_ff // (256 if kind >= 4 else 32))
+    g = np.empty((k, n_ff), np.float32)
+    u = np.zeros((k, n_ff), np.float32)
+    _gate_up(kind, addr, rb_in, xq[0], xd[0], xs[0], np.int64(n_embd // blk), relu, g, u)
+    h = np.zeros((k, n_ff), np.float32)
+    n = 0
+    for e in range(k):
+        for r in range(n_ff):
+            if not relu:
+                h[e, r] = silu_f32(g[e, r]) * u[e, r]
+            elif g[e, r] > 0:
+                h[e, r] = g[e, r] * u[e, r]
+                n += 1
     hq, hd, hs = _act(h, kind)
-    _rows_at(kind, down, np.arange(down.shape[0]), hq[0], hd[0], hs[0], nbh, out)
-    return idx.shape[0]
+    _down_rows(kind, addr, rb_ff, hq, hd, hs, np.int64(n_ff // blk), out)
+    return n if relu else k * n_ff

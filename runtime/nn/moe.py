@@ -92,12 +92,14 @@ class Routers:
 
 
 class Expert:
-    """One expert's three matrices: gate, up (n_ff, n_embd) and down (n_embd, n_ff)."""
+    """One expert's three matrices: gate, up (n_ff, n_embd) and down (n_embd, n_ff).
+    ``addr``: their data's addresses, which the fused decode kernel keeps here once checked."""
 
-    __slots__ = ("gate", "up", "down", "down_t")
+    __slots__ = ("gate", "up", "down", "down_t", "addr")
 
     def __init__(self, gate: QTensor, up: QTensor, down: QTensor, down_t: bool = False):
         self.gate, self.up, self.down, self.down_t = gate, up, down, down_t
+        self.addr = None
 
 
 class NeuronStats:
@@ -119,8 +121,11 @@ class ExpertSource(Protocol):
     The model routes a layer and calls ``request(layer, ids, x)`` with the router's choice
     (n, k) as soon as it is known (a streaming source starts reading); ``x`` is the router's
     input (the layer input for pre-attention routers, the FFN input for post-attention
-    ones), from which a source given the model's ``Routers`` predicts the next layer. ``moe_ffn`` then takes the experts from
-    ``each(layer, ids)``: (id, Expert) pairs for the unique ids, in the order they are ready.
+    ones), from which a source given the model's ``Routers`` predicts the next layer.
+    ``moe_ffn`` then takes the experts from ``groups(layer, ids)``: lists of (id, Expert)
+    pairs covering the unique ids once, each list what is ready together (one decode kernel
+    call serves a list); ``each`` gives the same pairs one at a time, in the order they are
+    ready.
     ``hint(layer, ids)`` passes a prediction for a later layer to a source that
     ``wants_hints`` (so a source over another forwards its predictions). ``neurons``, when
     set (benchmarks), counts decode's active ReLU-gated neurons in the experts served.
@@ -136,6 +141,12 @@ class ExpertSource(Protocol):
     def hint(self, layer: int, ids: np.ndarray) -> None: ...
 
     def each(self, layer: int, ids: np.ndarray) -> Iterator[tuple[int, Expert]]: ...
+
+    def groups(self, layer: int, ids: np.ndarray) -> Iterator[list[tuple[int, Expert]]]:
+        """By default one expert per group, as ``each`` yields them (each stays valid until
+        the next group is asked for)."""
+        for pair in self.each(layer, ids):
+            yield [pair]
 
     def close(self) -> None:
         """Release what the source holds (files, threads); nothing for most."""
@@ -187,6 +198,9 @@ class ResidentExperts(ExpertSource):
         for e in np.unique(ids):
             yield int(e), self.get(layer, int(e))
 
+    def groups(self, layer: int, ids):
+        yield list(self.each(layer, ids))    # all ready at once
+
 
 _ONE_TOKEN = np.zeros(1, np.int64)
 
@@ -204,18 +218,24 @@ def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: E
     parts = np.zeros((n, k, x.shape[1]), dtype=np.float32)                # (n, k, n_embd)
     # decode: one token, whose k experts are distinct; no search for the expert's tokens
     slot_of = {int(e): j for j, e in enumerate(ids[0])} if n == 1 else None
-    for e, ex in experts.each(layer, ids):
-        if slot_of is not None:
-            tok, slot = _ONE_TOKEN, slot_of[e]
-            xe = x
-        else:
-            tok, slot = np.nonzero(ids == e)
-            xe = x[tok]
-        if biases is None:
-            y = ops.expert(ex, xe, act, experts.neurons)
-        else:
-            y = ops.expert(ex, xe, act, experts.neurons, bias=tuple(b[e] for b in biases))
-        parts[tok, slot] = weights[tok, slot][..., None] * y
+    for group in experts.groups(layer, ids):
+        ys = None
+        if slot_of is not None and biases is None:   # the group's experts in one call
+            ys = ops.experts_decode([ex for _, ex in group], x, act, experts.neurons)
+        for j, (e, ex) in enumerate(group):
+            if slot_of is not None:
+                tok, slot = _ONE_TOKEN, slot_of[e]
+                xe = x
+            else:
+                tok, slot = np.nonzero(ids == e)
+                xe = x[tok]
+            if ys is not None:
+                y = ys[j]
+            elif biases is None:
+                y = ops.expert(ex, xe, act, experts.neurons)
+            else:
+                y = ops.expert(ex, xe, act, experts.neurons, bias=tuple(b[e] for b in biases))
+            parts[tok, slot] = weights[tok, slot][..., None] * y
     out = parts[:, 0].copy()
     for j in range(1, k):
         out += parts[:, j]

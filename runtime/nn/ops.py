@@ -63,6 +63,11 @@ class Ops:
         return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk,
                           half_copy=self.kv_half_copy)
 
+    def experts_decode(self, exs: list, x, act: str, neurons=None):
+        """Several experts on one token in one call where the device has such a kernel
+        (``CPUOps``); None here: ``expert`` runs per expert."""
+        return None
+
 
 def _f16(a):
     """a rounded to float16 and back, as llama.cpp's F16 KV cache and attention round."""
@@ -178,13 +183,6 @@ class CPUOps(Ops):
         decode counts its active neurons in ``neurons`` (``moe.NeuronStats``) when given.
         ``bias``: the expert's (gate, up, down) biases, added after each product."""
         bg, bu, bd = (None, None, None) if bias is None else bias
-        if bias is None and len(xe) == 1 and not ex.down_t:
-            fused = kernels.expert_decode(ex.gate, ex.up, ex.down, xe[0], act, self._k)
-            if fused is not None:   # the calls below in one kernel, same numbers
-                if act == "relu" and neurons is not None:
-                    neurons.active += fused[1]
-                    neurons.total += ex.gate.shape[-2]
-                return fused[0][None, :]
         g = self.linear(ex.gate, xe, bg)                                     # (m, n_ff)
         if act == "relu" and len(xe) == 1 and bu is None:
             # ReGLU: where relu(gate) is 0 the up row is multiplied by 0, so only the active
@@ -202,6 +200,18 @@ class CPUOps(Ops):
             out = h @ ex.down.dequantize()
             return out if bd is None else out + bd
         return self.linear(ex.down, h, bd)
+
+    def experts_decode(self, exs: list, x, act: str, neurons=None):
+        """``expert`` for one token (x (1, n_embd)) through each of the experts ``exs`` in
+        one kernel call, → (len(exs), n_embd), the same numbers; None where the weights'
+        kernel has no fused form (the caller then takes ``expert`` per expert)."""
+        fused = kernels.experts_decode(exs, x[0], act, self._k)
+        if fused is None:
+            return None
+        if act == "relu" and neurons is not None:
+            neurons.active += fused[1]
+            neurons.total += len(exs) * exs[0].gate.shape[-2]
+        return fused[0]
 
     # ------------------------------------------------------------------------ encoders
     @staticmethod
