@@ -370,6 +370,9 @@ class BaseModel:
         self.args = args
         self.w = weights
         self.ops: nn.Ops = nn.CPU
+        # caches keep the float16 copy for decode that the ops want (``Ops.kv_half_copy``)
+        # unless a memory budget gives those bytes to expert slots instead
+        self.budgeted = False
         if len(weights.blk) != args.n_layer:
             raise ValueError(f"model has {len(weights.blk)} layers, metadata says {args.n_layer}")
         for name in self.required_tensors():
@@ -392,8 +395,14 @@ class BaseModel:
     def new_cache(self, n_ctx: int, chunk: int = 512) -> KVCache:
         """A KV cache where the model's ops keep it."""
         a = self.args
-        return KVCache([self.ops.layer_cache(a.n_head_kv, a.head_dim, n_ctx, w, chunk)
+        half = self.kv_half_copy
+        return KVCache([self.ops.layer_cache(a.n_head_kv, a.head_dim, n_ctx, w, chunk, half)
                         for w in self.layer_windows()], n_ctx)
+
+    @property
+    def kv_half_copy(self) -> bool:
+        """Whether new caches keep a float16 copy of keys and values for decode."""
+        return self.ops.kv_half_copy and not self.budgeted
 
     def forward_hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache,
                        ops: nn.Ops) -> np.ndarray:

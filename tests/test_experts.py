@@ -212,6 +212,24 @@ def test_budget_plan(tiny):
         store.close()
 
 
+def test_planned_kv_bytes_are_the_caches(smallthinker_tiny_path):
+    """The plan counts what the cache allocates: without a budget the cache keeps a float16
+    copy for decode beside its float32 arrays; under a budget it keeps none, and those bytes
+    go to expert slots."""
+    from pocketlm import LLM
+    from pocketlm.experts.budget import kv_cache_bytes
+    with LLM.load(str(smallthinker_tiny_path), n_ctx=128) as llm:
+        layer = llm.cache.layers[0]
+        assert layer.kt16 is not None and layer.kt16.dtype == np.float16
+        slot_pos = sum(c.slot_pos.nbytes for c in llm.cache.layers)
+        assert kv_cache_bytes(llm.model, 128, llm.chunk) == llm.cache.nbytes + slot_pos
+    with LLM.load(str(smallthinker_tiny_path), n_ctx=128, memory_budget="2GiB") as llm:
+        assert all(c.kt16 is None for c in llm.cache.layers)
+        slot_pos = sum(c.slot_pos.nbytes for c in llm.cache.layers)
+        assert kv_cache_bytes(llm.model, 128, llm.chunk) == llm.cache.nbytes + slot_pos
+        assert llm.memory_plan.kv_cache == llm.cache.nbytes + slot_pos
+
+
 def _reported_minimum(error) -> str:
     import re
     return re.search(r"needs at least (\d+ MiB) \(", str(error)).group(1)

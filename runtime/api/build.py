@@ -54,6 +54,9 @@ def _apply_budget(g, model, n_ctx: int, chunk: int, budget: int, policy: str):
     gc.collect()
     trim_heap()
     store = ExpertStore.from_gguf(g) if model.capabilities.moe else None
+    # decode then reads the float32 cache: the float16 copy's bytes (a third of the cache)
+    # hold expert slots instead (4B MoE at 1 GiB: 43 -> 111 slots)
+    model.budgeted = True
     try:
         p = plan(model, g, store, n_ctx, chunk, budget)
         if store is not None:

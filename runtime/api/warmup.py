@@ -111,7 +111,7 @@ def exercise(model, part: str, n_ctx: int, chunk: int) -> None:
     else:
         run(1, model.ops)
         from pocketlm.kernels.attention import warm
-        warm(model.args.head_dim, np.float16 if model.ops.kv_half_copy else np.float32)
+        warm(model.args.head_dim, np.float16 if model.kv_half_copy else np.float32)
 
 
 def _main(argv: list[str]) -> int:

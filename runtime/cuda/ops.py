@@ -322,7 +322,7 @@ class CudaOps(Ops):
     def expert(self, ex, x, act, neurons=None):
         return expert(ex, x, act)
 
-    def layer_cache(self, n_head_kv, head_dim, n_ctx, window, chunk):
+    def layer_cache(self, n_head_kv, head_dim, n_ctx, window, chunk, half_copy=False):
         # np.zeros pages are never touched, so the host cache made here costs no memory
         return DeviceLayerCache(LayerCache(n_head_kv, head_dim, n_ctx, window, chunk))
 

@@ -98,7 +98,7 @@ def resident_bytes(g) -> int:
 
 def kv_cache_bytes(model, n_ctx: int, chunk: int) -> int:
     a = model.args
-    item = 4 + (2 if model.ops.kv_half_copy else 0)   # float32, and the float16 copy
+    item = 4 + (2 if model.kv_half_copy else 0)   # float32, and the float16 copy
     total = 0
     for w in model.layer_windows():
         slots = n_ctx if w <= 0 else min(n_ctx, w + chunk)

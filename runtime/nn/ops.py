@@ -58,10 +58,10 @@ class Ops:
         return self.linear(down, self.glu(g, u, act))
 
     def layer_cache(self, n_head_kv: int, head_dim: int, n_ctx: int, window: int,
-                    chunk: int) -> LayerCache:
-        """One layer's KV cache where this device keeps it."""
-        return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk,
-                          half_copy=self.kv_half_copy)
+                    chunk: int, half_copy: bool = False) -> LayerCache:
+        """One layer's KV cache where this device keeps it; ``half_copy``: with a float16
+        copy for decode (``kv_half_copy``)."""
+        return LayerCache(n_head_kv, head_dim, n_ctx, window, chunk, half_copy=half_copy)
 
     def experts_decode(self, exs: list, x, act: str, neurons=None):
         """Several experts on one token in one call where the device has such a kernel
