@@ -94,8 +94,8 @@ def start(g, config) -> Workers | None:
 def exercise(model, part: str, n_ctx: int, chunk: int) -> None:
     """Call the kernels of the model's ``part`` once, on a scratch cache: "prompt" is a prompt
     long enough for BLAS, then prompts of one and a few tokens (one token takes the one-row
-    paths, such as an expert's active rows); "decode" a decoded token, then the decode
-    attention of a long context. The split keeps the two workers' compiling about equal
+    paths, such as an expert's active rows); "decode" a decoded token. The split keeps the
+    two workers' compiling about equal
     (about 7 s each on one core for Qwen2.5) and apart: the kernels both paths call
     (norms, rope, softmax) come first in the prompt and late in decode, by when the prompt
     worker has put them in the cache."""
@@ -110,8 +110,6 @@ def exercise(model, part: str, n_ctx: int, chunk: int) -> None:
         run(3, model.ops.prompt)
     else:
         run(1, model.ops)
-        from pocketlm.kernels.attention import warm
-        warm(model.args.head_dim, np.float16 if model.kv_half_copy else np.float32)
 
 
 def _main(argv: list[str]) -> int:

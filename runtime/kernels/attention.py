@@ -4,7 +4,8 @@ The cache is a set of slots, each holding one position's key and value; ``slot_p
 position a slot holds (-1: empty). Masking by positions instead of by slot order lets the same
 code serve a plain cache, a ring buffer for sliding-window layers and cache reuse across turns.
 
-Decode (a few queries) runs a Numba kernel; prefill runs per-KV-head matrix products in BLAS.
+A float16 cache (the copy decode reads) runs a Numba kernel; a float32 cache (prompts, and
+decode under "exact" numerics or a memory budget) per-KV-head matrix products in BLAS.
 """
 from __future__ import annotations
 
@@ -14,10 +15,6 @@ from numba import njit, prange
 from ._base import VEC_OPTS, exp_f32, load_f32, round_f16, tanh_f32
 from ._pool import parallel_for
 
-# Below this many query tokens the Numba kernel beats setting up BLAS products.
-BLAS_MIN_QUERIES = 16
-# Below this much work (multiply-adds) a parallel region costs more than it saves.
-_PARALLEL_MIN_WORK = 131072
 # Prefill queries per BLAS task: causal tiles skip the keys after their last query.
 _QUERY_TILE = 64
 
@@ -107,16 +104,6 @@ def _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
         _axpy4(acc, D, row[s], _ZERO, _ZERO, _ZERO, v[s, kh], v[s, kh], v[s, kh], v[s, kh])
 
 
-@njit(**VEC_OPTS)
-def _attend_serial(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
-                   out):
-    sc = np.empty((1, n_slots), np.float32)
-    for t in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            _attend_head(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16,
-                         sinks, out, t, h, sc)
-
-
 @njit(parallel=True, **VEC_OPTS)
 def _attend_parallel(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16, sinks,
                      out):
@@ -191,14 +178,13 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
                          f"{kt.dtype} and {v.dtype}")
     rest = (slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
             bool(f16), np.ascontiguousarray(sinks), out)
-    if n >= BLAS_MIN_QUERIES:
+    # One Numba kernel, for the float16 copy decode reads (at any context length: a serial
+    # variant for short ones saved microseconds but was one more kernel to compile, and
+    # conversions make these slow to compile); float32 through BLAS.
+    if kt.dtype == np.float32:
         _attend_blas(q, kt, v, *rest)
-        return out
-    args = (q, *kernel_view(kt, v), *rest)
-    if n * H * n_slots * D < _PARALLEL_MIN_WORK:
-        _attend_serial(*args)
     else:
-        _attend_parallel(*args)
+        _attend_parallel(q, *kernel_view(kt, v), *rest)
     return out
 
 
@@ -206,12 +192,3 @@ def kernel_view(*arrays: np.ndarray) -> tuple:
     """Cache arrays as the Numba kernels take them: float16 as its bits (uint16), which
     ``load_f32`` converts; float32 as it is."""
     return tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays)
-
-
-def warm(head_dim: int, dtype=np.float32) -> None:
-    """Call the decode kernel of long contexts once for a cache of ``dtype``, so that it does
-    not compile mid-answer when a growing context switches to it."""
-    slots = _PARALLEL_MIN_WORK // head_dim + 1
-    attend(np.zeros((1, 1, head_dim), np.float32), np.zeros((1, head_dim, slots), dtype),
-           np.zeros((slots, 1, head_dim), dtype), np.zeros(slots, np.int64), slots,
-           np.zeros(1, np.int64), 1.0)

@@ -21,7 +21,9 @@ import numpy as np
 from numba import njit, prange
 
 from ._base import OPTS
-from .attention import _PARALLEL_MIN_WORK
+
+# Below this much work (multiply-adds) a parallel region costs more than it saves.
+_PARALLEL_MIN_WORK = 131072
 
 _BIG = np.float32(1e30)   # finite stand-ins for ±inf: fastmath assumes no infinities
 

@@ -219,19 +219,20 @@ def moe_ffn(ops, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: E
     # decode: one token, whose k experts are distinct; no search for the expert's tokens
     slot_of = {int(e): j for j, e in enumerate(ids[0])} if n == 1 else None
     for group in experts.groups(layer, ids):
-        ys = None
         if slot_of is not None and biases is None:   # the group's experts in one call
             ys = ops.experts_decode([ex for _, ex in group], x, act, experts.neurons)
-        for j, (e, ex) in enumerate(group):
+            if ys is not None:
+                for (e, _), y in zip(group, ys):
+                    np.multiply(y, weights[0, slot_of[e]], out=parts[0, slot_of[e]])
+                continue
+        for e, ex in group:
             if slot_of is not None:
                 tok, slot = _ONE_TOKEN, slot_of[e]
                 xe = x
             else:
                 tok, slot = np.nonzero(ids == e)
                 xe = x[tok]
-            if ys is not None:
-                y = ys[j]
-            elif biases is None:
+            if biases is None:
                 y = ops.expert(ex, xe, act, experts.neurons)
             else:
                 y = ops.expert(ex, xe, act, experts.neurons, bias=tuple(b[e] for b in biases))

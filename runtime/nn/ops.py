@@ -19,7 +19,7 @@ import numpy as np
 from pocketlm import kernels, quant
 from pocketlm.gguf.tensor import QTensor
 from pocketlm.kernels import layernorm, tinyops
-from pocketlm.kernels.attention import BLAS_MIN_QUERIES, attend
+from pocketlm.kernels.attention import attend
 from pocketlm.kernels.sparse_attention import CompressedKeys, attend_sparse
 from pocketlm.nn.kvcache import LayerCache
 
@@ -149,8 +149,8 @@ class CPUOps(Ops):
             q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
         kt, vv = cache.kt, cache.v
-        if self._k == "llama" and cache.kt16 is not None and len(q) < BLAS_MIN_QUERIES:
-            kt, vv = cache.kt16, cache.v16     # decode's kernels: the float16 copy
+        if self._k == "llama" and cache.kt16 is not None and len(q) == 1:
+            kt, vv = cache.kt16, cache.v16     # decode's kernel: the float16 copy
         out = attend(q, kt, vv, cache.slot_pos, cache.n_slots, positions, scale,
                      cache.window, softcap, f16=self._llama, sinks=sinks)
         return out.reshape(q.shape[0], -1)
