@@ -4,8 +4,8 @@ The cache is a set of slots, each holding one position's key and value; ``slot_p
 position a slot holds (-1: empty). Masking by positions instead of by slot order lets the same
 code serve a plain cache, a ring buffer for sliding-window layers and cache reuse across turns.
 
-A float16 cache (the copy decode reads) runs a Numba kernel; a float32 cache (prompts, and
-decode under "exact" numerics or a memory budget) per-KV-head matrix products in BLAS.
+Decode runs a Numba kernel (one, compiled for each cache type it meets); prompts run
+per-KV-head matrix products in BLAS.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
 def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n_slots: int,
            q_pos: np.ndarray, scale: float, window: int = 0, softcap: float = 0.0,
            out: np.ndarray | None = None, f16: bool = False,
-           sinks: np.ndarray | None = None) -> np.ndarray:
+           sinks: np.ndarray | None = None, kernel: bool | None = None) -> np.ndarray:
     """softmax(q·kᵀ·scale + mask)·v for every query token and head.
 
     q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D), both float32
@@ -165,6 +165,8 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     0 <= sp <= p and, if ``window`` > 0, p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
     are rounded to float16 before they meet v (llama.cpp's numerics; see ``_softmax_masked``).
     ``sinks`` (H,) float32: per head, a logit that joins each softmax without a value.
+    ``kernel``: the Numba kernel (True) or BLAS products (False, float32 caches); None: the
+    kernel for one query or a float16 cache.
     """
     if out is None:
         out = np.empty(q.shape, dtype=np.float32)
@@ -178,13 +180,16 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
                          f"{kt.dtype} and {v.dtype}")
     rest = (slot_pos, n_slots, q_pos, np.float32(scale), window, np.float32(softcap),
             bool(f16), np.ascontiguousarray(sinks), out)
-    # One Numba kernel, for the float16 copy decode reads (at any context length: a serial
-    # variant for short ones saved microseconds but was one more kernel to compile, and
-    # conversions make these slow to compile); float32 through BLAS.
-    if kt.dtype == np.float32:
+    # One Numba kernel at any context length (a serial variant for short ones saved
+    # microseconds a call but was one more kernel to compile on a first run).
+    if kernel is None:
+        kernel = n == 1 or kt.dtype == np.float16
+    if kernel:
+        _attend_parallel(q, *kernel_view(kt, v), *rest)
+    elif kt.dtype == np.float32:
         _attend_blas(q, kt, v, *rest)
     else:
-        _attend_parallel(q, *kernel_view(kt, v), *rest)
+        raise ValueError("attention through BLAS needs a float32 cache")
     return out
 
 

@@ -149,10 +149,14 @@ class CPUOps(Ops):
             q, k, v = _f16(q), _f16(k), _f16(v)
         cache.store(k, v, positions)
         kt, vv = cache.kt, cache.v
-        if self._k == "llama" and cache.kt16 is not None and len(q) == 1:
-            kt, vv = cache.kt16, cache.v16     # decode's kernel: the float16 copy
+        # Decode takes the kernel: on the float16 copy where the cache has one. A one-token
+        # prompt beside such a copy goes through BLAS: the float32 kernel then never
+        # compiles where decode does not need it (a first chat's cold start).
+        kernel = len(q) == 1 and (cache.kt16 is None or self._k == "llama")
+        if kernel and cache.kt16 is not None:
+            kt, vv = cache.kt16, cache.v16
         out = attend(q, kt, vv, cache.slot_pos, cache.n_slots, positions, scale,
-                     cache.window, softcap, f16=self._llama, sinks=sinks)
+                     cache.window, softcap, f16=self._llama, sinks=sinks, kernel=kernel)
         return out.reshape(q.shape[0], -1)
 
     def sparse_attention(self, q, k, v, cache: LayerCache, positions, scale: float,
