@@ -95,10 +95,9 @@ def exercise(model, part: str, n_ctx: int, chunk: int) -> None:
     """Call the kernels of the model's ``part`` once, on a scratch cache: "prompt" is a prompt
     long enough for BLAS, then prompts of one and a few tokens (one token takes the one-row
     paths, such as an expert's active rows); "decode" a decoded token. The split keeps the
-    two workers' compiling about equal
-    (about 7 s each on one core for Qwen2.5) and apart: the kernels both paths call
-    (norms, rope, softmax) come first in the prompt and late in decode, by when the prompt
-    worker has put them in the cache."""
+    two workers' compiling about equal (about 7 s each on one core for Qwen2.5) and apart:
+    the kernels both paths call (norms, rope, softmax) come first in the prompt and late in
+    decode, by when the prompt worker has put them in the cache."""
     def run(n, ops):
         cache = model.new_cache(min(n_ctx, 16), chunk)
         ids = np.arange(n, dtype=np.int64) % model.args.n_vocab

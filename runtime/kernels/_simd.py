@@ -317,8 +317,8 @@ KIND = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q6_K": 5}
 def _dot_codegen(n_rows: int):
     """The codegen of dot(kind, w_1, o_1, ..., w_n, o_n, xq, xd, xs, nb) -> a tuple of
     n_rows float32: for each row, the nb blocks of weight type ``kind`` starting at
-    byte o_k of the uint8 array w_k (C-contiguous, any shape; or an int64 address) against int8 activations xq
-    with block scales xd and block sums xs (32-blocks: integer sums, Q4_1: f16(d * sum) as
+    byte o_k of the uint8 array w_k (C-contiguous, any shape; or an int64 address) against
+    int8 activations xq with block scales xd and block sums xs (32-blocks: integer sums, Q4_1: f16(d * sum) as
     ggml's Q8_1; K-quants: Q8_K's sums per 16). The rows share one loop over the blocks, so
     each activation block is loaded once for all of them; every row's result is the one it
     gets alone."""
@@ -499,8 +499,8 @@ def _down_rows(kind, addr, rb, hq, hd, hs, nb, out):
 def experts(kind, addr, n_ff, rb_in, rb_ff, x, relu, out):
     """k experts on one token: out[e] (n_embd,) = down_e · (act(gate_e · x) * (up_e · x)),
     x (1, n_embd); expert e's gate and up (n_ff rows of rb_in bytes) and down (n_embd rows
-    of rb_ff bytes) start at the byte addresses addr[e]. Returns the number of up rows computed (``relu``: those
-    with a positive gate). The same block dots, activation quantization and GLU as separate
+    of rb_ff bytes) start at the byte addresses addr[e]. Returns the number of up rows
+    computed (``relu``: those with a positive gate). The same block dots, activation quantization and GLU as separate
     calls, in two parallel loops for all the experts together."""
     k, n_embd = out.shape
     blk = 256 if kind >= 4 else 32

@@ -131,9 +131,7 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
             seen &= sp > p.min() - window
         idx = np.flatnonzero(seen)
         spans.append((int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0))
-    # float32 copies of a half cache, once per KV head: BLAS multiplies float32
-    kk = [np.asarray(kt[kh, :, :n_slots], np.float32) for kh in range(KVH)]   # (D, S) each
-    vv = [np.ascontiguousarray(v[:n_slots, kh], np.float32) for kh in range(KVH)]  # (S, D)
+    vv = [np.ascontiguousarray(v[:n_slots, kh]) for kh in range(KVH)]   # (S, D) each
     row_pos = [np.repeat(q_pos[t0:t1], g) for t0, t1 in tiles]          # (tile*g,) each
     # rows of a tile are (token, head in the group): each head's sink repeats per token
     row_sinks = [np.tile(sinks[kh * g:(kh + 1) * g], _QUERY_TILE) if len(sinks) else sinks
@@ -146,7 +144,7 @@ def _attend_blas(q, kt, v, slot_pos, n_slots, q_pos, scale, window, softcap, f16
             out[t0:t1, kh * g:(kh + 1) * g] = 0.0
             return
         qq = q[t0:t1, kh * g:(kh + 1) * g].reshape((t1 - t0) * g, D)
-        s = qq @ kk[kh][:, lo:hi]                                         # (tile*g, L)
+        s = qq @ kt[kh, :, lo:hi]                                         # (tile*g, L)
         _softmax_masked(s, row_pos[j], sp[lo:hi], scale, window, softcap, f16,
                         row_sinks[kh][:len(s)] if len(sinks) else sinks)
         out[t0:t1, kh * g:(kh + 1) * g] = (s @ vv[kh][lo:hi]).reshape(t1 - t0, g, D)
@@ -162,8 +160,9 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     q (n, H, D) float32; keys transposed, kt (KVH, D, S); values v (S, KVH, D), both float32
     or both float16; H a multiple of KVH (grouped-query); only the first ``n_slots`` slots
     are read. A key at position sp is visible to a query at position p when
-    0 <= sp <= p and, if ``window`` > 0, p - sp < window. A query that sees no key gets zeros. ``f16``: the attention weights
-    are rounded to float16 before they meet v (llama.cpp's numerics; see ``_softmax_masked``).
+    0 <= sp <= p and, if ``window`` > 0, p - sp < window. A query that sees no key gets
+    zeros. ``f16``: the attention weights are rounded to float16 before they meet v
+    (llama.cpp's numerics; see ``_softmax_masked``).
     ``sinks`` (H,) float32: per head, a logit that joins each softmax without a value.
     ``kernel``: the Numba kernel (True) or BLAS products (False, float32 caches); None: the
     kernel for one query or a float16 cache.
@@ -184,16 +183,12 @@ def attend(q: np.ndarray, kt: np.ndarray, v: np.ndarray, slot_pos: np.ndarray, n
     # microseconds a call but was one more kernel to compile on a first run).
     if kernel is None:
         kernel = n == 1 or kt.dtype == np.float16
-    if kernel:
-        _attend_parallel(q, *kernel_view(kt, v), *rest)
+    if kernel:   # a float16 cache as its bits (uint16), which ``load_f32`` converts
+        if kt.dtype == np.float16:
+            kt, v = kt.view(np.uint16), v.view(np.uint16)
+        _attend_parallel(q, kt, v, *rest)
     elif kt.dtype == np.float32:
         _attend_blas(q, kt, v, *rest)
     else:
         raise ValueError("attention through BLAS needs a float32 cache")
     return out
-
-
-def kernel_view(*arrays: np.ndarray) -> tuple:
-    """Cache arrays as the Numba kernels take them: float16 as its bits (uint16), which
-    ``load_f32`` converts; float32 as it is."""
-    return tuple(a.view(np.uint16) if a.dtype == np.float16 else a for a in arrays)
